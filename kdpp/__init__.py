@@ -1,0 +1,44 @@
+"""kdpp: Distillation++ samplers in k-diffusion's conventions.
+
+A fast distilled *student* and a slow pre-trained *teacher*, both VE denoisers
+``D(x, sigma, **extra) -> x0``; the teacher corrects the student's denoised
+estimate on the first ``k`` steps (Park et al., "Inference-Time Diffusion
+Model Distillation"). ``import kdpp`` imports neither k-diffusion nor diffusers.
+"""
+from .cfg import CFGDenoiser
+from .noise import default_noise_sampler, seeded_noise_sampler
+from .refine import Refined, TeacherRefinement
+from .solvers import (
+    SAMPLERS,
+    sample_dpmpp_2m_cfg_pp_distpp,
+    sample_dpmpp_2m_distpp,
+    sample_dpmpp_2s_ancestral_cfg_pp_distpp,
+    sample_dpmpp_2s_ancestral_distpp,
+    sample_euler_ancestral_cfg_pp_distpp,
+    sample_euler_ancestral_distpp,
+    sample_euler_cfg_pp_distpp,
+    sample_euler_distpp,
+    sample_lcm_distpp,
+)
+from .solvers._run import ancestral_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CFGDenoiser",
+    "Refined",
+    "SAMPLERS",
+    "TeacherRefinement",
+    "ancestral_step",
+    "default_noise_sampler",
+    "sample_dpmpp_2m_cfg_pp_distpp",
+    "sample_dpmpp_2m_distpp",
+    "sample_dpmpp_2s_ancestral_cfg_pp_distpp",
+    "sample_dpmpp_2s_ancestral_distpp",
+    "sample_euler_ancestral_cfg_pp_distpp",
+    "sample_euler_ancestral_distpp",
+    "sample_euler_cfg_pp_distpp",
+    "sample_euler_distpp",
+    "sample_lcm_distpp",
+    "seeded_noise_sampler",
+]

@@ -1,0 +1,60 @@
+"""Noise samplers in k-diffusion's convention: ``noise_sampler(sigma, sigma_next) -> Tensor``.
+
+kdpp keeps two noise streams apart: the *solver* noise (ancestral / consistency
+renoising, ``noise_sampler=``, k-diffusion's default of ``torch.randn_like``)
+and the *renoise* noise ``xi`` the teacher refinement draws. Because the
+refinement never touches the solver's stream, a run with ``lam > 0`` uses the
+same solver noise as the same run with ``lam = 0``: comparisons are paired.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+NoiseSampler = Callable[[float, float], Tensor]
+
+
+def default_noise_sampler(x: Tensor) -> NoiseSampler:
+    """k-diffusion's default: fresh ``torch.randn_like(x)`` from the global RNG."""
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+def seeded_noise_sampler(x: Tensor, seed: int | Sequence[int]) -> NoiseSampler:
+    """Gaussian noise shaped like ``x`` from a private generator on ``x.device``.
+
+    ``seed`` is one int for the whole batch, or one int per batch item (each item
+    then gets its own generator, so an image's noise does not depend on the
+    batch it was sampled in).
+    """
+    if isinstance(seed, int):
+        gens = [torch.Generator(device=x.device).manual_seed(seed)]
+        shape = x.shape
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != x.shape[0]:
+            raise ValueError(f"seed has {len(seeds)} entries, expected one per batch item ({x.shape[0]})")
+        gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
+        shape = x.shape[1:]
+
+    def sample(sigma: float, sigma_next: float) -> Tensor:
+        draws = [torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) for g in gens]
+        return draws[0] if isinstance(seed, int) else torch.stack(draws)
+
+    return sample
+
+
+def derived_seed(device: torch.device) -> int:
+    """A seed derived from (without advancing) the default RNG state of ``device``.
+
+    Used when no renoise seed is given: two runs started from the same global
+    seed draw the same renoise noise, and the solver's own noise is untouched.
+    """
+    if device.type == "cuda":
+        state = torch.cuda.get_rng_state(device)
+    else:
+        state = torch.get_rng_state()
+    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)

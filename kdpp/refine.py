@@ -1,0 +1,215 @@
+r"""The teacher refinement operator of Distillation++ (paper eqs. 7-9).
+
+One DDS-style gradient step on the teacher's SDS loss moves the student's
+denoised estimate ``D`` toward the teacher:
+
+    R(D; i) = D + sum_j lam_j(i) * ( T_j(D + tau_i * xi, tau_i) - D )
+
+Every solver in :mod:`kdpp.solvers` calls :meth:`TeacherRefinement.refine` at
+the one point MATH.md names (the leading denoised estimate of a step); this
+module is the only place the teacher is called.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._checks import OutputChecker, check_finite_number, check_k
+from .noise import NoiseSampler, derived_seed, seeded_noise_sampler
+
+Denoiser = Callable[..., Tensor]
+#: a teacher guidance scale: constant, one value per guided step, or ``f(i, sigma_i)``
+Lam = Union[float, Sequence[float], Callable[[int, float], float]]
+#: a renoising level: ``"next"``, ``"current"``, ``"random"``, a constant, or ``f(i, sigma_in, sigma_out)``
+RenoiseSigma = Union[str, float, Callable[[int, float, float], float], None]
+
+RENOISE_MODES = ("random", "deterministic", "guidance")
+RENOISE_LEVELS = ("next", "current", "random")
+
+
+class Refined(NamedTuple):
+    """What one refinement produced: the estimate the solver uses and what it cost."""
+
+    denoised: Tensor  #: R(D), or D itself when the step is not guided
+    teacher_denoised: list[Tensor]  #: one output per teacher called (empty: no call)
+    renoise_sigma: float | None  #: tau_i, or None when no teacher was called
+
+
+def _lam_values(lam: Lam, name: str, sigmas: list[float], n_guided: int) -> list[float]:
+    """lam_i for every guided step i < n_guided, validated once up front."""
+    if callable(lam):
+        return [check_finite_number(lam(i, sigmas[i]), f"{name}({i}, {sigmas[i]:.6g})") for i in range(n_guided)]
+    if isinstance(lam, numbers.Real) or (isinstance(lam, (Tensor, np.ndarray)) and lam.ndim == 0):
+        return [check_finite_number(lam, name)] * n_guided
+    if isinstance(lam, (str, bytes, Mapping)) or not isinstance(lam, (Sequence, Tensor, np.ndarray)):
+        raise TypeError(f"{name} must be a float, a sequence of floats or a callable (i, sigma) -> float, got {lam!r}")
+    values = [check_finite_number(v, f"{name}[{j}]") for j, v in enumerate(lam)]
+    if len(values) != n_guided:
+        raise ValueError(
+            f"{name} has {len(values)} entries; a per-step lam needs one per guided step, "
+            f"min(k, number of steps) = {n_guided}"
+        )
+    return values
+
+
+class TeacherRefinement:
+    r"""``R(D; i) = D + sum_j lam_j(i) * (T_j(D + tau_i * xi, tau_i) - D)`` on the first ``k`` steps.
+
+    Args:
+        teacher: a VE denoiser ``T(x, sigma, **teacher_extra_args) -> x0``, or a
+            sequence of them (then ``lam`` is a matching sequence of weights,
+            each of any form below). May be ``None`` when no step is guided.
+        lam: the teacher guidance scale ``lam_i``: a float, one float per guided
+            step (``min(k, steps)`` entries) or a callable ``(i, sigma_i) -> float``.
+            ``lam_i = 0`` skips the teacher on step ``i``.
+        k: the number of initial steps that are guided.
+        sigmas: the validated schedule (floats); ``len(sigmas) - 1`` steps.
+        x: the initial sample (its device, dtype and batch size are used).
+        renoise: the renoising noise ``xi``: ``"random"`` (fresh Gaussian, the
+            paper's Algorithm 1), ``"deterministic"`` (the student's own noise
+            estimate ``(x_in - D_dir) / sigma_in``, so the teacher sees the point
+            the plain solver steps to) or ``"guidance"`` (paper eq. 10:
+            deterministic noise at the current level, so the teacher sees the
+            student's own input ``x_in`` and ``R = D + lam * (T(x_in) - S(x_in))``).
+        renoise_sigma: the renoising level ``tau_i``: ``"next"`` (default: the
+            noise level of the state the step produces, ``sigma_{i+1}``),
+            ``"current"`` (the student's input level), ``"random"`` (log-uniform
+            over the schedule's positive range), a constant, or a callable
+            ``(i, sigma_in, sigma_out) -> float``. ``tau_i = 0`` makes the
+            refinement the identity and spends no teacher call.
+        teacher_extra_args: keyword arguments for the teacher (a dict, or one
+            dict per teacher).
+        renoise_seed: seed of the renoise noise (and of random levels): an int,
+            or one int per batch item. ``None`` derives one from the default RNG
+            state of ``x.device`` without advancing it.
+        renoise_noise_sampler: a k-diffusion-style noise sampler
+            ``(sigma_in, tau) -> Tensor`` that replaces the seeded one.
+        check: the run's :class:`~kdpp._checks.OutputChecker`.
+    """
+
+    def __init__(
+        self,
+        teacher: Denoiser | Sequence[Denoiser] | None,
+        lam: Lam | Sequence[Lam],
+        k: int,
+        sigmas: list[float],
+        x: Tensor,
+        *,
+        renoise: str = "random",
+        renoise_sigma: RenoiseSigma = None,
+        teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        renoise_seed: int | Sequence[int] | None = None,
+        renoise_noise_sampler: NoiseSampler | None = None,
+        check: OutputChecker,
+    ):
+        if renoise not in RENOISE_MODES:
+            raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {renoise!r}")
+        if renoise == "guidance":
+            if renoise_sigma not in (None, "current"):
+                raise ValueError(f"renoise='guidance' evaluates the teacher at the current level; got renoise_sigma={renoise_sigma!r}")
+            renoise_sigma = "current"
+        elif renoise_sigma is None:
+            renoise_sigma = "next"
+        if isinstance(renoise_sigma, str):
+            if renoise_sigma not in RENOISE_LEVELS:
+                raise ValueError(f"renoise_sigma must be one of {RENOISE_LEVELS}, a float or a callable, got {renoise_sigma!r}")
+        elif not callable(renoise_sigma):
+            renoise_sigma = check_finite_number(renoise_sigma, "renoise_sigma")
+            if renoise_sigma < 0:
+                raise ValueError(f"renoise_sigma must be >= 0, got {renoise_sigma}")
+        self.renoise, self.renoise_sigma = renoise, renoise_sigma
+
+        several = isinstance(teacher, (list, tuple))
+        teachers = list(teacher) if several else [teacher]
+        if several:
+            if not isinstance(lam, (list, tuple)) or len(lam) != len(teachers):
+                raise ValueError(f"with {len(teachers)} teachers, lam must be a list of {len(teachers)} weights, got {lam!r}")
+            lams = list(lam)
+        else:
+            lams = [lam]
+        n_guided = min(check_k(k), len(sigmas) - 1)
+        names = [f"lam[{j}]" for j in range(len(lams))] if several else ["lam"]
+        per_teacher = [_lam_values(l, n, sigmas, n_guided) for l, n in zip(lams, names)]
+        # self.lams[i][j]: weight of teacher j on step i (guided steps only)
+        self.lams = [list(step) for step in zip(*per_teacher)] if n_guided else []
+        active = any(v != 0 for step in self.lams for v in step)
+        if active:
+            for j, t in enumerate(teachers):
+                if not callable(t):
+                    raise TypeError(f"teacher{f'[{j}]' if several else ''} must be a callable denoiser, got {t!r}")
+        self.teachers = teachers
+
+        if teacher_extra_args is None:
+            targs = [{}] * len(teachers)
+        elif isinstance(teacher_extra_args, Mapping):
+            targs = [teacher_extra_args] * len(teachers)
+        else:
+            targs = list(teacher_extra_args)
+            if len(targs) != len(teachers) or not all(isinstance(a, Mapping) for a in targs):
+                raise ValueError(f"teacher_extra_args must be a dict or one dict per teacher ({len(teachers)})")
+        self.teacher_extra_args = targs
+
+        self.x, self.check = x, check
+        self.s_in = x.new_ones([x.shape[0]])
+        positive = [s for s in sigmas if s > 0]
+        self.log_range = (math.log(min(positive)), math.log(max(positive))) if positive else (0.0, 0.0)
+        self.noise_sampler = renoise_noise_sampler
+        self.level_generator = None
+        if active and (renoise == "random" or renoise_sigma == "random"):
+            seed = derived_seed(x.device) if renoise_seed is None else renoise_seed
+            if self.noise_sampler is None:
+                self.noise_sampler = seeded_noise_sampler(x, seed)
+            first = seed if isinstance(seed, int) else int(list(seed)[0])
+            self.level_generator = torch.Generator().manual_seed(first)
+
+    def _tau(self, i: int, sigma_in: float, sigma_out: float) -> float:
+        rs = self.renoise_sigma
+        if rs == "next":
+            return sigma_out
+        if rs == "current":
+            return sigma_in
+        if rs == "random":
+            u = torch.rand((), generator=self.level_generator, dtype=torch.float64).item()
+            lo, hi = self.log_range
+            return math.exp(lo + u * (hi - lo))
+        if callable(rs):
+            tau = check_finite_number(rs(i, sigma_in, sigma_out), f"renoise_sigma({i}, {sigma_in:.6g}, {sigma_out:.6g})")
+            if tau < 0:
+                raise ValueError(f"renoise_sigma({i}, ...) must be >= 0, got {tau}")
+            return tau
+        return rs
+
+    def refine(self, i: int, denoised: Tensor, direction: Tensor, x_in: Tensor, sigma_in: float, sigma_out: float) -> Refined:
+        """Refine the student's estimate ``denoised = S(x_in, sigma_in)`` on step ``i``.
+
+        ``direction`` is the estimate that defines the student's noise
+        ``(x_in - direction) / sigma_in`` (``denoised`` itself, or the
+        unconditional estimate in CFG++); ``sigma_out`` is the noise level of the
+        state the step produces.
+        """
+        lams = self.lams[i] if i < len(self.lams) else None
+        if not lams or not any(lams):
+            return Refined(denoised, [], None)
+        tau = self._tau(i, sigma_in, sigma_out)
+        if tau == 0:
+            return Refined(denoised, [], None)
+        if self.renoise == "random":
+            point = denoised + tau * self.noise_sampler(sigma_in, tau)
+        elif tau == sigma_in and denoised is direction:
+            point = x_in  # eq. 10: teacher and student see the same input
+        else:
+            point = denoised + (tau / sigma_in) * (x_in - direction)
+        refined, outputs = denoised, []
+        for j, (lam, teacher, targs) in enumerate(zip(lams, self.teachers, self.teacher_extra_args)):
+            if lam == 0:
+                continue
+            who = f"teacher[{j}]" if len(self.teachers) > 1 else "teacher"
+            t = self.check(teacher(point, self.s_in * tau, **targs), who, i, tau)
+            outputs.append(t)
+            refined = refined + lam * (t - denoised)
+        return Refined(refined, outputs, tau)

@@ -1,0 +1,163 @@
+"""What every kdpp sampler shares: validation, the student call, the refinement, callbacks."""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import trange
+
+from .._checks import OutputChecker, check_sigmas, check_x
+from ..noise import NoiseSampler, default_noise_sampler
+from ..refine import Denoiser, Lam, Refined, RenoiseSigma, TeacherRefinement
+
+COMMON_ARGS = """
+    Args:
+        student: the distilled VE denoiser ``S(x, sigma, **extra_args) -> x0``
+            (with ``cfg_pp=True``: an object with ``guided_and_uncond(x, sigma,
+            **extra_args) -> (D_w, D_u)``, such as :class:`kdpp.CFGDenoiser`).
+        teacher: the VE denoiser ``T(x, sigma, **teacher_extra_args) -> x0``, a
+            sequence of them (``lam`` then holds one weight per teacher), or
+            ``None`` when no step is guided.
+        x: the initial noisy sample ``x_0 = sigma_0 * noise``, shape ``[B, ...]``.
+        sigmas: the schedule ``s_0 > s_1 > ... > s_N``, 1-D, on any device and
+            dtype; ``s_N`` is 0 for a full run (a positive last entry stops there).
+        lam: the teacher guidance scale: a float, one float per guided step, or
+            ``f(i, sigma_i) -> float``; 0 makes the sampler the plain student.
+        k: guide the first ``k`` steps (the paper uses 1); 0 calls no teacher.
+        extra_args: keyword arguments for the student (k-diffusion convention).
+        teacher_extra_args: keyword arguments for the teacher (one dict per
+            teacher allowed); defaults to ``extra_args``.
+        callback: called once per step with k-diffusion's keys ``x, i, sigma,
+            sigma_hat, denoised`` (``denoised`` is the refined estimate) plus
+            ``student_denoised`` and, on steps that called the teacher,
+            ``teacher_denoised`` (a list with several teachers) and ``renoise_sigma``.
+        disable: disable the tqdm progress bar.
+        renoise: renoising noise ``xi``: ``"random"``, ``"deterministic"`` or
+            ``"guidance"`` (paper eq. 10); see :class:`kdpp.TeacherRefinement`.
+        renoise_sigma: renoising level ``tau``: ``"next"`` (default),
+            ``"current"``, ``"random"``, a float or ``f(i, sigma_in, sigma_out)``.
+        renoise_seed: seed (or one per batch item) of the renoise noise; by
+            default derived from the global RNG state without advancing it.
+        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one.{cfg_pp}
+
+    Returns:
+        The final sample, with the dtype, device and shape of ``x``.
+    """
+
+
+CFG_PP_ARG = """
+        cfg_pp: CFG++ form: the direction term uses the student's unconditional
+            estimate ``D_u`` and the leading term its guided estimate ``D_w``."""
+
+
+def documented(fn: Callable) -> Callable:
+    """Fill the shared ``{args}`` section of a sampler docstring."""
+    cfg_pp = CFG_PP_ARG if "cfg_pp" in inspect.signature(fn).parameters else ""
+    fn.__doc__ = fn.__doc__.replace("{args}", COMMON_ARGS.strip("\n").replace("{cfg_pp}", cfg_pp))
+    return fn
+
+
+def cfg_pp_variant(sampler: Callable) -> Callable:
+    """The named CFG++ form of ``sampler`` (``sampler(..., cfg_pp=True)``)."""
+
+    @functools.wraps(sampler)
+    def variant(*args, **kwargs):
+        return sampler(*args, cfg_pp=True, **kwargs)
+
+    variant.__name__ = variant.__qualname__ = sampler.__name__.replace("_distpp", "_cfg_pp_distpp")
+    variant.__doc__ = f"CFG++ form of :func:`{sampler.__name__}`: ``{sampler.__name__}(..., cfg_pp=True)``.\n"
+    return variant
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """``(sigma_down, sigma_up)`` with ``sigma_down^2 + sigma_up^2 = sigma_to^2`` (k-diffusion's rule)."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+class SamplerRun:
+    """The state one sampler call shares between its steps."""
+
+    def __init__(
+        self,
+        student: Denoiser,
+        teacher: Denoiser | Sequence[Denoiser] | None,
+        x: Tensor,
+        sigmas: Tensor | Sequence[float],
+        lam: Lam | Sequence[Lam],
+        k: int,
+        *,
+        extra_args: Mapping[str, Any] | None,
+        teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
+        callback: Callable[[dict], Any] | None,
+        disable: bool | None,
+        renoise: str,
+        renoise_sigma: RenoiseSigma,
+        renoise_seed: int | Sequence[int] | None,
+        renoise_noise_sampler: NoiseSampler | None,
+        cfg_pp: bool,
+        noise_sampler: NoiseSampler | None = None,
+    ):
+        check_x(x)
+        self.sigmas = check_sigmas(sigmas)
+        self.sigma_values = torch.as_tensor(sigmas)
+        if not callable(student):
+            raise TypeError(f"student must be a callable denoiser, got {student!r}")
+        if cfg_pp and not callable(getattr(student, "guided_and_uncond", None)):
+            raise TypeError(
+                "cfg_pp=True needs a student with guided_and_uncond(x, sigma, **extra_args) -> (guided, uncond), "
+                "such as kdpp.CFGDenoiser"
+            )
+        self.student, self.cfg_pp, self.callback, self.disable = student, cfg_pp, callback, disable
+        self.extra_args = {} if extra_args is None else extra_args
+        self.check = OutputChecker(x)
+        self.refinement = TeacherRefinement(
+            teacher, lam, k, self.sigmas, x,
+            renoise=renoise,
+            renoise_sigma=renoise_sigma,
+            teacher_extra_args=self.extra_args if teacher_extra_args is None else teacher_extra_args,
+            renoise_seed=renoise_seed,
+            renoise_noise_sampler=renoise_noise_sampler,
+            check=self.check,
+        )
+        self.noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+        self.s_in = x.new_ones([x.shape[0]])
+
+    def steps(self) -> range:
+        return trange(len(self.sigmas) - 1, disable=self.disable)
+
+    def denoise(self, x: Tensor, sigma: float, i: int) -> tuple[Tensor, Tensor]:
+        """The student's leading and direction estimates ``(D, D)``; CFG++: ``(D_w, D_u)``."""
+        if not self.cfg_pp:
+            denoised = self.check(self.student(x, self.s_in * sigma, **self.extra_args), "student", i, sigma)
+            return denoised, denoised
+        out = self.student.guided_and_uncond(x, self.s_in * sigma, **self.extra_args)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"student.guided_and_uncond must return (guided, uncond), got {type(out).__name__}")
+        return self.check(out[0], "student", i, sigma), self.check(out[1], "student (unconditional)", i, sigma)
+
+    def refine(self, i: int, denoised: Tensor, direction: Tensor, x_in: Tensor, sigma_in: float, sigma_out: float) -> Refined:
+        return self.refinement.refine(i, denoised, direction, x_in, sigma_in, sigma_out)
+
+    def report(self, i: int, x: Tensor, sigma_hat: float, student_denoised: Tensor, refined: Refined) -> None:
+        """Call the callback with k-diffusion's keys plus the student's and teacher's estimates."""
+        if self.callback is None:
+            return
+        info = {
+            "x": x, "i": i, "sigma": self.sigma_values[i], "sigma_hat": sigma_hat,
+            "denoised": refined.denoised, "student_denoised": student_denoised,
+        }
+        if refined.teacher_denoised:
+            many = len(self.refinement.teachers) > 1
+            info["teacher_denoised"] = refined.teacher_denoised if many else refined.teacher_denoised[0]
+            info["renoise_sigma"] = refined.renoise_sigma
+        self.callback(info)
+
+    def finish(self, x: Tensor) -> Tensor:
+        self.check.raise_if_nonfinite()
+        return x

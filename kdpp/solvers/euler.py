@@ -1,0 +1,75 @@
+"""Euler (DDIM) with Distillation++."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..noise import NoiseSampler
+from ..refine import Denoiser, Lam, RenoiseSigma
+from ._run import SamplerRun, cfg_pp_variant, documented
+
+
+@torch.no_grad()
+@documented
+def sample_euler_distpp(
+    student: Denoiser,
+    teacher: Denoiser | Sequence[Denoiser] | None,
+    x: Tensor,
+    sigmas: Tensor | Sequence[float],
+    lam: Lam | Sequence[Lam],
+    k: int = 1,
+    *,
+    extra_args: Mapping[str, Any] | None = None,
+    teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    callback: Callable[[dict], Any] | None = None,
+    disable: bool | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    renoise: str = "random",
+    renoise_sigma: RenoiseSigma = None,
+    renoise_seed: int | Sequence[int] | None = None,
+    renoise_noise_sampler: NoiseSampler | None = None,
+    cfg_pp: bool = False,
+) -> Tensor:
+    """Euler (DDIM) steps; the first ``k`` steps refined by the teacher.
+
+    Each step, with ``R`` the teacher refinement (:class:`kdpp.TeacherRefinement`)::
+
+        D = S(x_i, s_i)
+        x_{i+1} = R(D) + s_{i+1} * (x_i - D) / s_i
+
+    CFG++ (``cfg_pp=True``): ``x_{i+1} = R(D_w) + s_{i+1} * (x_i - D_u) / s_i``.
+    With ``s_churn > 0`` (Karras et al. 2022, Algorithm 2) the step first raises
+    the noise to ``s_hat = s_i * (1 + gamma)`` with ``noise_sampler`` noise times
+    ``s_noise`` and then steps from ``(x_hat, s_hat)``. With ``lam = 0`` this is
+    k-diffusion's ``sample_euler``.
+
+    {args}
+        s_churn, s_tmin, s_tmax, s_noise: k-diffusion's stochastic churn.
+        noise_sampler: ``(sigma, sigma_next) -> Tensor`` for the churn noise.
+    """
+    run = SamplerRun(student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
+                     callback=callback, disable=disable, renoise=renoise, renoise_sigma=renoise_sigma,
+                     renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp,
+                     noise_sampler=noise_sampler)
+    sigmas = run.sigmas
+    for i in run.steps():
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)
+        if gamma > 0:
+            x = x + run.noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+        denoised, direction = run.denoise(x, sigma_hat, i)
+        refined = run.refine(i, denoised, direction, x, sigma_hat, sigma_next)
+        run.report(i, x, sigma_hat, denoised, refined)
+        x = refined.denoised + (sigma_next / sigma_hat) * (x - direction)
+    return run.finish(x)
+
+
+sample_euler_cfg_pp_distpp = cfg_pp_variant(sample_euler_distpp)

@@ -1,0 +1,72 @@
+"""Euler ancestral with Distillation++."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..noise import NoiseSampler
+from ..refine import Denoiser, Lam, RenoiseSigma
+from ._run import SamplerRun, ancestral_step, cfg_pp_variant, documented
+
+
+@torch.no_grad()
+@documented
+def sample_euler_ancestral_distpp(
+    student: Denoiser,
+    teacher: Denoiser | Sequence[Denoiser] | None,
+    x: Tensor,
+    sigmas: Tensor | Sequence[float],
+    lam: Lam | Sequence[Lam],
+    k: int = 1,
+    *,
+    extra_args: Mapping[str, Any] | None = None,
+    teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    callback: Callable[[dict], Any] | None = None,
+    disable: bool | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise_sampler: NoiseSampler | None = None,
+    renoise: str = "random",
+    renoise_sigma: RenoiseSigma = None,
+    renoise_seed: int | Sequence[int] | None = None,
+    renoise_noise_sampler: NoiseSampler | None = None,
+    cfg_pp: bool = False,
+) -> Tensor:
+    """Euler ancestral steps; the first ``k`` steps refined by the teacher.
+
+    Each step, with ``(s_down, s_up) = ancestral_step(s_i, s_{i+1}, eta)`` and
+    ``z = noise_sampler(s_i, s_{i+1})``::
+
+        D = S(x_i, s_i)
+        x_{i+1} = R(D) + s_down * (x_i - D) / s_i + s_noise * s_up * z
+
+    (no noise on the step to 0). The teacher is renoised to the noise level of
+    the next state, ``s_{i+1}`` (``renoise_sigma="next"``), not to ``s_up``.
+    CFG++: ``R(D_w)`` leads and ``D_u`` gives the direction. With ``lam = 0``
+    this is k-diffusion's ``sample_euler_ancestral``.
+
+    {args}
+        eta: ancestral noise fraction (0: deterministic Euler).
+        s_noise: scale of the ancestral noise.
+        noise_sampler: ``(sigma, sigma_next) -> Tensor``; default ``randn_like(x)``.
+    """
+    run = SamplerRun(student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
+                     callback=callback, disable=disable, renoise=renoise, renoise_sigma=renoise_sigma,
+                     renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp,
+                     noise_sampler=noise_sampler)
+    sigmas = run.sigmas
+    for i in run.steps():
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, direction = run.denoise(x, sigma, i)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        refined = run.refine(i, denoised, direction, x, sigma, sigma_next)
+        run.report(i, x, sigma, denoised, refined)
+        x = refined.denoised + (sigma_down / sigma) * (x - direction)
+        if sigma_next > 0:
+            x = x + run.noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+    return run.finish(x)
+
+
+sample_euler_ancestral_cfg_pp_distpp = cfg_pp_variant(sample_euler_ancestral_distpp)
