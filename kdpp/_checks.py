@@ -28,7 +28,7 @@ def check_sigmas(sigmas: Tensor | Sequence[float]) -> list[float]:
     (the run stops at that noise level, as k-diffusion allows: hosts split one
     schedule into stages that way).
     """
-    s = torch.as_tensor(sigmas).detach()
+    s = sigmas.detach() if isinstance(sigmas, Tensor) else torch.as_tensor(sigmas, dtype=torch.float64)
     if s.ndim != 1:
         raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
     if s.numel() == 0:

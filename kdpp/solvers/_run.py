@@ -105,7 +105,7 @@ class SamplerRun:
     ):
         check_x(x)
         self.sigmas = check_sigmas(sigmas)
-        self.sigma_values = torch.as_tensor(sigmas)
+        self.sigma_values = sigmas if isinstance(sigmas, Tensor) else torch.tensor(self.sigmas, dtype=torch.float64)
         if not callable(student):
             raise TypeError(f"student must be a callable denoiser, got {student!r}")
         if cfg_pp and not callable(getattr(student, "guided_and_uncond", None)):

@@ -1,0 +1,161 @@
+"""Gaussian mixtures with exact VE denoisers, scores, densities and flow maps."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _sigma_column(sigma: float | Tensor, x: Tensor) -> Tensor:
+    """``sigma`` (a float, 0-d tensor or one value per row) as an ``[n, 1]`` column."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return s.reshape(-1, 1).expand(x.shape[0], 1) if s.numel() == 1 else s.reshape(x.shape[0], 1)
+
+
+class GaussianMixture:
+    r"""``p(x0) = sum_k w_k N(x0; mu_k, diag(s_k^2))`` in ``d`` dimensions.
+
+    Under VE noising ``x = x0 + sigma * eps`` every component stays Gaussian,
+    ``N(mu_k, diag(s_k^2 + sigma^2))``, so the noised density, its score and the
+    posterior mean ``E[x0 | x]`` are exact:
+
+        D(x, sigma) = sum_k r_k(x) * (mu_k + s_k^2 / (s_k^2 + sigma^2) * (x - mu_k))
+
+    with ``r_k`` the component responsibilities at noise level ``sigma``.
+    :meth:`denoiser` has the k-diffusion signature ``D(x, sigma_batch)`` and
+    accepts tensors of any shape ``[n, ...]`` whose trailing dimensions hold ``d``
+    values, so the mixture is a drop-in model for every kdpp sampler.
+
+    Args:
+        means: ``[K, d]`` component means.
+        stds: ``[K]`` (isotropic) or ``[K, d]`` (diagonal) standard deviations, > 0.
+        weights: ``[K]`` mixture weights (normalised here); uniform by default.
+        dtype, device: where the parameters live (float64 recommended for tests).
+    """
+
+    def __init__(self, means, stds, weights=None, *, dtype: torch.dtype = torch.float64, device="cpu"):
+        self.means = torch.as_tensor(means, dtype=dtype, device=device)
+        if self.means.ndim != 2:
+            raise ValueError(f"means must be [K, d], got shape {tuple(self.means.shape)}")
+        K, d = self.means.shape
+        stds = torch.as_tensor(stds, dtype=dtype, device=device)
+        if stds.ndim == 0:
+            stds = stds.expand(K)
+        if stds.shape not in ((K,), (K, d)):
+            raise ValueError(f"stds must be [K] or [K, d] = [{K}] or [{K}, {d}], got shape {tuple(stds.shape)}")
+        if not bool((stds > 0).all()):
+            raise ValueError("stds must be positive")
+        self.stds = stds.reshape(K, 1).expand(K, d).clone() if stds.ndim == 1 else stds.clone()
+        w = torch.full((K,), 1.0 / K, dtype=dtype, device=device) if weights is None else torch.as_tensor(weights, dtype=dtype, device=device)
+        if w.shape != (K,) or not bool((w > 0).all()):
+            raise ValueError(f"weights must be [K] = [{K}] positive numbers")
+        self.weights = w / w.sum()
+        self.K, self.d = K, d
+
+    # ---------------------------------------------------------------- basics
+    def to(self, dtype: torch.dtype | None = None, device=None) -> "GaussianMixture":
+        """A copy with parameters in another dtype and/or on another device."""
+        kw = dict(dtype=dtype or self.means.dtype, device=device or self.means.device)
+        return GaussianMixture(self.means, self.stds, self.weights, **kw)
+
+    @property
+    def mean(self) -> Tensor:
+        """The mixture mean ``sum_k w_k mu_k``."""
+        return self.weights @ self.means
+
+    def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
+        """``n`` exact samples ``[n, d]`` (and their component labels)."""
+        labels = torch.multinomial(self.weights.cpu().float(), n, replacement=True, generator=generator).to(self.means.device)
+        eps = torch.randn(n, self.d, generator=generator, dtype=self.means.dtype).to(self.means.device)
+        x = self.means[labels] + self.stds[labels] * eps
+        return (x, labels) if return_labels else x
+
+    def _flat(self, x: Tensor) -> Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.d:
+            raise ValueError(f"x has {flat.shape[1]} values per sample, the mixture has d = {self.d}")
+        return flat.to(self.means.dtype)
+
+    def _component_log_probs(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """``log w_k + log N(x; mu_k, s_k^2 + sigma^2)`` as ``[n, K]``, and the variances ``[n, K, d]``."""
+        s2 = _sigma_column(sigma, x) ** 2
+        var = self.stds.unsqueeze(0) ** 2 + s2.unsqueeze(-1)  # [n, K, d]
+        diff = x.unsqueeze(1) - self.means.unsqueeze(0)
+        logp = -0.5 * ((diff**2 / var) + var.log() + math.log(2 * math.pi)).sum(-1)
+        return logp + self.weights.log(), var
+
+    def log_prob(self, x: Tensor, sigma: float | Tensor = 0.0) -> Tensor:
+        """``log p_sigma(x)`` of the noised marginal, shape ``[n]``."""
+        xf = self._flat(x)
+        return torch.logsumexp(self._component_log_probs(xf, sigma)[0], dim=1)
+
+    def responsibilities(self, x: Tensor, sigma: float | Tensor = 0.0) -> Tensor:
+        """``p(component k | x)`` at noise level ``sigma``, shape ``[n, K]``."""
+        xf = self._flat(x)
+        return torch.softmax(self._component_log_probs(xf, sigma)[0], dim=1)
+
+    def denoiser(self, x: Tensor, sigma: float | Tensor, **extra) -> Tensor:
+        """The exact VE denoiser ``E[x0 | x_sigma = x]``, same shape and dtype as ``x``."""
+        xf = self._flat(x)
+        logp, var = self._component_log_probs(xf, sigma)
+        r = torch.softmax(logp, dim=1)  # [n, K]
+        diff = xf.unsqueeze(1) - self.means.unsqueeze(0)
+        per_component = self.means.unsqueeze(0) + self.stds.unsqueeze(0) ** 2 / var * diff
+        return (r.unsqueeze(-1) * per_component).sum(1).reshape(x.shape).to(x.dtype)
+
+    __call__ = denoiser
+
+    def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:
+        """``grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2`` (Tweedie), for sigma > 0."""
+        s = _sigma_column(sigma, x.reshape(x.shape[0], -1)).to(x.dtype)
+        return (self.denoiser(x, sigma) - x) / s.reshape(-1, *([1] * (x.ndim - 1))) ** 2
+
+    # ---------------------------------------------------------------- flow map
+    def flow_map(self, x: Tensor, sigma_from: float, sigma_to: float, steps_per_unit: int = 32) -> Tensor:
+        r"""Transport ``x`` along the probability-flow ODE from ``sigma_from`` to ``sigma_to``.
+
+        The ODE ``dx/d sigma = (x - D(x, sigma)) / sigma`` is integrated in
+        ``u = log sigma`` (``dx/du = x - D``) by classical RK4 with
+        ``steps_per_unit`` steps per unit of ``u``. ``sigma_to = 0`` integrates to
+        ``sigma_end = 1e-4 * min(stds)`` and returns ``D(x, sigma_end)``, whose
+        error is ``O(sigma_end^2 / s^2)``. With the default, the error against
+        the closed form is below 1e-7 (tested, float64).
+        """
+        if not (sigma_from > 0 and sigma_to >= 0):
+            raise ValueError(f"need sigma_from > 0 and sigma_to >= 0, got {sigma_from}, {sigma_to}")
+        if sigma_to == sigma_from:
+            return x.clone()
+        end = sigma_to if sigma_to > 0 else 1e-4 * float(self.stds.min())
+        u0, u1 = math.log(sigma_from), math.log(end)
+        n = max(1, math.ceil(abs(u1 - u0) * steps_per_unit))
+        h = (u1 - u0) / n
+        xf = self._flat(x)
+
+        def f(y: Tensor, u: float) -> Tensor:
+            return y - self.denoiser(y, math.exp(u))
+
+        u = u0
+        for _ in range(n):
+            k1 = f(xf, u)
+            k2 = f(xf + 0.5 * h * k1, u + 0.5 * h)
+            k3 = f(xf + 0.5 * h * k2, u + 0.5 * h)
+            k4 = f(xf + h * k3, u + h)
+            xf = xf + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+            u += h
+        if sigma_to == 0:
+            xf = self.denoiser(xf, end)
+        return xf.reshape(x.shape).to(x.dtype)
+
+    # ---------------------------------------------------------------- variants
+    def shifted(self, mean_shift: float | Sequence[float] | Tensor = 0.0, std_scale: float = 1.0,
+                weights: Sequence[float] | Tensor | None = None) -> "GaussianMixture":
+        """A perturbed copy: means moved by ``mean_shift`` (scalar, [d] or [K, d]), stds scaled, new weights."""
+        shift = torch.as_tensor(mean_shift, dtype=self.means.dtype, device=self.means.device)
+        return GaussianMixture(self.means + shift, self.stds * std_scale,
+                               self.weights if weights is None else weights,
+                               dtype=self.means.dtype, device=self.means.device)
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(K={self.K}, d={self.d}, dtype={self.means.dtype})"

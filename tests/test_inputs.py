@@ -1,0 +1,136 @@
+"""dtype, device and shape handling, and clear errors for bad input."""
+import math
+
+import pytest
+import torch
+
+import kdpp
+from conftest import nonlinear_denoiser, other_denoiser
+
+SIGMAS = torch.tensor([8.0, 3.0, 1.0, 0.3, 0.0])
+ALL = [kdpp.sample_euler_distpp, kdpp.sample_euler_ancestral_distpp, kdpp.sample_dpmpp_2s_ancestral_distpp,
+       kdpp.sample_dpmpp_2m_distpp, kdpp.sample_lcm_distpp]
+ALL_IDS = [f.__name__ for f in ALL]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def ones_noise(sampler, x):
+    """A fixed solver noise (all ones) for the samplers that draw any, so runs compare across dtypes."""
+    return {"noise_sampler": lambda s, t: torch.ones_like(x)} if sampler is not kdpp.sample_dpmpp_2m_distpp else {}
+
+
+@pytest.mark.parametrize("sampler", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dtype_and_device_preserved_with_float32_cpu_sigmas(sampler, dtype, device):
+    x = (torch.randn(2, 4, 6, 6) * 8).to(device=device, dtype=dtype)
+    out = sampler(nonlinear_denoiser, other_denoiser, x, SIGMAS, 0.5, 2, disable=True)
+    assert out.dtype == dtype and out.device == x.device and out.shape == x.shape
+    assert bool(torch.isfinite(out).all())
+    ref = sampler(nonlinear_denoiser, other_denoiser, x.double(), SIGMAS, 0.5, 2, renoise="deterministic",
+                  disable=True, **ones_noise(sampler, x.double()))
+    low = sampler(nonlinear_denoiser, other_denoiser, x, SIGMAS, 0.5, 2, renoise="deterministic",
+                  disable=True, **ones_noise(sampler, x))
+    tol = {torch.float16: 3e-2, torch.bfloat16: 2e-1, torch.float32: 1e-4, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(low.double(), ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("sampler", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("shape", [(3, 5), (3, 2, 4), (2, 4, 8, 8), (1, 4, 3, 8, 8)], ids=["2d", "3d", "4d", "5d-video"])
+def test_any_rank_and_batch_items_are_independent(sampler, shape):
+    x = torch.randn(shape, dtype=torch.float64) * 8
+    full = sampler(nonlinear_denoiser, other_denoiser, x, SIGMAS, 0.5, 2, renoise="deterministic",
+                   disable=True, **ones_noise(sampler, x))
+    assert full.shape == x.shape
+    one = sampler(nonlinear_denoiser, other_denoiser, x[-1:], SIGMAS, 0.5, 2, renoise="deterministic",
+                  disable=True, **ones_noise(sampler, x[-1:]))
+    torch.testing.assert_close(full[-1:], one, rtol=0, atol=1e-13)
+
+
+def run(**overrides):
+    args = dict(student=nonlinear_denoiser, teacher=other_denoiser, x=torch.randn(2, 3) * 8, sigmas=SIGMAS, lam=0.5, k=1)
+    args.update(overrides)
+    return kdpp.sample_euler_distpp(args.pop("student"), args.pop("teacher"), args.pop("x"), args.pop("sigmas"),
+                                    args.pop("lam"), args.pop("k"), disable=True, **args)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"sigmas": SIGMAS[None]}, ValueError, "sigmas must be 1-D"),
+    ({"sigmas": torch.tensor([])}, ValueError, "sigmas must not be empty"),
+    ({"sigmas": torch.tensor([1.0, 3.0, 0.0])}, ValueError, "sigmas must be strictly decreasing"),
+    ({"sigmas": torch.tensor([3.0, 3.0, 0.0])}, ValueError, "sigmas must be strictly decreasing"),
+    ({"sigmas": torch.tensor([3.0, 0.0, -1.0])}, ValueError, "sigmas must be positive except the last"),
+    ({"sigmas": torch.tensor([math.nan, 1.0, 0.0])}, ValueError, "sigmas must be finite"),
+    ({"sigmas": torch.tensor([math.inf, 1.0, 0.0])}, ValueError, "sigmas must be finite"),
+    ({"x": torch.tensor([[1.0, math.nan]])}, ValueError, "x contains NaN or inf"),
+    ({"x": torch.tensor([[1.0, math.inf]])}, ValueError, "x contains NaN or inf"),
+    ({"x": torch.ones(2, 3, dtype=torch.long)}, TypeError, "x must be a floating-point tensor"),
+    ({"x": [[1.0, 2.0]]}, TypeError, "x must be a torch.Tensor"),
+    ({"k": -1}, ValueError, "k must be a non-negative int"),
+    ({"k": 1.5}, TypeError, "k must be a non-negative int"),
+    ({"k": True}, TypeError, "k must be a non-negative int"),
+    ({"lam": math.nan}, ValueError, "lam must be finite"),
+    ({"lam": math.inf}, ValueError, "lam must be finite"),
+    ({"lam": "0.5"}, TypeError, "lam must be a float"),
+    ({"lam": [0.5, 0.5], "k": 1}, ValueError, "lam has 2 entries.*min\\(k, number of steps\\) = 1"),
+    ({"lam": [0.5, math.nan], "k": 2}, ValueError, "lam\\[1\\] must be finite"),
+    ({"lam": lambda i, s: math.inf}, ValueError, "lam\\(0, 8\\) must be finite"),
+    ({"teacher": [other_denoiser, other_denoiser], "lam": 0.5}, ValueError, "with 2 teachers, lam must be a list of 2"),
+    ({"teacher": None}, TypeError, "teacher must be a callable"),
+    ({"student": None}, TypeError, "student must be a callable"),
+    ({"renoise": "fresh"}, ValueError, "renoise must be one of"),
+    ({"renoise_sigma": "previous"}, ValueError, "renoise_sigma must be one of"),
+    ({"renoise_sigma": -1.0}, ValueError, "renoise_sigma must be >= 0"),
+    ({"renoise": "guidance", "renoise_sigma": "next"}, ValueError, "renoise='guidance' evaluates the teacher at the current"),
+    ({"renoise_sigma": lambda i, s, t: -2.0}, ValueError, "renoise_sigma\\(0, ...\\) must be >= 0"),
+    ({"teacher_extra_args": [{}, {}]}, ValueError, "teacher_extra_args must be a dict or one dict per teacher"),
+    ({"renoise_seed": [1, 2, 3]}, ValueError, "seed has 3 entries, expected one per batch item \\(2\\)"),
+])
+def test_bad_input_names_the_argument(overrides, error, match):
+    with pytest.raises(error, match=match):
+        run(**overrides)
+
+
+@pytest.mark.parametrize("who, bad, error, match", [
+    ("student", lambda x, s: x[:, :2], ValueError, r"student at step 0 \(sigma=8\) returned shape \(2, 2\), expected \(2, 3\)"),
+    ("teacher", lambda x, s: x.double(), TypeError, r"teacher at step 0 \(sigma=3\) returned dtype torch.float64, expected torch.float32"),
+    ("teacher", lambda x, s: x.numpy(), TypeError, r"teacher at step 0 \(sigma=3\) returned ndarray"),
+])
+def test_bad_model_output_is_named(who, bad, error, match):
+    with pytest.raises(error, match=match):
+        run(**{who: bad})
+
+
+@pytest.mark.parametrize("sampler", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("who", ["student", "teacher"])
+def test_non_finite_model_output_names_model_and_step(sampler, who):
+    def nan_at_step_1(x, sigma):
+        out = nonlinear_denoiser(x, sigma)
+        return out * math.nan if 1.0 - 1e-6 <= float(sigma[0]) <= 3.0 + 1e-6 else out
+
+    models = {"student": nonlinear_denoiser, "teacher": other_denoiser}
+    models[who] = nan_at_step_1
+    # with eta = 1 the 2S midpoint of step 0 is sqrt(s_0 * s_down) = s_1: that call fails first
+    step = 0 if sampler is kdpp.sample_dpmpp_2s_ancestral_distpp else 1
+    with pytest.raises(FloatingPointError, match=rf"{who} at step {step} \(sigma=3\) returned NaN or inf"):
+        sampler(models["student"], models["teacher"], torch.randn(2, 3) * 8, SIGMAS, 0.5, 4,
+                renoise_sigma="current", disable=True)
+
+
+def test_one_entry_schedule_is_no_step():
+    x = torch.randn(2, 3)
+    assert torch.equal(kdpp.sample_euler_distpp(nonlinear_denoiser, None, x, [1.0], 0.0, disable=True), x)
+
+
+def test_cfg_pp_needs_a_guided_student():
+    with pytest.raises(TypeError, match="cfg_pp=True needs a student with guided_and_uncond"):
+        kdpp.sample_euler_cfg_pp_distpp(nonlinear_denoiser, None, torch.randn(2, 3), SIGMAS, 0.0, disable=True)
+
+
+def test_import_kdpp_does_not_import_heavy_stacks():
+    import subprocess
+    import sys
+
+    code = "import sys, kdpp, kdpp.toy; print(sorted(m for m in ('k_diffusion', 'torchvision', 'diffusers', 'wandb', 'clip', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
