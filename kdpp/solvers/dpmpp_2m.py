@@ -31,6 +31,7 @@ def sample_dpmpp_2m_distpp(
     renoise_seed: int | Sequence[int] | None = None,
     renoise_noise_sampler: NoiseSampler | None = None,
     cfg_pp: bool = False,
+    history: str = "student",
 ) -> Tensor:
     """DPM-Solver++(2M) steps; the first ``k`` steps refined by the teacher.
 
@@ -43,12 +44,18 @@ def sample_dpmpp_2m_distpp(
 
     The first step and the step to 0 drop the last (second-order) term. The
     history ``D_old`` is the student's *unrefined* estimate of the previous
-    step. CFG++: ``R(D_w)`` leads, ``D_u`` gives the direction, and the
+    step (MATH.md); ``history="refined"`` keeps ``R(D)`` instead, which damps
+    the extrapolation of the teacher's correction when many steps are guided
+    (see docs/solvers/dpmpp_2m.md). CFG++: ``R(D_w)`` leads, ``D_u`` gives the direction, and the
     correction extrapolates the guided estimates ``(D_w - D_w_old)``. With
     ``lam = 0`` this is k-diffusion's ``sample_dpmpp_2m``.
 
     {args}
+        history: ``"student"`` (default) or ``"refined"``: which estimate the
+            second-order term extrapolates from.
     """
+    if history not in ("student", "refined"):
+        raise ValueError(f"history must be 'student' or 'refined', got {history!r}")
     run = SamplerRun(student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
                      callback=callback, disable=disable, renoise=renoise, renoise_sigma=renoise_sigma,
                      renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp)
@@ -63,7 +70,7 @@ def sample_dpmpp_2m_distpp(
         if old_denoised is not None and sigma_next > 0:
             r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
             x_next = x_next + ((1 - sigma_next / sigma) / (2 * r)) * (denoised - old_denoised)
-        x, old_denoised = x_next, denoised
+        x, old_denoised = x_next, denoised if history == "student" else refined.denoised
     return run.finish(x)
 
 

@@ -1,4 +1,15 @@
-"""kdpp.toy: an analytic testbed (Gaussian mixtures with exact denoisers and flow maps)."""
-from .mixture import GaussianMixture
+"""kdpp.toy: an analytic testbed for diffusion samplers.
 
-__all__ = ["GaussianMixture"]
+Gaussian mixtures have exact denoisers, scores, densities and flow maps, so a
+sampler's output can be compared with the truth: see ``docs/toy.md``.
+"""
+from .distributions import DISTRIBUTIONS, gaussian, grid, high_dim, ring
+from .metrics import Estimate, bootstrap, mmd_rbf, mode_coverage, mode_masses, nll, sliced_wasserstein, wasserstein2
+from .mixture import GaussianMixture
+from .students import FlowMapStudent, shifted_student, truncated_flow_map_student
+
+__all__ = [
+    "DISTRIBUTIONS", "Estimate", "FlowMapStudent", "GaussianMixture", "bootstrap", "gaussian", "grid",
+    "high_dim", "mmd_rbf", "mode_coverage", "mode_masses", "nll", "ring", "shifted_student",
+    "sliced_wasserstein", "truncated_flow_map_student", "wasserstein2",
+]
