@@ -5,6 +5,7 @@ A fast distilled *student* and a slow pre-trained *teacher*, both VE denoisers
 estimate on the first ``k`` steps (Park et al., "Inference-Time Diffusion
 Model Distillation"). ``import kdpp`` imports neither k-diffusion nor diffusers.
 """
+from . import schedules
 from .cfg import CFGDenoiser
 from .noise import default_noise_sampler, seeded_noise_sampler
 from .refine import Refined, TeacherRefinement

@@ -93,20 +93,33 @@ CFG_PP = [(kdpp.sample_euler_cfg_pp_distpp, kdpp.sample_euler_distpp),
 
 @pytest.mark.parametrize("cfg_pp, plain", CFG_PP, ids=[p.__name__ for _, p in CFG_PP])
 def test_cfg_pp_with_equal_branches_is_the_plain_sampler(cfg_pp, plain):
-    """With cond == uncond, D_w == D_u, so CFG++ must reduce to the plain solver bit for bit."""
-    model = Counting()
-    student = kdpp.CFGDenoiser(model, 0.6)
-    c = conds(3, 0)
-    args = {"cond": c, "uncond": c}
+    """With D_w == D_u, CFG++ must reduce to the plain solver bit for bit."""
+
+    class EqualBranches:
+        def __call__(self, x, sigma):
+            return nonlinear_denoiser(x, sigma)
+
+        def guided_and_uncond(self, x, sigma):
+            d = nonlinear_denoiser(x, sigma)
+            return d, d.clone()
+
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64) * 10
     sig = [10.0, 4.0, 1.5, 0.5, 0.0]
     runs = []
     for fn in (cfg_pp, plain):
         torch.manual_seed(0)
-        runs.append(fn(student, other_denoiser, x, sig, 0.5, 2, extra_args=args, teacher_extra_args={},
-                       renoise="deterministic", disable=True))
+        runs.append(fn(EqualBranches(), other_denoiser, x, sig, 0.5, 2, renoise="deterministic", disable=True))
     assert torch.equal(*runs)
     assert cfg_pp.__name__ == plain.__name__.replace("_distpp", "_cfg_pp_distpp")
+
+
+def test_cfg_pp_student_gets_cond_and_uncond_in_one_call():
+    model = Counting()
+    c, u = conds(3, 0), conds(3, 1)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64) * 10
+    kdpp.sample_euler_cfg_pp_distpp(kdpp.CFGDenoiser(model, 0.6), None, x, [10.0, 4.0, 1.5, 0.0], 0.0,
+                                    extra_args={"cond": c, "uncond": u}, disable=True)
+    assert model.calls == 3
 
 
 def _branches():

@@ -80,6 +80,12 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
 
 
+def step(lead: Tensor, direction: Tensor, x: Tensor, ratio: float) -> Tensor:
+    """``lead + ratio * (x - direction)`` as one fused ``lerp`` (plus ``lead - direction`` when they differ)."""
+    out = torch.lerp(direction, x, ratio)
+    return out if lead is direction else out + (lead - direction)
+
+
 class SamplerRun:
     """The state one sampler call shares between its steps."""
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..noise import NoiseSampler
 from ..refine import Denoiser, Lam, RenoiseSigma
-from ._run import SamplerRun, cfg_pp_variant, documented
+from ._run import SamplerRun, cfg_pp_variant, documented, step
 
 
 @torch.no_grad()
@@ -66,10 +66,10 @@ def sample_dpmpp_2m_distpp(
         denoised, direction = run.denoise(x, sigma, i)
         refined = run.refine(i, denoised, direction, x, sigma, sigma_next)
         run.report(i, x, sigma, denoised, refined)
-        x_next = refined.denoised + (sigma_next / sigma) * (x - direction)
+        x_next = step(refined.denoised, direction, x, sigma_next / sigma)
         if old_denoised is not None and sigma_next > 0:
             r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
-            x_next = x_next + ((1 - sigma_next / sigma) / (2 * r)) * (denoised - old_denoised)
+            x_next = torch.add(x_next, denoised - old_denoised, alpha=(1 - sigma_next / sigma) / (2 * r))
         x, old_denoised = x_next, denoised if history == "student" else refined.denoised
     return run.finish(x)
 

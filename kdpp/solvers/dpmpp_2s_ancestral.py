@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..noise import NoiseSampler
 from ..refine import Denoiser, Lam, RenoiseSigma
-from ._run import SamplerRun, ancestral_step, cfg_pp_variant, documented
+from ._run import SamplerRun, ancestral_step, cfg_pp_variant, documented, step
 
 
 @torch.no_grad()
@@ -74,12 +74,12 @@ def sample_dpmpp_2s_ancestral_distpp(
             sigma_mid = (sigma * sigma_down) ** 0.5
             refined = run.refine(i, denoised, direction, x, sigma, sigma_mid)
             run.report(i, x, sigma, denoised, refined)
-            x_mid = refined.denoised + (sigma_mid / sigma) * (x - direction)
+            x_mid = step(refined.denoised, direction, x, sigma_mid / sigma)
             denoised_2, direction_2 = run.denoise(x_mid, sigma_mid, i)
             refined_2 = run.refine(i, denoised_2, direction_2, x_mid, sigma_mid, sigma_next)
-            x = refined_2.denoised + (sigma_down / sigma) * (x - direction_2)
+            x = step(refined_2.denoised, direction_2, x, sigma_down / sigma)
         if sigma_next > 0:
-            x = x + run.noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=s_noise * sigma_up)
     return run.finish(x)
 
 

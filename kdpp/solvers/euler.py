@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..noise import NoiseSampler
 from ..refine import Denoiser, Lam, RenoiseSigma
-from ._run import SamplerRun, cfg_pp_variant, documented
+from ._run import SamplerRun, cfg_pp_variant, documented, step
 
 
 @torch.no_grad()
@@ -64,11 +64,11 @@ def sample_euler_distpp(
         gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
-            x = x + run.noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+            x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=s_noise * (sigma_hat**2 - sigma**2) ** 0.5)
         denoised, direction = run.denoise(x, sigma_hat, i)
         refined = run.refine(i, denoised, direction, x, sigma_hat, sigma_next)
         run.report(i, x, sigma_hat, denoised, refined)
-        x = refined.denoised + (sigma_next / sigma_hat) * (x - direction)
+        x = step(refined.denoised, direction, x, sigma_next / sigma_hat)
     return run.finish(x)
 
 

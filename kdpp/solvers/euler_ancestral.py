@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..noise import NoiseSampler
 from ..refine import Denoiser, Lam, RenoiseSigma
-from ._run import SamplerRun, ancestral_step, cfg_pp_variant, documented
+from ._run import SamplerRun, ancestral_step, cfg_pp_variant, documented, step
 
 
 @torch.no_grad()
@@ -63,9 +63,9 @@ def sample_euler_ancestral_distpp(
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         refined = run.refine(i, denoised, direction, x, sigma, sigma_next)
         run.report(i, x, sigma, denoised, refined)
-        x = refined.denoised + (sigma_down / sigma) * (x - direction)
+        x = step(refined.denoised, direction, x, sigma_down / sigma)
         if sigma_next > 0:
-            x = x + run.noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=s_noise * sigma_up)
     return run.finish(x)
 
 

@@ -54,5 +54,5 @@ def sample_lcm_distpp(
         run.report(i, x, sigma, denoised, refined)
         x = refined.denoised
         if sigma_next > 0:
-            x = x + sigma_next * run.noise_sampler(sigma, sigma_next)
+            x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=sigma_next)
     return run.finish(x)
