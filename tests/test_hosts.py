@@ -1,0 +1,108 @@
+"""Drop-in use: k-diffusion's signature (bind), named lookup (register), ComfyUI's KSAMPLER call."""
+import types
+
+import pytest
+import torch
+
+import kdpp
+from kdpp.hosts import HOST_ONLY_KEYS, bind, host_sampler, register
+from conftest import Recorder, nonlinear_denoiser, other_denoiser
+
+ks = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is the oracle (pip install '.[test]')")
+SIGMAS = torch.tensor([10.0, 4.0, 1.5, 0.5, 0.0], dtype=torch.float64)
+PAIRS = [("euler", ks.sample_euler), ("euler_ancestral", ks.sample_euler_ancestral),
+         ("dpmpp_2s_ancestral", ks.sample_dpmpp_2s_ancestral), ("dpmpp_2m", ks.sample_dpmpp_2m)]
+
+
+@pytest.mark.parametrize("name, theirs", PAIRS, ids=[p[0] for p in PAIRS])
+def test_bound_sampler_with_lam_zero_is_kdiffusion(name, theirs):
+    teacher = Recorder(other_denoiser)
+    fn = bind(kdpp.SAMPLERS[name], teacher, lam=0.0, k=2)
+    x = torch.randn(3, 4, dtype=torch.float64) * 10
+    torch.manual_seed(0)
+    got = fn(nonlinear_denoiser, x, SIGMAS, extra_args={}, callback=None, disable=True)
+    torch.manual_seed(0)
+    want = theirs(nonlinear_denoiser, x, SIGMAS, extra_args={}, callback=None, disable=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert teacher.calls == 0 and fn.__name__ == kdpp.SAMPLERS[name].__name__
+
+
+def test_bound_sampler_guides_and_accepts_call_time_overrides():
+    teacher = Recorder(other_denoiser)
+    fn = bind(kdpp.sample_euler_distpp, teacher, lam=0.5, k=1, renoise="deterministic")
+    x = torch.randn(3, 4, dtype=torch.float64) * 10
+    direct = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x, SIGMAS, 0.5, 1, renoise="deterministic", disable=True)
+    torch.testing.assert_close(fn(nonlinear_denoiser, x, SIGMAS, disable=True), direct, rtol=0, atol=0)
+    fn(nonlinear_denoiser, x, SIGMAS, disable=True, k=3)
+    assert teacher.sigmas == [4.0, 4.0, 1.5, 0.5]
+
+
+def test_register_into_kdiffusion_namespace_for_lookup_by_name():
+    ns = types.SimpleNamespace()
+    names = register(ns, teacher=other_denoiser, lam=0.5, k=1, renoise_seed=3)
+    assert "sample_euler_distpp" in names and "sample_dpmpp_2m_cfg_pp_distpp" in names
+    x = torch.randn(2, 3, dtype=torch.float64) * 10
+    fn = getattr(ns, "sample_" + "euler_distpp")
+    torch.testing.assert_close(fn(nonlinear_denoiser, x, SIGMAS, disable=True),
+                               kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x, SIGMAS, 0.5, 1,
+                                                        renoise_seed=3, disable=True), rtol=0, atol=0)
+    module = types.ModuleType("k_diffusion_like")
+    register(module, ["lcm"])  # unbound: the teacher comes at call time
+    out = module.sample_lcm_distpp(nonlinear_denoiser, x, SIGMAS, teacher=other_denoiser, lam=0.5, disable=True)
+    assert out.shape == x.shape
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        register(ns, ["heun"])
+
+
+def test_register_into_the_real_kdiffusion_module():
+    added = register(ks, ["euler"])
+    try:
+        fn = getattr(ks, "sample_euler_distpp")
+        x = torch.randn(2, 3, dtype=torch.float64) * 10
+        assert fn(nonlinear_denoiser, x, SIGMAS, disable=True).shape == x.shape
+    finally:
+        for name in added:
+            delattr(ks, name)
+
+
+class KSamplerX0Inpaint:
+    """The shape of ComfyUI's model wrapper: extra_args arrive as keywords, host keys included."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, x, sigma, denoise_mask=None, model_options={}, seed=None, cond=None, uncond=None, cond_scale=1.0):
+        self.seen.append(seed)
+        return nonlinear_denoiser(x, sigma) * (1 + 0.01 * cond_scale)
+
+
+def ksampler_call(sampler_function, extra_options, seed):
+    """What ComfyUI's KSAMPLER.sample does with a sampler function."""
+    model_k = KSamplerX0Inpaint()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed)) * 10
+    extra_args = {"cond": [1], "uncond": [0], "cond_scale": 5.0, "model_options": {"transformer_options": {}},
+                  "seed": seed, "denoise_mask": None}
+    steps = []
+    k_callback = lambda d: steps.append((d["i"], d["denoised"], d["x"]))
+    out = sampler_function(model_k, noise, SIGMAS.float(), extra_args=extra_args, callback=k_callback, disable=True,
+                           **extra_options)
+    return out, steps, model_k
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm"])
+def test_comfyui_ksampler_calling_contract(name):
+    teacher_seen = []
+
+    def teacher(x, sigma, cond=None, uncond=None, cond_scale=None, **rest):
+        assert not (set(rest) & HOST_ONLY_KEYS), rest
+        teacher_seen.append(cond_scale)
+        return other_denoiser(x, sigma)
+
+    sampler = host_sampler(kdpp.SAMPLERS[name])
+    options = {"teacher": teacher, "lam": 0.5, "k": 2}
+    a, steps, model_k = ksampler_call(sampler, options, seed=7)
+    b, _, _ = ksampler_call(sampler, options, seed=7)
+    c, _, _ = ksampler_call(sampler, options, seed=8)
+    assert a.dtype == torch.float32 and torch.equal(a, b) and not torch.equal(a, c)
+    assert [s[0] for s in steps] == list(range(len(SIGMAS) - 1))
+    assert set(model_k.seen) == {7} and teacher_seen and set(teacher_seen) == {5.0}
