@@ -14,16 +14,11 @@ from typing import Any, Callable, Iterable
 
 from torch import Tensor
 
-from .noise import seeded_noise_sampler
+from .noise import seeded_noise_sampler, stream_seed
 from .solvers import SAMPLERS
 
 #: extra_args keys that belong to the host (ComfyUI's KSAMPLER), never forwarded to the teacher
 HOST_ONLY_KEYS = frozenset({"seed", "model_options", "denoise_mask"})
-
-
-def _renoise_seed(seed: int) -> int:
-    """A renoise seed derived from the host's seed, on a stream apart from the solver noise."""
-    return (int(seed) * 6364136223846793005 + 1442695040888963407) % 2**63
 
 
 def host_sampler(sampler: Callable) -> Callable:
@@ -43,7 +38,7 @@ def host_sampler(sampler: Callable) -> Callable:
         extra_args = {} if extra_args is None else extra_args
         seed = extra_args.get("seed")
         if seed is not None:
-            options.setdefault("renoise_seed", _renoise_seed(seed))
+            options.setdefault("renoise_seed", stream_seed(seed, 1))
             if takes_noise and options.get("noise_sampler") is None:
                 options["noise_sampler"] = seeded_noise_sampler(x, int(seed))
         if options.get("teacher_extra_args") is None:

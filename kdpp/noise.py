@@ -46,6 +46,18 @@ def seeded_noise_sampler(x: Tensor, seed: int | Sequence[int]) -> NoiseSampler:
     return sample
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """A seed for noise stream ``stream`` of a run seeded ``seed`` (splitmix64 of both).
+
+    Streams of one seed, and the same stream of neighbouring seeds, are unrelated, so a
+    batch seeded 0, 1, 2, ... does not reuse one image's noise in another.
+    """
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(stream) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
+
+
 def derived_seed(device: torch.device) -> int:
     """A seed derived from (without advancing) the default RNG state of ``device``.
 

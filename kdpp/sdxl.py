@@ -1,0 +1,126 @@
+"""SDXL students with an SDXL teacher: from loaded diffusers components to Distillation++ samples.
+
+Needs the ``kdpp[diffusers]`` extra only for decoding to PIL images (``vae``); the sampling
+itself takes any UNet-like callables. Text encoding is the caller's (``pipe.encode_prompt``
+gives the embeddings), so batches of precomputed embeddings work the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .cfg import CFGDenoiser
+from .noise import seeded_noise_sampler, stream_seed
+from .presets import StudentPreset, TeacherPreset
+from .schedules import scaled_linear_alphas_cumprod
+from .solvers import SAMPLERS
+from .vp import VPDenoiser, guidance_scale_embedding
+
+
+@dataclass
+class SDXLConditioning:
+    """SDXL text conditioning for a batch: what ``StableDiffusionXLPipeline.encode_prompt`` returns."""
+
+    prompt_embeds: Tensor  #: [B, 77, 2048]
+    pooled_prompt_embeds: Tensor  #: [B, 1280]
+    negative_prompt_embeds: Tensor
+    negative_pooled_prompt_embeds: Tensor
+
+    def unet_kwargs(self, time_ids: Tensor, negative: bool = False) -> dict[str, Any]:
+        emb = self.negative_prompt_embeds if negative else self.prompt_embeds
+        pooled = self.negative_pooled_prompt_embeds if negative else self.pooled_prompt_embeds
+        return {"encoder_hidden_states": emb,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(emb).expand(emb.shape[0], -1)}}
+
+
+def time_ids(height: int, width: int, crop: tuple[int, int] = (0, 0)) -> Tensor:
+    """SDXL's micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
+    return torch.tensor([[height, width, *crop, height, width]], dtype=torch.float32)
+
+
+def _config(unet, key, default=None):
+    config = getattr(unet, "config", None)
+    return getattr(config, key, default) if config is not None else default
+
+
+def check_shared_latent_space(student_unet, teacher_unet, student_vae=None, teacher_vae=None) -> None:
+    """Raise ``ValueError`` unless student and teacher work in the same latent space."""
+    for key in ("in_channels", "out_channels"):
+        a, b = _config(student_unet, key), _config(teacher_unet, key)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"student and teacher latent spaces differ: {key} {a} vs {b}; "
+                             "Distillation++ needs a shared latent space (a decode/encode bridge is not supported)")
+    if student_vae is not None and teacher_vae is not None:
+        for key in ("scaling_factor", "latent_channels"):
+            a, b = _config(student_vae, key), _config(teacher_vae, key)
+            if a != b:
+                raise ValueError(f"student and teacher latent spaces differ: VAE {key} {a} vs {b}")
+
+
+def generate(
+    student_unet, teacher_unet, conditioning: SDXLConditioning, preset: StudentPreset, *,
+    teacher: TeacherPreset = TeacherPreset(), seeds: Sequence[int], height: int = 1024, width: int = 1024,
+    lam: float | None = None, k: int | None = None, renoise: str = "random", alphas_cumprod: Tensor | None = None,
+    student_guidance: float | None = None, vae=None, dtype: torch.dtype = torch.float16, device=None,
+    disable: bool | None = None, callback=None,
+):
+    """Sample a batch with a distilled SDXL student and the SDXL base teacher (with CFG).
+
+    Args:
+        student_unet, teacher_unet: diffusers ``UNet2DConditionModel`` (or compatible callables).
+        conditioning: the batch's text embeddings (:class:`SDXLConditioning`).
+        preset: the student's schedule and sampler (:mod:`kdpp.presets`).
+        teacher: the teacher preset (CFG scale).
+        seeds: one seed per image: its initial noise (``torch.Generator().manual_seed(seed)``, on
+            the CPU, so images reproduce across devices), and streams 1 and 2 of it
+            (:func:`kdpp.noise.stream_seed`) for its solver and renoise noise.
+        height, width: image size (latents are ``[4, height/8, width/8]``); the student's
+            time_ids use ``preset.resolution`` when it differs (SDXL-Turbo: 512).
+        lam, k: Distillation++ scale and guided steps (default: the preset's).
+        student_guidance: LCM's guidance-scale embedding input (``timestep_cond``), if the UNet has one.
+        vae: decode to PIL images when given (else latents are returned).
+    Returns:
+        a list of PIL images (with ``vae``) or the final latents ``[B, 4, h, w]``.
+    """
+    check_shared_latent_space(student_unet, teacher_unet)
+    if device is None:
+        device = next(student_unet.parameters()).device if hasattr(student_unet, "parameters") else torch.device("cpu")
+    a = scaled_linear_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod)
+    batch = len(seeds)
+    if conditioning.prompt_embeds.shape[0] != batch:
+        raise ValueError(f"conditioning has batch {conditioning.prompt_embeds.shape[0]}, seeds has {batch}")
+    cond = SDXLConditioning(*(t.to(device=device, dtype=dtype) for t in (
+        conditioning.prompt_embeds, conditioning.pooled_prompt_embeds,
+        conditioning.negative_prompt_embeds, conditioning.negative_pooled_prompt_embeds)))
+
+    timestep_cond = None
+    if student_guidance is not None and _config(student_unet, "time_cond_proj_dim"):
+        timestep_cond = guidance_scale_embedding(student_guidance, _config(student_unet, "time_cond_proj_dim"))
+    student = VPDenoiser(student_unet, a, preset.prediction, lcm_boundary={} if preset.lcm_boundary else None,
+                         timestep_cond=timestep_cond)
+    teacher_model = CFGDenoiser(VPDenoiser(teacher_unet, a, teacher.prediction), teacher.cfg_scale)
+    student_ids = time_ids(preset.resolution, preset.resolution) if preset.resolution != max(height, width) else time_ids(height, width)
+    teacher_ids = time_ids(height, width)
+
+    sigmas = preset.sigmas(a)
+    shape = (4, height // 8, width // 8)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    x = (noise * preset.initial_noise_scale(a)).to(device=device, dtype=dtype)
+    sampler = SAMPLERS[preset.sampler]
+    options = {} if preset.sampler == "dpmpp_2m" else {"noise_sampler": seeded_noise_sampler(x, [stream_seed(s, 1) for s in seeds])}
+    with torch.no_grad():
+        latents = sampler(
+            student, teacher_model, x, sigmas, preset.lam if lam is None else lam, preset.k if k is None else k,
+            extra_args=cond.unet_kwargs(student_ids),
+            teacher_extra_args={"cond": cond.unet_kwargs(teacher_ids), "uncond": cond.unet_kwargs(teacher_ids, negative=True)},
+            renoise=renoise, renoise_seed=[stream_seed(s, 2) for s in seeds], disable=disable, callback=callback, **options)
+        if vae is None:
+            return latents
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    from PIL import Image
+
+    return [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
