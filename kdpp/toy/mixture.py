@@ -121,7 +121,7 @@ class GaussianMixture:
         ``steps_per_unit`` steps per unit of ``u``. ``sigma_to = 0`` integrates to
         ``sigma_end = 1e-4 * min(stds)`` and returns ``D(x, sigma_end)``, whose
         error is ``O(sigma_end^2 / s^2)``. With the default, the error against
-        the closed form is below 1e-7 (tested, float64).
+        the closed form for one Gaussian is below 2e-7 for |x| up to 60 (tested, float64).
         """
         if not (sigma_from > 0 and sigma_to >= 0):
             raise ValueError(f"need sigma_from > 0 and sigma_to >= 0, got {sigma_from}, {sigma_to}")
