@@ -61,27 +61,36 @@ def check_shared_latent_space(student_unet, teacher_unet, student_vae=None, teac
 
 
 def generate(
-    student_unet, teacher_unet, conditioning: SDXLConditioning, preset: StudentPreset, *,
+    student_unet: Any, teacher_unet: Any, conditioning: SDXLConditioning, preset: StudentPreset, *,
     teacher: TeacherPreset = TeacherPreset(), seeds: Sequence[int], height: int = 1024, width: int = 1024,
     lam: float | None = None, k: int | None = None, renoise: str = "random", alphas_cumprod: Tensor | None = None,
-    student_guidance: float | None = None, vae=None, dtype: torch.dtype = torch.float16, device=None,
-    disable: bool | None = None, callback=None,
-):
+    student_guidance: float | None = None, vae: Any = None, dtype: torch.dtype = torch.float16,
+    device: torch.device | str | None = None, disable: bool | None = None, callback: Any = None,
+) -> Any:
     """Sample a batch with a distilled SDXL student and the SDXL base teacher (with CFG).
 
     Args:
-        student_unet, teacher_unet: diffusers ``UNet2DConditionModel`` (or compatible callables).
+        student_unet: the student's diffusers ``UNet2DConditionModel`` (or a compatible callable).
+        teacher_unet: the teacher's (SDXL base) UNet.
         conditioning: the batch's text embeddings (:class:`SDXLConditioning`).
         preset: the student's schedule and sampler (:mod:`kdpp.presets`).
         teacher: the teacher preset (CFG scale).
         seeds: one seed per image: its initial noise (``torch.Generator().manual_seed(seed)``, on
             the CPU, so images reproduce across devices), and streams 1 and 2 of it
             (:func:`kdpp.noise.stream_seed`) for its solver and renoise noise.
-        height, width: image size (latents are ``[4, height/8, width/8]``); the student's
-            time_ids use ``preset.resolution`` when it differs (SDXL-Turbo: 512).
-        lam, k: Distillation++ scale and guided steps (default: the preset's).
+        height: image height (latents are ``[4, height/8, width/8]``).
+        width: image width. The student's time_ids use ``preset.resolution`` when it differs
+            (SDXL-Turbo: 512).
+        lam: Distillation++ guidance scale (default: the preset's).
+        k: guided steps (default: the preset's).
+        renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`).
+        alphas_cumprod: the training schedule (default: SD/SDXL's scaled_linear).
         student_guidance: LCM's guidance-scale embedding input (``timestep_cond``), if the UNet has one.
         vae: decode to PIL images when given (else latents are returned).
+        dtype: the latents' and embeddings' dtype.
+        device: where to sample (default: the student's device).
+        disable: disable the progress bar.
+        callback: the sampler's per-step callback.
     Returns:
         a list of PIL images (with ``vae``) or the final latents ``[B, 4, h, w]``.
     """

@@ -32,10 +32,12 @@ class GaussianMixture:
         means: ``[K, d]`` component means.
         stds: ``[K]`` (isotropic) or ``[K, d]`` (diagonal) standard deviations, > 0.
         weights: ``[K]`` mixture weights (normalised here); uniform by default.
-        dtype, device: where the parameters live (float64 recommended for tests).
+        dtype: the parameters' dtype (float64 recommended for tests).
+        device: where the parameters live.
     """
 
-    def __init__(self, means, stds, weights=None, *, dtype: torch.dtype = torch.float64, device="cpu"):
+    def __init__(self, means: Tensor | Sequence, stds: Tensor | Sequence | float, weights: Tensor | Sequence | None = None,
+                 *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"):
         self.means = torch.as_tensor(means, dtype=dtype, device=device)
         if self.means.ndim != 2:
             raise ValueError(f"means must be [K, d], got shape {tuple(self.means.shape)}")
