@@ -154,7 +154,7 @@ class TeacherRefinement:
                 raise ValueError(f"teacher_extra_args must be a dict or one dict per teacher ({len(teachers)})")
         self.teacher_extra_args = targs
 
-        self.x, self.check = x, check
+        self.check = check
         self.s_in = x.new_ones([x.shape[0]])
         positive = [s for s in sigmas if s > 0]
         self.log_range = (math.log(min(positive)), math.log(max(positive))) if positive else (0.0, 0.0)
@@ -162,7 +162,7 @@ class TeacherRefinement:
         self.level_generator = None
         if active and (renoise == "random" or renoise_sigma == "random"):
             seed = derived_seed(x.device) if renoise_seed is None else renoise_seed
-            if self.noise_sampler is None:
+            if renoise == "random" and self.noise_sampler is None:
                 self.noise_sampler = seeded_noise_sampler(x, seed)
             first = seed if isinstance(seed, int) else int(list(seed)[0])
             self.level_generator = torch.Generator().manual_seed(first)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -134,7 +134,7 @@ class SamplerRun:
         self.noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
         self.s_in = x.new_ones([x.shape[0]])
 
-    def steps(self) -> range:
+    def steps(self) -> Iterable[int]:
         return trange(len(self.sigmas) - 1, disable=self.disable)
 
     def denoise(self, x: Tensor, sigma: float, i: int) -> tuple[Tensor, Tensor]:
