@@ -9,6 +9,7 @@ same solver noise as the same run with ``lam = 0``: comparisons are paired.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -29,8 +30,9 @@ def seeded_noise_sampler(x: Tensor, seed: int | Sequence[int]) -> NoiseSampler:
     then gets its own generator, so an image's noise does not depend on the
     batch it was sampled in).
     """
-    if isinstance(seed, int):
-        gens = [torch.Generator(device=x.device).manual_seed(seed)]
+    single = isinstance(seed, numbers.Integral)
+    if single:
+        gens = [torch.Generator(device=x.device).manual_seed(int(seed))]
         shape = x.shape
     else:
         seeds = [int(s) for s in seed]
@@ -41,7 +43,7 @@ def seeded_noise_sampler(x: Tensor, seed: int | Sequence[int]) -> NoiseSampler:
 
     def sample(sigma: float, sigma_next: float) -> Tensor:
         draws = [torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) for g in gens]
-        return draws[0] if isinstance(seed, int) else torch.stack(draws)
+        return draws[0] if single else torch.stack(draws)
 
     return sample
 

@@ -164,7 +164,7 @@ class TeacherRefinement:
             seed = derived_seed(x.device) if renoise_seed is None else renoise_seed
             if renoise == "random" and self.noise_sampler is None:
                 self.noise_sampler = seeded_noise_sampler(x, seed)
-            first = seed if isinstance(seed, int) else int(list(seed)[0])
+            first = int(seed) if isinstance(seed, numbers.Integral) else int(list(seed)[0])
             self.level_generator = torch.Generator().manual_seed(first)
 
     def _tau(self, i: int, sigma_in: float, sigma_out: float) -> float:

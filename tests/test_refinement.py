@@ -177,3 +177,11 @@ def test_teacher_extra_args_default_to_extra_args_and_can_differ():
     kdpp.sample_euler_distpp(student, teacher, x0(), SIGMAS, 0.5, 1, extra_args={"tag": "s"},
                              teacher_extra_args={"tag": "t"}, disable=True)
     assert got["tags"] == ["s", "t"]
+
+
+def test_numpy_integer_seeds_are_accepted():
+    import numpy as np
+
+    a = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=np.int64(4), disable=True)
+    b = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=4, disable=True)
+    assert torch.equal(a, b)
