@@ -103,9 +103,14 @@ def guided_step_cost(repeats: int) -> list[dict]:
         for _ in range(repeats):
             for name, fn in cases.items():
                 times[name] += timed(fn, 1)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    call = med["one model call"]
-    return [{"case": name, "ms": 1e3 * m, "model_calls": m / call} for name, m in med.items()]
+    rows = []
+    for name, t in times.items():
+        # per repeat, in units of that repeat's single model call: the spread is the IQR of these ratios
+        ratios = sorted(a / b for a, b in zip(t, times["one model call"]))
+        q = len(ratios) // 4
+        rows.append({"case": name, "ms": 1e3 * statistics.median(t), "model_calls": statistics.median(ratios),
+                     "model_calls_iqr": [ratios[q], ratios[-q - 1]]})
+    return rows
 
 
 def peak_memory_child(steps: int, sampler: str) -> None:
@@ -134,9 +139,10 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['sampler']} | {r['kdpp_ms']:.2f} | {r['k_diffusion_ms']:.2f} | {r['ratio']:.3f} | "
                      f"{r['ratio_iqr'][0]:.3f}–{r['ratio_iqr'][1]:.3f} | ≤ {r['target']} |")
     lines += ["", "**Cost of a guided step** (student = teacher = the same small conv net; in model calls)", "",
-              "| case | ms | model calls |", "|---|---|---|"]
+              "| case | ms | model calls | IQR |", "|---|---|---|---|"]
     for r in result["guided"]:
-        lines.append(f"| {r['case']} | {r['ms']:.2f} | {r['model_calls']:.2f} |")
+        lo, hi = r["model_calls_iqr"]
+        lines.append(f"| {r['case']} | {r['ms']:.2f} | {r['model_calls']:.2f} | {lo:.2f}–{hi:.2f} |")
     lines += ["", "**Peak memory vs steps** (every step guided; x = 4 MiB; peak RSS of a fresh process)", "",
               "| sampler | steps | peak RSS MiB |", "|---|---|---|"]
     for r in result["memory"]:
