@@ -116,3 +116,40 @@ def test_bad_parameters_are_named():
         GaussianMixture([[1.0, 2.0]], [[1.0, 1.0, 1.0]])
     with pytest.raises(ValueError, match="weights must be"):
         GaussianMixture([[1.0], [2.0]], 1.0, [1.0])
+
+
+COV = torch.tensor([[1.0, 0.6, 0.1], [0.6, 0.5, -0.05], [0.1, -0.05, 0.2]], dtype=torch.float64)
+MU = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+
+
+def test_full_covariance_denoiser_density_and_flow_map_match_closed_forms():
+    mix = GaussianMixture(MU[None], covs=COV[None])
+    x = torch.randn(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4
+    sigma = 1.3
+    c_sigma = COV + sigma**2 * torch.eye(3, dtype=torch.float64)
+    want = MU + (COV @ torch.linalg.solve(c_sigma, (x - MU).T)).T
+    torch.testing.assert_close(mix.denoiser(x, sigma), want, rtol=0, atol=1e-12)
+    mvn = torch.distributions.MultivariateNormal(MU, c_sigma)
+    torch.testing.assert_close(mix.log_prob(x, sigma), mvn.log_prob(x), rtol=0, atol=1e-12)
+    lam, U = torch.linalg.eigh(COV)
+    for to in (0.0, 0.4):
+        gain = U @ torch.diag(((lam + to**2) / (lam + 16.0)).sqrt()) @ U.T  # C_to^1/2 C_4^-1/2 (they commute)
+        torch.testing.assert_close(mix.flow_map(x, 4.0, to), MU + (gain @ (x - MU).T).T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mix.covariances[0], COV, rtol=0, atol=1e-12)
+
+
+def test_full_covariance_sampling_shifting_and_mixtures():
+    mix = GaussianMixture(torch.stack([MU, -MU]), covs=torch.stack([COV, 0.5 * COV]), weights=[0.3, 0.7])
+    x, labels = mix.sample(200000, torch.Generator().manual_seed(2), return_labels=True)
+    torch.testing.assert_close(torch.cov(x[labels == 0].T), COV, rtol=0, atol=0.02)
+    wide = mix.shifted(std_scale=2.0)
+    torch.testing.assert_close(wide.covariances, 4 * mix.covariances, rtol=0, atol=1e-12)
+    est = mix.denoiser(x[:5], torch.full((5,), 0.7, dtype=torch.float64))
+    r = mix.responsibilities(x[:5], 0.7)
+    parts = [m + (c @ torch.linalg.solve(c + 0.49 * torch.eye(3, dtype=torch.float64), (x[:5] - m).T)).T
+             for m, c in zip(mix.means, mix.covariances)]
+    torch.testing.assert_close(est, r[:, :1] * parts[0] + r[:, 1:] * parts[1], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly one of stds and covs"):
+        GaussianMixture(MU[None])
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianMixture(MU[None], covs=-COV[None])

@@ -18,30 +18,47 @@ class GaussianMixture:
     r"""``p(x0) = sum_k w_k N(x0; mu_k, diag(s_k^2))`` in ``d`` dimensions.
 
     Under VE noising ``x = x0 + sigma * eps`` every component stays Gaussian,
-    ``N(mu_k, diag(s_k^2 + sigma^2))``, so the noised density, its score and the
+    ``N(mu_k, C_k + sigma^2 I)``, so the noised density, its score and the
     posterior mean ``E[x0 | x]`` are exact:
 
-        D(x, sigma) = sum_k r_k(x) * (mu_k + s_k^2 / (s_k^2 + sigma^2) * (x - mu_k))
+        D(x, sigma) = sum_k r_k(x) * (mu_k + C_k (C_k + sigma^2 I)^-1 (x - mu_k))
 
-    with ``r_k`` the component responsibilities at noise level ``sigma``.
+    with ``r_k`` the component responsibilities at noise level ``sigma``. A full
+    covariance is handled in its eigenbasis, ``C_k = U_k diag(s_k^2) U_k^T``, where
+    every formula is the diagonal one (``s_k`` are then the principal stds).
     :meth:`denoiser` has the k-diffusion signature ``D(x, sigma_batch)`` and
     accepts tensors of any shape ``[n, ...]`` whose trailing dimensions hold ``d``
     values, so the mixture is a drop-in model for every kdpp sampler.
 
     Args:
         means: ``[K, d]`` component means.
-        stds: ``[K]`` (isotropic) or ``[K, d]`` (diagonal) standard deviations, > 0.
+        stds: ``[K]`` (isotropic) or ``[K, d]`` (diagonal) standard deviations, > 0;
+            ``None`` when ``covs`` is given.
         weights: ``[K]`` mixture weights (normalised here); uniform by default.
+        covs: ``[K, d, d]`` full covariance matrices (symmetric positive definite)
+            instead of ``stds``.
         dtype: the parameters' dtype (float64 recommended for tests).
         device: where the parameters live.
     """
 
-    def __init__(self, means: Tensor | Sequence, stds: Tensor | Sequence | float, weights: Tensor | Sequence | None = None,
-                 *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"):
+    def __init__(self, means: Tensor | Sequence, stds: Tensor | Sequence | float | None = None,
+                 weights: Tensor | Sequence | None = None, *, covs: Tensor | Sequence | None = None,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"):
         self.means = torch.as_tensor(means, dtype=dtype, device=device)
         if self.means.ndim != 2:
             raise ValueError(f"means must be [K, d], got shape {tuple(self.means.shape)}")
         K, d = self.means.shape
+        self.rotations = None  # U_k [K, d, d] for full covariances, None when axis-aligned
+        if (stds is None) == (covs is None):
+            raise ValueError("give exactly one of stds and covs")
+        if covs is not None:
+            covs = torch.as_tensor(covs, dtype=dtype, device=device)
+            if covs.shape != (K, d, d) or not torch.allclose(covs, covs.transpose(1, 2)):
+                raise ValueError(f"covs must be [K, d, d] = [{K}, {d}, {d}] symmetric matrices, got shape {tuple(covs.shape)}")
+            eigvals, self.rotations = torch.linalg.eigh(covs)
+            if not bool((eigvals > 0).all()):
+                raise ValueError("covs must be positive definite")
+            stds = eigvals.sqrt()
         stds = torch.as_tensor(stds, dtype=dtype, device=device)
         if stds.ndim == 0:
             stds = stds.expand(K)
@@ -57,10 +74,23 @@ class GaussianMixture:
         self.K, self.d = K, d
 
     # ---------------------------------------------------------------- basics
+    def _like(self, means: Tensor, stds: Tensor, weights: Tensor, **kw) -> "GaussianMixture":
+        """A mixture with these parameters and this one's rotations."""
+        if self.rotations is None:
+            return GaussianMixture(means, stds, weights, **kw)
+        covs = self.rotations @ torch.diag_embed(stds**2) @ self.rotations.transpose(1, 2)
+        return GaussianMixture(means, None, weights, covs=covs, **kw)
+
+    @property
+    def covariances(self) -> Tensor:
+        """The component covariances ``[K, d, d]``."""
+        cov = torch.diag_embed(self.stds**2)
+        return cov if self.rotations is None else self.rotations @ cov @ self.rotations.transpose(1, 2)
+
     def to(self, dtype: torch.dtype | None = None, device=None) -> "GaussianMixture":
         """A copy with parameters in another dtype and/or on another device."""
         kw = dict(dtype=dtype or self.means.dtype, device=device or self.means.device)
-        return GaussianMixture(self.means, self.stds, self.weights, **kw)
+        return self._like(self.means, self.stds, self.weights, **kw)
 
     @property
     def mean(self) -> Tensor:
@@ -71,8 +101,19 @@ class GaussianMixture:
         """``n`` exact samples ``[n, d]`` (and their component labels)."""
         labels = torch.multinomial(self.weights.cpu().float(), n, replacement=True, generator=generator).to(self.means.device)
         eps = torch.randn(n, self.d, generator=generator, dtype=self.means.dtype).to(self.means.device)
-        x = self.means[labels] + self.stds[labels] * eps
+        x = self.means[labels] + self._rotate(self.stds[labels] * eps, labels)
         return (x, labels) if return_labels else x
+
+    def _rotate(self, v: Tensor, component: Tensor | None = None) -> Tensor:
+        """Eigenbasis coordinates to data coordinates: ``U_k v`` (identity when axis-aligned).
+
+        ``v`` is ``[n, K, d]`` (every component) or ``[n, d]`` with ``component`` ``[n]``.
+        """
+        if self.rotations is None:
+            return v
+        if component is not None:
+            return torch.einsum("nde,ne->nd", self.rotations[component], v)
+        return torch.einsum("kde,nke->nkd", self.rotations, v)
 
     def _flat(self, x: Tensor) -> Tensor:
         flat = x.reshape(x.shape[0], -1)
@@ -80,13 +121,16 @@ class GaussianMixture:
             raise ValueError(f"x has {flat.shape[1]} values per sample, the mixture has d = {self.d}")
         return flat.to(self.means.dtype)
 
-    def _component_log_probs(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
-        """``log w_k + log N(x; mu_k, s_k^2 + sigma^2)`` as ``[n, K]``, and the variances ``[n, K, d]``."""
+    def _component_log_probs(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``log w_k + log N(x; mu_k, C_k + sigma^2 I)`` as ``[n, K]``, with the eigenbasis
+        variances ``s_k^2 + sigma^2`` and offsets ``U_k^T (x - mu_k)``, both ``[n, K, d]``."""
         s2 = _sigma_column(sigma, x) ** 2
-        var = self.stds.unsqueeze(0) ** 2 + s2.unsqueeze(-1)  # [n, K, d]
+        var = self.stds.unsqueeze(0) ** 2 + s2.unsqueeze(-1)
         diff = x.unsqueeze(1) - self.means.unsqueeze(0)
+        if self.rotations is not None:
+            diff = torch.einsum("nkd,kde->nke", diff, self.rotations)
         logp = -0.5 * ((diff**2 / var) + var.log() + math.log(2 * math.pi)).sum(-1)
-        return logp + self.weights.log(), var
+        return logp + self.weights.log(), var, diff
 
     def log_prob(self, x: Tensor, sigma: float | Tensor = 0.0) -> Tensor:
         """``log p_sigma(x)`` of the noised marginal, shape ``[n]``."""
@@ -101,10 +145,9 @@ class GaussianMixture:
     def denoiser(self, x: Tensor, sigma: float | Tensor, **extra) -> Tensor:
         """The exact VE denoiser ``E[x0 | x_sigma = x]``, same shape and dtype as ``x``."""
         xf = self._flat(x)
-        logp, var = self._component_log_probs(xf, sigma)
+        logp, var, diff = self._component_log_probs(xf, sigma)
         r = torch.softmax(logp, dim=1)  # [n, K]
-        diff = xf.unsqueeze(1) - self.means.unsqueeze(0)
-        per_component = self.means.unsqueeze(0) + self.stds.unsqueeze(0) ** 2 / var * diff
+        per_component = self.means.unsqueeze(0) + self._rotate(self.stds.unsqueeze(0) ** 2 / var * diff)
         return (r.unsqueeze(-1) * per_component).sum(1).reshape(x.shape).to(x.dtype)
 
     __call__ = denoiser
@@ -155,9 +198,8 @@ class GaussianMixture:
                 weights: Sequence[float] | Tensor | None = None) -> "GaussianMixture":
         """A perturbed copy: means moved by ``mean_shift`` (scalar, [d] or [K, d]), stds scaled, new weights."""
         shift = torch.as_tensor(mean_shift, dtype=self.means.dtype, device=self.means.device)
-        return GaussianMixture(self.means + shift, self.stds * std_scale,
-                               self.weights if weights is None else weights,
-                               dtype=self.means.dtype, device=self.means.device)
+        return self._like(self.means + shift, self.stds * std_scale, self.weights if weights is None else weights,
+                          dtype=self.means.dtype, device=self.means.device)
 
     def __repr__(self) -> str:
         return f"GaussianMixture(K={self.K}, d={self.d}, dtype={self.means.dtype})"
