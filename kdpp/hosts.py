@@ -25,7 +25,8 @@ def host_sampler(sampler: Callable) -> Callable:
     """``sampler`` with the host signature ``fn(model, x, sigmas, extra_args, callback, disable, *, teacher, lam, k, **options)``.
 
     - ``model`` is the student; ``teacher``, ``lam`` (default 0) and ``k`` (default 1) are options.
-    - ``extra_args["seed"]`` (ComfyUI passes it) seeds the solver noise, unless a
+    - ``extra_args["seed"]`` (ComfyUI passes it) seeds the solver noise as ComfyUI's default
+      noise sampler does (a generator on ``x.device``; ``seed + 1`` on the CPU), unless a
       ``noise_sampler`` is given, and a renoise seed derived from it, unless ``renoise_seed`` is.
     - The teacher gets ``teacher_extra_args`` if given, else ``extra_args`` without the host-only
       keys :data:`HOST_ONLY_KEYS`; the student gets ``extra_args`` whole, as hosts expect.
@@ -40,7 +41,8 @@ def host_sampler(sampler: Callable) -> Callable:
         if seed is not None:
             options.setdefault("renoise_seed", stream_seed(seed, 1))
             if takes_noise and options.get("noise_sampler") is None:
-                options["noise_sampler"] = seeded_noise_sampler(x, int(seed))
+                # as ComfyUI's default noise sampler: seed + 1 on the CPU, where the initial noise used the seed
+                options["noise_sampler"] = seeded_noise_sampler(x, int(seed) + (x.device.type == "cpu"))
         if options.get("teacher_extra_args") is None:
             options["teacher_extra_args"] = {key: v for key, v in extra_args.items() if key not in HOST_ONLY_KEYS}
         return sampler(model, teacher, x, sigmas, lam, k, extra_args=extra_args, callback=callback, disable=disable,

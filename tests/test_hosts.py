@@ -106,3 +106,13 @@ def test_comfyui_ksampler_calling_contract(name):
     assert a.dtype == torch.float32 and torch.equal(a, b) and not torch.equal(a, c)
     assert [s[0] for s in steps] == list(range(len(SIGMAS) - 1))
     assert set(model_k.seen) == {7} and teacher_seen and set(teacher_seen) == {5.0}
+
+
+def test_host_seed_gives_comfyui_default_noise_stream():
+    """ComfyUI's default_noise_sampler(x, seed): a generator on x.device seeded with seed (+1 on the CPU)."""
+    x = torch.randn(2, 3, dtype=torch.float64) * 10
+    got = host_sampler(kdpp.sample_euler_ancestral_distpp)(nonlinear_denoiser, x, SIGMAS, extra_args={"seed": 9}, disable=True)
+    g = torch.Generator(device=x.device).manual_seed(9 + 1)
+    want = ks.sample_euler_ancestral(nonlinear_denoiser, x, SIGMAS, disable=True,
+                                     noise_sampler=lambda s, t: torch.randn(x.size(), dtype=x.dtype, generator=g))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
