@@ -128,8 +128,7 @@ def figures(result: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     truth, samples = result["truth"], result["samples"]
-    names = list(samples)[:4] + [n for n in samples if n.startswith("teacher") and "100" not in n]
-    names = list(dict.fromkeys(names))[:5]
+    names = ["truth"] + [r["run"] for r in result["rows"][:4]]  # student N, N + 1, student++, teacher at equal NFE
     lim = float(truth.means.abs().max()) + 4 * float(truth.stds.max())
     grid = torch.linspace(-lim, lim, 200, dtype=torch.float64)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
