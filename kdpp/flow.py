@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._shape import per_sample
+
 
 def sigma_from_t(t: Tensor | float) -> Tensor:
     """``sigma = t / (1 - t)``."""
@@ -31,20 +33,16 @@ def t_from_sigma(sigma: Tensor | float) -> Tensor:
     return sigma / (1 + sigma)
 
 
-def _column(s: Tensor, x: Tensor) -> Tensor:
-    return s.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-
 def rf_to_ve(x_rf: Tensor, t: Tensor | float) -> Tensor:
     """``x_ve = x_rf / (1 - t)`` (``t`` a float or one value per batch item)."""
     t = torch.as_tensor(t, dtype=x_rf.dtype, device=x_rf.device).expand(x_rf.shape[0])
-    return x_rf / (1 - _column(t, x_rf))
+    return x_rf / (1 - per_sample(t, x_rf))
 
 
 def ve_to_rf(x_ve: Tensor, sigma: Tensor | float) -> Tensor:
     """``x_rf = x_ve / (1 + sigma)``."""
     sigma = torch.as_tensor(sigma, dtype=x_ve.dtype, device=x_ve.device).expand(x_ve.shape[0])
-    return x_ve / (1 + _column(sigma, x_ve))
+    return x_ve / (1 + per_sample(sigma, x_ve))
 
 
 class FlowDenoiser:
@@ -61,9 +59,9 @@ class FlowDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
         t = sigma / (1 + sigma)
-        x_rf = x / (1 + _column(sigma, x))
+        x_rf = x / (1 + per_sample(sigma, x))
         out = self.model(x_rf, t, **extra)
-        return x_rf - _column(t, x) * out if self.prediction == "velocity" else out
+        return x_rf - per_sample(t, x) * out if self.prediction == "velocity" else out
 
 
 class VelocityModel:
@@ -74,5 +72,5 @@ class VelocityModel:
 
     def __call__(self, x_rf: Tensor, t: Tensor, **extra) -> Tensor:
         sigma = t / (1 - t)
-        x0 = self.denoiser(x_rf / (1 - _column(t, x_rf)), sigma, **extra)
-        return (x_rf - x0) / _column(t, x_rf)
+        x0 = self.denoiser(x_rf / (1 - per_sample(t, x_rf)), sigma, **extra)
+        return (x_rf - x0) / per_sample(t, x_rf)

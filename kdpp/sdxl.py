@@ -116,7 +116,7 @@ def generate(
 
     sigmas = preset.sigmas(a)
     shape = (4, height // 8, width // 8)
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    noise = seeded_noise_sampler(torch.empty(batch, *shape), [int(s) for s in seeds])(0.0, 0.0)  # on the CPU
     x = (noise * preset.initial_noise_scale(a)).to(device=device, dtype=dtype)
     sampler = SAMPLERS[preset.sampler]
     options = {} if preset.sampler == "dpmpp_2m" else {"noise_sampler": seeded_noise_sampler(x, [stream_seed(s, 1) for s in seeds])}

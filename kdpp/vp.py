@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ._shape import per_sample
 from .schedules import vp_sigmas
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -95,7 +96,7 @@ class VPDenoiser:
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
 
     def __call__(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        s = per_sample(sigma, x)
         scale = (1 + s * s).rsqrt()
         x_vp = x * scale
         t = self.sigma_to_t(sigma)

@@ -35,7 +35,8 @@ class DistillationDenoiser:
     ``i + 1``); ``renoise_sigma="next"`` renoises to ``sigmas[i+1]``, ``"current"`` to
     ``sigma``. The options are those of :class:`kdpp.TeacherRefinement`; the sampler's
     ``extra_args`` go to the student, ``teacher_extra_args`` to the teacher.
-    Call :meth:`raise_if_nonfinite` after sampling to check every model output.
+    Call :meth:`raise_if_nonfinite` after sampling to check every model output. Finding the
+    step reads ``sigma`` on the host once per call (k-diffusion's samplers sync there anyway).
     """
 
     def __init__(self, student: Denoiser, teacher: Denoiser | Sequence[Denoiser], sigmas: Tensor | Sequence[float],

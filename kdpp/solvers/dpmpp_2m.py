@@ -45,8 +45,9 @@ def sample_dpmpp_2m_distpp(
     The first step and the step to 0 drop the last (second-order) term. The
     history ``D_old`` is the student's *unrefined* estimate of the previous
     step (MATH.md); ``history="refined"`` keeps ``R(D)`` instead (on the toy
-    benchmark it was worse for k = 1, 2 and 4; see docs/solvers/dpmpp_2m.md). CFG++: ``R(D_w)`` leads, ``D_u`` gives the direction, and the
-    correction extrapolates the guided estimates ``(D_w - D_w_old)``. With
+    benchmark it was worse for k = 1, 2 and 4; see docs/solvers/dpmpp_2m.md).
+    CFG++: ``R(D_w)`` leads, ``D_u`` gives the direction, and the correction
+    extrapolates the guided estimates ``(D_w - D_w_old)``. With
     ``lam = 0`` this is k-diffusion's ``sample_dpmpp_2m``.
 
     {args}

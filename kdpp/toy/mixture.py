@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._shape import per_sample
+
 
 def _sigma_column(sigma: float | Tensor, x: Tensor) -> Tensor:
     """``sigma`` (a float, 0-d tensor or one value per row) as an ``[n, 1]`` column."""
@@ -154,8 +156,8 @@ class GaussianMixture:
 
     def score(self, x: Tensor, sigma: float | Tensor) -> Tensor:
         """``grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2`` (Tweedie), for sigma > 0."""
-        s = _sigma_column(sigma, x.reshape(x.shape[0], -1)).to(x.dtype)
-        return (self.denoiser(x, sigma) - x) / s.reshape(-1, *([1] * (x.ndim - 1))) ** 2
+        s = _sigma_column(sigma, x.reshape(x.shape[0], -1))
+        return (self.denoiser(x, sigma) - x) / per_sample(s, x) ** 2
 
     # ---------------------------------------------------------------- flow map
     def flow_map(self, x: Tensor, sigma_from: float, sigma_to: float, steps_per_unit: int = 32) -> Tensor:
