@@ -30,6 +30,7 @@ __all__ = [
     "Refined",
     "SAMPLERS",
     "TeacherRefinement",
+    "schedules",
     "ancestral_step",
     "default_noise_sampler",
     "sample_dpmpp_2m_cfg_pp_distpp",

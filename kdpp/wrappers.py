@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from ._checks import OutputChecker, check_sigmas

@@ -1,5 +1,4 @@
 """The solvers on the analytic testbed: convergence order, reaching the target, and the teacher's pull."""
-import math
 
 import numpy as np
 import pytest

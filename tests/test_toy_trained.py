@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kdpp
-from kdpp.toy import ring, truncated_flow_map_student
+from kdpp.toy import ring
 from kdpp.toy.trained import load_trained_student
 
 MIX = ring()

@@ -4,7 +4,6 @@ Retrain with ``python benchmarks/train_toy_student.py`` (see docs/toy.md for the
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
