@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import kdpp
-from kdpp.presets import STUDENTS, sdxl_teacher
-from kdpp.sdxl import SDXLConditioning, generate
+from kdpp.diffusers.presets import STUDENTS, sdxl_teacher
+from kdpp.diffusers.sdxl import SDXLConditioning, generate
 
 
 def main(argv=None) -> int:

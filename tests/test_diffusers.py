@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import kdpp
-from kdpp.presets import dmd2, lcm, lcm_timesteps, lightning, sdxl_teacher, turbo
-from kdpp.sdxl import SDXLConditioning, check_shared_latent_space, generate, time_ids
-from kdpp.vp import VPDenoiser, guidance_scale_embedding
+from kdpp.diffusers.presets import dmd2, lcm, lcm_timesteps, lightning, sdxl_teacher, turbo
+from kdpp.diffusers.sdxl import SDXLConditioning, check_shared_latent_space, generate, time_ids
+from kdpp.diffusers.vp import VPDenoiser, guidance_scale_embedding
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -231,3 +231,15 @@ def test_paper_setup_script_explains_missing_weights(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("a cat\n")
     assert module.main(["--base", str(tmp_path / "none"), "--student", str(tmp_path), "--prompts", str(tmp_path / "p.txt")]) == 2
     assert "is not a local folder" in capsys.readouterr().err
+
+
+def test_old_import_paths_still_work():
+    """kdpp.vp, kdpp.presets and kdpp.sdxl moved into kdpp.diffusers; the old names stay importable."""
+    import kdpp.diffusers.presets
+    import kdpp.diffusers.sdxl
+    import kdpp.diffusers.vp
+    from kdpp import presets, sdxl, vp
+
+    assert vp.VPDenoiser is kdpp.diffusers.vp.VPDenoiser
+    assert presets.lightning is kdpp.diffusers.presets.lightning
+    assert sdxl.generate is kdpp.diffusers.sdxl.generate
