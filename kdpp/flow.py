@@ -1,6 +1,6 @@
 """Rectified-flow (flow-matching) models as VE denoisers, and back.
 
-Rectified flow writes ``x_rf = (1 - t) x0 + t eps`` with ``t in [0, 1)``; dividing by
+Rectified flow writes ``x_rf = (1 - t) x0 + t eps`` with ``t in [0, 1]``; dividing by
 ``1 - t`` gives the VE form ``x_ve = x0 + sigma eps`` with
 
     sigma = t / (1 - t),     x_ve = x_rf / (1 - t)      (t = sigma / (1 + sigma))
@@ -8,48 +8,94 @@ Rectified flow writes ``x_rf = (1 - t) x0 + t eps`` with ``t in [0, 1)``; dividi
 A velocity model predicts ``v = eps - x0 = (x_rf - x0) / t``, an x0-model ``x0``
 itself. :class:`FlowDenoiser` wraps either as a VE denoiser, so every kdpp sampler runs
 flow students and teachers (mixed with VE ones if they share the data space);
-:class:`VelocityModel` goes the other way. ``t = 1`` (pure noise) is ``sigma = inf``:
-start VE samplers from a ``t_max < 1`` (e.g. 0.999 gives sigma = 999).
+:class:`VelocityModel` goes the other way.
+
+**The start at t = 1.** Flow pipelines (SD3, FLUX) start from pure noise ``x_rf = eps`` at
+``t = 1``, which is ``sigma = inf``. kdpp caps the first time at :data:`T_MAX` ``= 1 - 2^-24``,
+the largest float32 number below 1 (``sigma_0 = 2^24 - 1``), and starts from
+``x_ve = eps / (1 - T_MAX) = 2^24 eps`` (:func:`flow_sigmas`, :func:`initial_noise_scale`):
+the model's first input ``x_rf = x_ve / (1 + sigma_0)`` is ``eps`` exactly (a power-of-two
+scale), its first time is ``t = 1`` up to float32 rounding (6e-8), and every later step is
+the VE form of the RF step up to terms of order ``1 / sigma_0``. Keep the sampler state in
+float32 (or wider): ``2^24 eps`` overflows float16 (the diffusers flow families'
+``generate`` does, whatever the models' dtype).
+
+**Dtypes.** All frame conversions are computed in ``promote_types(dtype, float32)`` and cast
+back, so a float16 / bfloat16 run hands the model the same ``t`` as a float32 run (``t`` is
+computed from ``sigma`` in at least float32) and its inputs differ only by rounding.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ._shape import per_sample
 
+#: The first step's time: the largest float32 below 1 (``sigma = 2^24 - 1``). See the module docstring.
+T_MAX = 1.0 - 2.0**-24
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the frame conversions are computed in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
 
 def sigma_from_t(t: Tensor | float) -> Tensor:
-    """``sigma = t / (1 - t)``."""
+    """``sigma = t / (1 - t)`` (float64 for Python numbers)."""
     t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Tensor) else t
     return t / (1 - t)
 
 
 def t_from_sigma(sigma: Tensor | float) -> Tensor:
-    """``t = sigma / (1 + sigma)``."""
+    """``t = sigma / (1 + sigma)`` (float64 for Python numbers)."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma
     return sigma / (1 + sigma)
 
 
+def flow_sigmas(ts: Tensor | Sequence[float], t_max: float = T_MAX) -> Tensor:
+    """The VE schedule (float64) of a rectified-flow schedule ``ts`` (decreasing, e.g. a scheduler's ``sigmas``).
+
+    Times above ``t_max`` (the pipelines' first ``t = 1``) are capped at ``t_max``; a final
+    ``t = 0`` stays 0.
+    """
+    ts = torch.as_tensor(ts).detach().to(device="cpu", dtype=torch.float64)
+    if ts.ndim != 1 or ts.numel() == 0:
+        raise ValueError(f"ts must be a non-empty 1-D schedule, got shape {tuple(ts.shape)}")
+    if not 0 < t_max < 1:
+        raise ValueError(f"t_max must be in (0, 1), got {t_max}")
+    if bool((ts < 0).any()) or bool((ts > 1).any()):
+        raise ValueError(f"ts must lie in [0, 1], got {ts.tolist()}")
+    return sigma_from_t(ts.clamp(max=t_max))
+
+
+def initial_noise_scale(ts: Tensor | Sequence[float], t_max: float = T_MAX) -> float:
+    """``1 / (1 - t_0)`` with ``t_0`` capped at ``t_max``: the VE scale of the RF start ``x_rf = eps``."""
+    return float(1 + flow_sigmas(ts, t_max)[0])
+
+
 def rf_to_ve(x_rf: Tensor, t: Tensor | float) -> Tensor:
     """``x_ve = x_rf / (1 - t)`` (``t`` a float or one value per batch item)."""
-    t = torch.as_tensor(t, dtype=x_rf.dtype, device=x_rf.device).expand(x_rf.shape[0])
-    return x_rf / (1 - per_sample(t, x_rf))
+    wide = _wide(x_rf.dtype)
+    t = torch.as_tensor(t, dtype=wide, device=x_rf.device).expand(x_rf.shape[0])
+    return (x_rf.to(wide) / per_sample(1 - t, x_rf.to(wide))).to(x_rf.dtype)
 
 
 def ve_to_rf(x_ve: Tensor, sigma: Tensor | float) -> Tensor:
     """``x_rf = x_ve / (1 + sigma)``."""
-    sigma = torch.as_tensor(sigma, dtype=x_ve.dtype, device=x_ve.device).expand(x_ve.shape[0])
-    return x_ve / (1 + per_sample(sigma, x_ve))
+    wide = _wide(x_ve.dtype)
+    sigma = torch.as_tensor(sigma, dtype=wide, device=x_ve.device).expand(x_ve.shape[0])
+    return (x_ve.to(wide) / per_sample(1 + sigma, x_ve.to(wide))).to(x_ve.dtype)
 
 
 class FlowDenoiser:
     r"""A rectified-flow model ``f(x_rf, t, **extra)`` as a VE denoiser ``D(x_ve, sigma)``.
 
-    ``prediction="velocity"``: ``D = x_rf - t * v(x_rf, t)``; ``"x0"``: ``D = f(x_rf, t)``.
-    ``t`` reaches the model as a ``[batch]`` tensor in the dtype of ``x``.
+    ``prediction="velocity"``: ``D = x_rf - t * v(x_rf, t)``; ``"x0"``: ``D = f(x_rf, t)``,
+    with ``t = sigma / (1 + sigma)`` and ``x_rf = x_ve / (1 + sigma)``. ``t`` reaches the model as
+    a ``[batch]`` tensor in ``promote_types(sigma.dtype, float32)`` (the same values for a float16,
+    bfloat16 or float32 ``x``), ``x_rf`` in the dtype of ``x``; ``D`` is returned in the dtype of ``x``.
     """
 
     def __init__(self, model: Callable[..., Tensor], prediction: str = "velocity"):
@@ -58,10 +104,14 @@ class FlowDenoiser:
         self.model, self.prediction = model, prediction
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
+        sigma = sigma.to(_wide(sigma.dtype))
         t = sigma / (1 + sigma)
-        x_rf = x / (1 + per_sample(sigma, x))
-        out = self.model(x_rf, t, **extra)
-        return x_rf - per_sample(t, x) * out if self.prediction == "velocity" else out
+        wide = _wide(x.dtype)
+        x_rf = x.to(wide) / per_sample(1 + sigma, x.to(wide))
+        out = self.model(x_rf.to(x.dtype), t, **extra)
+        if self.prediction == "x0":
+            return out.to(x.dtype)
+        return (x_rf - per_sample(t, x_rf) * out.to(wide)).to(x.dtype)
 
 
 class VelocityModel:
@@ -71,6 +121,8 @@ class VelocityModel:
         self.denoiser = denoiser
 
     def __call__(self, x_rf: Tensor, t: Tensor, **extra) -> Tensor:
+        t = t.to(_wide(t.dtype))
         sigma = t / (1 - t)
-        x0 = self.denoiser(x_rf / (1 - per_sample(t, x_rf)), sigma, **extra)
-        return (x_rf - x0) / per_sample(t, x_rf)
+        wide = _wide(x_rf.dtype)
+        x0 = self.denoiser((x_rf.to(wide) / per_sample(1 - t, x_rf.to(wide))).to(x_rf.dtype), sigma, **extra)
+        return ((x_rf.to(wide) - x0.to(wide)) / per_sample(t, x_rf.to(wide))).to(x_rf.dtype)

@@ -2,8 +2,8 @@
 
 A family module (:mod:`kdpp.diffusers.sdxl`, ...) turns its models and conditioning into a
 student and a teacher VE denoiser plus their keyword arguments; :func:`sample_batch` draws the
-initial noise and runs the preset's kdpp sampler; :func:`to_pil` turns decoded images into PIL
-images. Nothing here imports diffusers.
+initial noise and runs the preset's kdpp sampler; :func:`decode` turns latents into PIL images
+through the family's VAE. Nothing here imports diffusers.
 """
 from __future__ import annotations
 
@@ -51,3 +51,11 @@ def to_pil(images: Tensor) -> list:
 
     arrays = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((im * 255).round().astype("uint8")) for im in arrays]
+
+
+def decode(vae: Any, latents: Tensor) -> list:
+    """Latents as PIL images: ``vae.decode(latents / scaling_factor + shift_factor)`` (no shift where the VAE has none)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+    return to_pil(images)

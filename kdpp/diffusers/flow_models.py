@@ -1,0 +1,229 @@
+"""Flow-matching transformers (SD3, FLUX) as VE denoisers: what the two families share.
+
+A family adapter (:class:`kdpp.diffusers.sd3.SD3Velocity`, :class:`kdpp.diffusers.flux.FluxVelocity`)
+turns a diffusers transformer into a rectified-flow velocity model ``v(x_rf, t, **conditioning)``,
+doing what its pipeline does around the transformer call (timestep scale, latent packing, position
+ids, guidance embedding); :class:`kdpp.flow.FlowDenoiser` makes that a VE denoiser.
+:meth:`FlowTransformer.schedule` drives diffusers' ``FlowMatchEulerDiscreteScheduler`` the way the
+family's pipeline does (static shift, resolution-dependent dynamic shift); :func:`generate_flow` is
+the ``generate`` both families share, through :func:`kdpp.diffusers.sampling.sample_batch` (the
+batch sampler SDXL's ``generate`` uses too).
+
+The sampler state is kept in float32 whatever the transformers' dtype (the start at ``t = 1`` is
+``x_ve = 2^24 eps``, see :mod:`kdpp.flow`); each adapter casts its inputs to its transformer's
+dtype, so a bfloat16 run calls the models with the same timesteps as a float32 run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..cfg import CFGDenoiser
+from ..flow import FlowDenoiser, flow_sigmas, initial_noise_scale
+from .sampling import decode, sample_batch
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """The dynamic-shift ``mu``: linear in the image token count, ``base_shift`` at ``base_seq_len``, ``max_shift`` at ``max_seq_len``."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+@dataclass
+class FlowConditioning:
+    """Text conditioning for a batch: the embeddings the pipeline's ``encode_prompt`` returns.
+
+    SD3: ``prompt_embeds`` ``[B, 333, 4096]``, ``pooled_prompt_embeds`` ``[B, 2048]``; FLUX:
+    ``[B, 512, 4096]`` (T5) and ``[B, 768]`` (CLIP; FLUX's text ids are zeros, built here). The
+    negative embeddings are needed only where true CFG is used (the SD3.5 Large teacher).
+    """
+
+    prompt_embeds: Tensor
+    pooled_prompt_embeds: Tensor
+    negative_prompt_embeds: Tensor | None = None
+    negative_pooled_prompt_embeds: Tensor | None = None
+
+    def kwargs(self, negative: bool = False, *, device: Any = None, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The transformer's ``encoder_hidden_states`` and ``pooled_projections`` (the negative ones with ``negative``)."""
+        emb, pooled = ((self.negative_prompt_embeds, self.negative_pooled_prompt_embeds) if negative
+                       else (self.prompt_embeds, self.pooled_prompt_embeds))
+        if emb is None or pooled is None:
+            raise ValueError("true CFG needs negative_prompt_embeds and negative_pooled_prompt_embeds in the conditioning")
+        return {"encoder_hidden_states": emb.to(device=device, dtype=dtype),
+                "pooled_projections": pooled.to(device=device, dtype=dtype)}
+
+    def check_batch(self, batch: int, name: str) -> None:
+        for field in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+            value = getattr(self, field)
+            if value is not None and value.shape[0] != batch:
+                raise ValueError(f"{name}.{field} has batch {value.shape[0]}, seeds has {batch}")
+
+
+class FlowTransformer:
+    """A diffusers flow-matching transformer as a rectified-flow velocity model ``v(x_rf, t, **kwargs)``.
+
+    A family subclass sets ``family``, ``config_key`` (a config entry only its transformers
+    have), the latent geometry and :meth:`forward`. ``t`` is the flow time in ``[0, 1]``; the
+    transformer's ``timestep`` is ``t * timestep_scale``. ``guidance`` is the distilled-guidance
+    input of transformers with a guidance embedding (``config.guidance_embeds``, FLUX.1-dev), and
+    must be ``None`` for the others. Inputs are cast to the transformer's dtype; the velocity
+    comes back in the dtype of ``x_rf``.
+    """
+
+    family = ""
+    config_key = ""
+    pipeline = ""  #: the diffusers pipeline this adapter follows, for error messages
+    timestep_scale = 1.0
+
+    def __init__(self, transformer: Any, name: str = "transformer", guidance: float | None = None):
+        config = getattr(transformer, "config", None)
+        if config is None or self.config_key not in config:
+            raise ValueError(f"{name} is not a {self.pipeline} transformer: its config has no {self.config_key!r} "
+                             f"(got {type(transformer).__name__}); student and teacher must share the latent "
+                             "space and its packing")
+        embeds = bool(config.get("guidance_embeds", False))
+        if embeds and guidance is None:
+            raise ValueError(f"{name} has a guidance embedding (guidance_embeds, as FLUX.1-dev): its preset must set guidance")
+        if not embeds and guidance is not None:
+            raise ValueError(f"{name} has no guidance embedding, but its preset sets guidance={guidance}")
+        self.transformer, self.config, self.name, self.guidance = transformer, config, name, guidance
+        self.dtype = getattr(transformer, "dtype", torch.float32)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) VAE latent the sampler runs on."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """``(channels, h, w)`` of the latent of a ``height x width`` image; refuses sizes the model cannot take."""
+        raise NotImplementedError
+
+    def image_seq_len(self, h: int, w: int) -> int:
+        """The image token count of an ``h x w`` latent (what the dynamic shift depends on)."""
+        raise NotImplementedError
+
+    def default_sigmas(self, steps: int, scheduler_config: Mapping[str, Any]) -> Sequence[float] | None:
+        """The ``sigmas`` the pipeline passes to ``set_timesteps`` (``None``: the scheduler's own)."""
+        return None
+
+    def forward(self, x_rf: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    def check_latents(self, x: Tensor) -> None:
+        """Refuse latents that are not ``[B, latent_channels, h, w]`` with a size the model can take."""
+        if x.ndim != 4 or x.shape[1] != self.latent_channels:
+            raise ValueError(f"{self.name} takes latents [B, {self.latent_channels}, h, w] (its in_channels "
+                             f"{self.config['in_channels']}), got shape {tuple(x.shape)}")
+
+    def schedule(self, scheduler_config: Mapping[str, Any], steps: int, h: int, w: int) -> Tensor:
+        """The flow times ``t_0 = 1 > ... > t_N = 0`` (float32) diffusers' ``FlowMatchEulerDiscreteScheduler``
+        sets when the family's pipeline samples an ``h x w`` latent in ``steps`` steps."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
+        config = scheduler.config
+        mu = None
+        if config.get("use_dynamic_shifting"):
+            mu = calculate_shift(self.image_seq_len(h, w), config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15))
+        scheduler.set_timesteps(steps, sigmas=self.default_sigmas(steps, config), mu=mu)
+        return scheduler.sigmas.cpu()
+
+    def __call__(self, x_rf: Tensor, t: Tensor, **kwargs) -> Tensor:
+        self.check_latents(x_rf)
+        out = self.forward(x_rf.to(self.dtype), t * self.timestep_scale if self.timestep_scale != 1 else t, kwargs)
+        return out.to(x_rf.dtype)
+
+
+def model_device(model: Any) -> torch.device:
+    """The device of a module's first parameter (the CPU for parameter-less callables)."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def flow_denoiser(adapter: FlowTransformer, conditioning: FlowConditioning, cfg_scale: float, device: Any) -> tuple[Callable, dict]:
+    """``adapter`` as a VE denoiser with its keyword arguments: plain, or true CFG in one batched call."""
+    denoiser = FlowDenoiser(adapter)
+    cond = conditioning.kwargs(device=device, dtype=adapter.dtype)
+    if cfg_scale == 1:
+        return denoiser, cond
+    uncond = conditioning.kwargs(negative=True, device=device, dtype=adapter.dtype)
+    return CFGDenoiser(denoiser, cfg_scale), {"cond": cond, "uncond": uncond}
+
+
+def generate_flow(
+    family: type[FlowTransformer], student_transformer: Any, teacher_transformer: Any, conditioning: FlowConditioning,
+    preset: Any, *, teacher: Any = None, teacher_conditioning: FlowConditioning | None = None, seeds: Sequence[int],
+    height: int = 1024, width: int = 1024, lam: float | None = None, k: int | None = None, renoise: str = "random",
+    scheduler_config: Mapping[str, Any] | None = None, vae: Any = None, device: torch.device | str | None = None,
+    disable: bool | None = None, callback: Callable[[dict], Any] | None = None,
+) -> Any:
+    """Sample a batch with a flow student and its flow teacher (the shared body of the families' ``generate``).
+
+    Args:
+        family: the adapter class (:class:`kdpp.diffusers.sd3.SD3Velocity` or
+            :class:`kdpp.diffusers.flux.FluxVelocity`); both transformers must be of it.
+        student_transformer: the student's diffusers transformer.
+        teacher_transformer: the teacher's (the same latent space: channels and packing are checked).
+        conditioning: the batch's text embeddings (:class:`FlowConditioning`).
+        preset: the student's :class:`kdpp.diffusers.flow_presets.FlowStudentPreset` (steps,
+            scheduler config, sampler, its own guidance, Distillation++ defaults).
+        teacher: the :class:`kdpp.diffusers.flow_presets.FlowTeacherPreset` (default: the preset's).
+        teacher_conditioning: the teacher's embeddings when they differ (FLUX.1-schnell is run with
+            256 T5 tokens, FLUX.1-dev with 512); default ``conditioning``.
+        seeds: one seed per image: its initial noise ``randn([C, h, w])`` from
+            ``torch.Generator().manual_seed(seed)`` on the CPU (what the pipelines draw with a list
+            of CPU generators), and streams 1 and 2 of it for the solver and renoise noise.
+        height: image height in pixels.
+        width: image width in pixels.
+        lam: Distillation++ guidance scale (default: the preset's).
+        k: guided steps (default: the preset's).
+        renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`).
+        scheduler_config: the student's ``FlowMatchEulerDiscreteScheduler`` config (e.g.
+            ``pipe.scheduler.config``); default: the preset's copy of the published one.
+        vae: decode to PIL images when given (else the latents ``[B, C, h, w]`` are returned).
+        device: where to sample (default: the student's device).
+        disable: disable the progress bar.
+        callback: the sampler's per-step callback (its ``x`` is the VE state).
+    Returns:
+        a list of PIL images (with ``vae``) or the final latents ``[B, C, h, w]`` (float32,
+        unpacked; FLUX's packing happens inside each call).
+    """
+    if preset.family != family.family:
+        raise ValueError(f"preset {preset.name!r} is a {preset.family!r} preset, this generate samples {family.family!r}")
+    teacher = preset.teacher if teacher is None else teacher
+    if teacher.family != family.family:
+        raise ValueError(f"teacher preset {teacher.name!r} is a {teacher.family!r} preset, not {family.family!r}")
+    student_model = family(student_transformer, "student_transformer", guidance=preset.guidance)
+    teacher_model = family(teacher_transformer, "teacher_transformer", guidance=teacher.guidance)
+    if student_model.latent_channels != teacher_model.latent_channels:
+        raise ValueError(f"student and teacher latent spaces differ: student_transformer takes "
+                         f"{student_model.latent_channels} latent channels, teacher_transformer "
+                         f"{teacher_model.latent_channels}; Distillation++ needs a shared latent space")
+    shape = student_model.latent_shape(height, width)
+    if vae is not None and vae.config.latent_channels != shape[0]:
+        raise ValueError(f"vae has {vae.config.latent_channels} latent channels, the transformers {shape[0]}")
+    batch = len(seeds)
+    teacher_conditioning = conditioning if teacher_conditioning is None else teacher_conditioning
+    conditioning.check_batch(batch, "conditioning")
+    teacher_conditioning.check_batch(batch, "teacher_conditioning")
+    device = model_device(student_transformer) if device is None else torch.device(device)
+
+    ts = student_model.schedule(preset.scheduler_config if scheduler_config is None else scheduler_config,
+                                preset.steps, shape[1], shape[2])
+    student, extra_args = flow_denoiser(student_model, conditioning, preset.cfg_scale, device)
+    teacher_denoiser, teacher_extra_args = flow_denoiser(teacher_model, teacher_conditioning, teacher.cfg_scale, device)
+    latents = sample_batch(
+        student, teacher_denoiser, preset, seeds, shape, sigmas=flow_sigmas(ts), noise_scale=initial_noise_scale(ts),
+        lam=lam, k=k, renoise=renoise, dtype=torch.float32, device=device, extra_args=extra_args,
+        teacher_extra_args=teacher_extra_args, disable=disable, callback=callback)
+    return latents if vae is None else decode(vae, latents)

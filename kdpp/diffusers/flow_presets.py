@@ -1,0 +1,91 @@
+"""How the distilled flow students sample, and their teachers (plain data; no diffusers import).
+
+Each student preset names its family (``"sd3"`` or ``"flux"``), its step count, its kdpp sampler
+(``"euler"``: diffusers' ``FlowMatchEulerDiscreteScheduler`` step, which is deterministic Euler),
+a copy of the published ``FlowMatchEulerDiscreteScheduler`` config of its model repository (pass
+``pipe.scheduler.config`` to ``generate`` to use the loaded one instead), its own guidance
+(FLUX's distilled-guidance input for students with a guidance embedding; true CFG scale) and its
+teacher. ``generate`` computes the schedule from the config as the family's pipeline does.
+
+**Distillation++ starting points, not tuned values.** ``lam = 0.5`` on the first step only
+(``k = 1``, the paper's setting in all its quantitative results), the teacher renoised to the
+student's next noise level; the paper evaluates no flow students (it names them as future work),
+so sweep ``lam`` (and ``k``) for your prompts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+#: ``scheduler/scheduler_config.json`` of stabilityai/stable-diffusion-3.5-large and -large-turbo
+SD35_SCHEDULER = MappingProxyType({"num_train_timesteps": 1000, "shift": 3.0})
+_FLUX_SHIFT = {"num_train_timesteps": 1000, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+               "base_shift": 0.5, "max_shift": 1.15}
+#: black-forest-labs/FLUX.1-schnell: no shift
+FLUX_SCHNELL_SCHEDULER = MappingProxyType({**_FLUX_SHIFT, "shift": 1.0, "use_dynamic_shifting": False})
+#: black-forest-labs/FLUX.1-dev: resolution-dependent (dynamic) shift
+FLUX_DEV_SCHEDULER = MappingProxyType({**_FLUX_SHIFT, "shift": 3.0, "use_dynamic_shifting": True})
+
+
+@dataclass(frozen=True)
+class FlowTeacherPreset:
+    """A flow teacher: true CFG (``cfg_scale != 1``, SD3.5 Large) or distilled guidance (``guidance``, FLUX.1-dev)."""
+
+    name: str
+    family: str  #: "sd3" or "flux"
+    cfg_scale: float = 1.0  #: true CFG, one batched [uncond, cond] call; 1 = the conditional model alone
+    guidance: float | None = None  #: the guidance-embedding input (FLUX.1-dev); None for models without one
+    notes: str = ""
+
+
+#: SD3.5 Large with CFG 3.5, as its model card samples it (28 steps)
+SD35_LARGE = FlowTeacherPreset("sd3.5-large", "sd3", cfg_scale=3.5, notes="model card: 28 steps, guidance_scale 3.5")
+#: FLUX.1-dev with distilled guidance 3.5 (one forward per call), as its model card samples it (50 steps)
+FLUX_DEV = FlowTeacherPreset("flux.1-dev", "flux", guidance=3.5, notes="model card: 50 steps, guidance_scale 3.5")
+
+
+@dataclass(frozen=True)
+class FlowStudentPreset:
+    """How one distilled flow student samples, its teacher, and its Distillation++ starting point."""
+
+    name: str
+    family: str  #: "sd3" or "flux"
+    steps: int
+    scheduler_config: Mapping[str, Any]
+    teacher: FlowTeacherPreset
+    sampler: str = "euler"  #: a key of kdpp.SAMPLERS
+    cfg_scale: float = 1.0  #: the student's own true CFG (1: none)
+    guidance: float | None = None  #: the student's guidance-embedding input (FLUX.1-dev LoRAs); None without one
+    lam: float = 0.5
+    k: int = 1
+    notes: str = field(default="", compare=False)
+
+
+def sd35_large_turbo(steps: int = 4) -> FlowStudentPreset:
+    """SD3.5 Large Turbo (LADD-distilled SD3.5 Large): Euler, shift 3, no CFG; teacher SD3.5 Large with CFG 3.5."""
+    if not 1 <= steps <= 8:
+        raise ValueError(f"SD3.5 Large Turbo is meant for about 4 steps (1 to 8), got {steps}")
+    return FlowStudentPreset(f"sd3.5-large-turbo-{steps}step", "sd3", steps, SD35_SCHEDULER, SD35_LARGE,
+                             notes="model card: 4 steps, guidance_scale 0.0 (no CFG)")
+
+
+def flux_schnell(steps: int = 4) -> FlowStudentPreset:
+    """FLUX.1-schnell: Euler, no shift, no guidance embedding; teacher FLUX.1-dev with guidance 3.5."""
+    if not 1 <= steps <= 4:
+        raise ValueError(f"FLUX.1-schnell is meant for 1 to 4 steps, got {steps}")
+    return FlowStudentPreset(f"flux.1-schnell-{steps}step", "flux", steps, FLUX_SCHNELL_SCHEDULER, FLUX_DEV,
+                             notes="model card: 4 steps, guidance_scale 0.0, max_sequence_length 256")
+
+
+def flux_dev_lora(steps: int = 8, guidance: float = 3.5) -> FlowStudentPreset:
+    """A step-distilled LoRA of FLUX.1-dev (Hyper-SD, FLUX.1-Turbo-Alpha style): FLUX.1-dev's dynamic shift and
+    guidance embedding at few steps; the teacher is FLUX.1-dev itself (the base model without the LoRA)."""
+    if not 1 <= steps <= 16:
+        raise ValueError(f"step-distilled FLUX.1-dev LoRAs come in 8 and 16 steps (1 to 16 allowed), got {steps}")
+    return FlowStudentPreset(f"flux.1-dev-lora-{steps}step", "flux", steps, FLUX_DEV_SCHEDULER, FLUX_DEV,
+                             guidance=guidance, notes="the LoRA on FLUX.1-dev's scheduler; guidance 3.5 as the base")
+
+
+STUDENTS = {"sd3.5-large-turbo": sd35_large_turbo, "flux.1-schnell": flux_schnell, "flux.1-dev-lora": flux_dev_lora}
+"""Flow student families by name: each a function of the step count returning a :class:`FlowStudentPreset`."""

@@ -1,0 +1,68 @@
+"""SD3 / SD3.5 students with an SD3.5 teacher: SD3.5 Large Turbo guided by SD3.5 Large (true CFG).
+
+:class:`SD3Velocity` does what ``StableDiffusion3Pipeline`` does around ``SD3Transformer2DModel``:
+latents ``[B, 16, H/8, W/8]`` (the transformer patchifies them itself), ``timestep = 1000 t``
+(``num_train_timesteps t``), ``encoder_hidden_states`` and ``pooled_projections`` from the
+embeddings, and the scheduler's static shift (or its dynamic shift over ``(h/p)(w/p)`` image
+tokens, where a config asks for one). True CFG (the SD3.5 Large teacher) is one batched call of
+``[uncond, cond]`` (:class:`kdpp.CFGDenoiser`), as the pipeline batches it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .flow_models import FlowConditioning, FlowTransformer, generate_flow
+from .flow_presets import FlowStudentPreset, sd35_large_turbo
+
+
+class SD3Velocity(FlowTransformer):
+    """An ``SD3Transformer2DModel`` as a rectified-flow velocity model ``v(x_rf, t, encoder_hidden_states, pooled_projections)``."""
+
+    family = "sd3"
+    config_key = "pos_embed_max_size"
+    pipeline = "StableDiffusion3Pipeline (SD3Transformer2DModel)"
+
+    def __init__(self, transformer: Any, name: str = "transformer", guidance: float | None = None,
+                 num_train_timesteps: int = 1000):
+        super().__init__(transformer, name, guidance)
+        self.timestep_scale = float(num_train_timesteps)
+        self.patch_size = int(self.config["patch_size"])
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config["in_channels"])
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        multiple = 8 * self.patch_size
+        for name, size in (("height", height), ("width", width)):
+            if size % multiple:
+                raise ValueError(f"{name} must be a multiple of {multiple} for SD3 (8x VAE, patch size "
+                                 f"{self.patch_size}), got {size}")
+        return self.latent_channels, height // 8, width // 8
+
+    def image_seq_len(self, h: int, w: int) -> int:
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    def check_latents(self, x: Tensor) -> None:
+        super().check_latents(x)
+        if x.shape[2] % self.patch_size or x.shape[3] % self.patch_size:
+            raise ValueError(f"{self.name} takes latents whose height and width are multiples of its patch size "
+                             f"{self.patch_size}, got shape {tuple(x.shape)}")
+
+    def forward(self, x_rf: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        return self.transformer(hidden_states=x_rf, timestep=timestep, return_dict=False, **kwargs)[0]
+
+
+def generate(student_transformer: Any, teacher_transformer: Any, conditioning: FlowConditioning,
+             preset: FlowStudentPreset | None = None, **options: Any) -> Any:
+    """Sample a batch with an SD3 student (default: SD3.5 Large Turbo, 4 steps) and the SD3.5 Large teacher.
+
+    ``conditioning`` holds ``StableDiffusion3Pipeline.encode_prompt``'s four tensors (the negative
+    ones feed the teacher's CFG). The keyword options (``seeds``, ``height``, ``width``, ``lam``,
+    ``k``, ``teacher``, ``scheduler_config``, ``vae``, ...) are those of
+    :func:`kdpp.diffusers.flow_models.generate_flow`.
+    """
+    return generate_flow(SD3Velocity, student_transformer, teacher_transformer, conditioning,
+                         sd35_large_turbo() if preset is None else preset, **options)
