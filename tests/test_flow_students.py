@@ -1,0 +1,378 @@
+"""Flow students and teachers (SD3.5, FLUX) against diffusers' own pipelines, on tiny random transformers.
+
+The references are diffusers' ``StableDiffusion3Pipeline`` and ``FluxPipeline`` themselves (run with
+precomputed embeddings and ``output_type="latent"``) and their helpers (``_pack_latents``,
+``_prepare_latent_image_ids``, ``calculate_shift``, ``retrieve_timesteps``); the transformers use the
+configurations of diffusers' own model tests (FLUX with 16 packed channels, i.e. 4 latent channels).
+"""
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from kdpp.diffusers import flow_presets, flux, sd3
+from kdpp.diffusers.flow_models import FlowConditioning, calculate_shift
+from kdpp.flow import T_MAX, flow_sigmas, initial_noise_scale
+
+diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
+pytest.importorskip("transformers", reason="the reference pipelines import transformers")
+from diffusers.pipelines.flux import pipeline_flux  # noqa: E402
+from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as pipeline_sd3  # noqa: E402
+
+FluxPipeline, SD3Pipeline = pipeline_flux.FluxPipeline, pipeline_sd3.StableDiffusion3Pipeline
+SEEDS = [11, 12]
+
+
+def tiny_flux(seed=0, guidance_embeds=False, in_channels=16):
+    """diffusers' FluxTransformer2DModel test configuration (16 packed channels: 4 latent channels)."""
+    torch.manual_seed(seed)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds).eval()
+
+
+def tiny_sd3(seed=0):
+    """diffusers' SD3.5 transformer test configuration (dual attention, RMS qk-norm)."""
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+
+
+def embeddings(seq, dim, pooled, seed):
+    g = torch.Generator().manual_seed(seed)
+    return FlowConditioning(torch.randn(2, seq, dim, generator=g), torch.randn(2, pooled, generator=g),
+                            torch.randn(2, seq, dim, generator=g), torch.randn(2, pooled, generator=g))
+
+
+SCHNELL, DEV, DEV_TEACHER = tiny_flux(0), tiny_flux(1, guidance_embeds=True), tiny_flux(2, guidance_embeds=True)
+LARGE_TURBO, LARGE = tiny_sd3(3), tiny_sd3(4)
+FLUX_COND, SD3_COND = embeddings(7, 32, 32, 5), embeddings(9, 32, 64, 6)
+
+
+def generators(seeds=SEEDS):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+class Calls:
+    """Records every forward of a module (its keyword arguments) with a pre-hook."""
+
+    def __init__(self, module):
+        self.kwargs = []
+        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.kwargs.append({key: v.clone() if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def flux_pipeline(transformer, preset):
+    return FluxPipeline(scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler_config), vae=None,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+
+def sd3_pipeline(transformer, preset):
+    return SD3Pipeline(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler_config),
+                       vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                       text_encoder_3=None, tokenizer_3=None)
+
+
+def flux_reference_schedule(preset, height, width):
+    """The flow times FluxPipeline sets: sigmas linspace(1, 1/N, N), mu from the packed token count."""
+    n = preset.steps
+    packed = FluxPipeline._pack_latents(torch.zeros(1, 4, height // 8, width // 8), 1, 4, height // 8, width // 8)
+    config = diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler_config).config
+    mu = pipeline_flux.calculate_shift(packed.shape[1], config.get("base_image_seq_len", 256),
+                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                       config.get("max_shift", 1.15))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler_config)
+    pipeline_flux.retrieve_timesteps(scheduler, n, "cpu", sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    return scheduler.sigmas
+
+
+# ------------------------------------------------------------------ helpers and schedules
+
+
+@pytest.mark.parametrize("seq", [64, 256, 1024, 4096, 6144])
+def test_calculate_shift_is_the_pipelines(seq):
+    assert calculate_shift(seq) == pytest.approx(pipeline_flux.calculate_shift(seq), rel=1e-12)
+    args = (seq, 128, 2048, 0.3, 1.16)
+    assert calculate_shift(*args) == pytest.approx(pipeline_sd3.calculate_shift(*args), rel=1e-12)
+
+
+def test_packing_and_ids_are_the_flux_pipelines():
+    latents = torch.randn(3, 4, 6, 10)
+    packed = flux.pack_latents(latents)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(latents, 3, 4, 6, 10), rtol=0, atol=0)
+    torch.testing.assert_close(flux.unpack_latents(packed, 6, 10), FluxPipeline._unpack_latents(packed, 48, 80, 8),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(flux.latent_image_ids(3, 5), FluxPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", torch.float32))
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (768, 1360), (512, 512)])
+@pytest.mark.parametrize("preset", [flow_presets.flux_schnell(4), flow_presets.flux_dev_lora(8)], ids=lambda p: p.name)
+def test_flux_schedule_is_the_pipelines_at_real_sizes(preset, size):
+    """Static shift (schnell) and FLUX.1-dev's dynamic shift over the packed token count, at FLUX resolutions."""
+    model = flux.FluxVelocity(tiny_flux(guidance_embeds=preset.guidance is not None), guidance=preset.guidance)
+    _, h, w = model.latent_shape(*size)
+    got = model.schedule(preset.scheduler_config, preset.steps, h, w)
+    torch.testing.assert_close(got, flux_reference_schedule(preset, *size), rtol=0, atol=0)
+
+
+def test_sd35_schedule_is_the_pipelines():
+    preset = flow_presets.sd35_large_turbo(4)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler_config)
+    pipeline_sd3.retrieve_timesteps(scheduler, 4, "cpu")
+    got = sd3.SD3Velocity(LARGE_TURBO).schedule(preset.scheduler_config, 4, 128, 128)
+    torch.testing.assert_close(got, scheduler.sigmas, rtol=0, atol=0)
+
+
+def test_start_at_t_max():
+    """t = 1 becomes T_MAX = 1 - 2^-24 (sigma 2^24 - 1); the start scale 2^24 maps x_rf = eps exactly."""
+    ts = torch.tensor([1.0, 0.75, 0.5, 0.0])
+    sigmas = flow_sigmas(ts)
+    assert float(sigmas[0]) == 2.0**24 - 1 and float(sigmas[-1]) == 0.0
+    torch.testing.assert_close(sigmas[1:3], torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert initial_noise_scale(ts) == 2.0**24
+    assert np.float32(T_MAX) == T_MAX < 1.0
+    with pytest.raises(ValueError, match="ts must lie in"):
+        flow_sigmas(torch.tensor([1.5, 0.0]))
+    with pytest.raises(ValueError, match="t_max must be in"):
+        flow_sigmas(ts, t_max=1.0)
+
+
+# ------------------------------------------------------------------ lam = 0 is the pipeline
+
+
+FLUX_DEV_50 = dataclasses.replace(flow_presets.flux_dev_lora(), steps=50)  # FLUX.1-dev's own sampling as a student
+
+
+@pytest.mark.parametrize("preset, student", [(flow_presets.flux_schnell(4), SCHNELL), (flow_presets.flux_dev_lora(6), DEV),
+                                             (FLUX_DEV_50, DEV)],
+                         ids=["schnell-static-shift", "dev-dynamic-shift-guidance", "dev-50-steps"])
+def test_lam0_is_flux_pipeline(preset, student):
+    height, width = 64, 96
+    want = flux_pipeline(student, preset)(
+        prompt_embeds=FLUX_COND.prompt_embeds, pooled_prompt_embeds=FLUX_COND.pooled_prompt_embeds, height=height,
+        width=width, num_inference_steps=preset.steps, guidance_scale=preset.guidance or 0.0, output_type="latent",
+        generator=generators()).images
+    want = FluxPipeline._unpack_latents(want, height, width, 8)
+    with Calls(DEV_TEACHER) as teacher_calls, Calls(student) as student_calls:
+        got = flux.generate(student, DEV_TEACHER, FLUX_COND, preset, seeds=SEEDS, height=height, width=width, lam=0.0,
+                            disable=True)
+    assert rel(got, want) < 1e-5
+    assert not teacher_calls.kwargs and len(student_calls.kwargs) == preset.steps
+    noise = diffusers.utils.torch_utils.randn_tensor((2, 4, height // 8, width // 8), generator=generators())
+    torch.testing.assert_close(student_calls.kwargs[0]["hidden_states"],  # the start is the pipeline's noise, exactly
+                               FluxPipeline._pack_latents(noise, 2, 4, height // 8, width // 8), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg_scale, steps", [(1.0, 4), (3.5, 4), (3.5, 28)], ids=["turbo-no-cfg", "true-cfg", "cfg-28-steps"])
+def test_lam0_is_sd3_pipeline(cfg_scale, steps):
+    preset = dataclasses.replace(flow_presets.sd35_large_turbo(4), cfg_scale=cfg_scale, steps=steps)
+    c = SD3_COND
+    want = sd3_pipeline(LARGE_TURBO, preset)(
+        prompt_embeds=c.prompt_embeds, pooled_prompt_embeds=c.pooled_prompt_embeds,
+        negative_prompt_embeds=c.negative_prompt_embeds, negative_pooled_prompt_embeds=c.negative_pooled_prompt_embeds,
+        height=128, width=96, num_inference_steps=steps, guidance_scale=cfg_scale if cfg_scale > 1 else 0.0,
+        output_type="latent", generator=generators()).images
+    with Calls(LARGE) as teacher_calls:
+        got = sd3.generate(LARGE_TURBO, LARGE, c, preset, seeds=SEEDS, height=128, width=96, lam=0.0, disable=True)
+    assert rel(got, want) < 1e-5
+    assert not teacher_calls.kwargs
+
+
+# ------------------------------------------------------------------ lam > 0: the teacher calls
+
+
+def guided_run(generate, student, teacher, cond, preset, k, **options):
+    steps = []
+    with Calls(teacher) as calls:
+        out = generate(student, teacher, cond, preset, seeds=SEEDS, height=64, width=64, lam=0.5, k=k,
+                       renoise="deterministic", disable=True, callback=steps.append, **options)
+    return out, steps, calls.kwargs
+
+
+def expected_teacher_input(info, tau):
+    """The RF point of the VE renoised estimate D + tau xi, with the deterministic xi = (x - D) / sigma."""
+    d = info["student_denoised"]
+    xi = (info["x"] - d) / info["sigma_hat"]
+    return (d + tau * xi) / (1 + tau)
+
+
+def test_flux_dev_teacher_once_per_guided_step_with_its_guidance_embedding():
+    preset = flow_presets.flux_schnell(4)
+    ts = flux_reference_schedule(preset, 64, 64)
+    out, steps, calls = guided_run(flux.generate, SCHNELL, DEV_TEACHER, FLUX_COND, preset, k=2)
+    assert torch.isfinite(out).all() and len(calls) == 2  # one forward per guided step: no CFG batch
+    for i, kw in enumerate(calls):
+        t_next = ts[i + 1]
+        torch.testing.assert_close(kw["timestep"], t_next.expand(2), rtol=1e-6, atol=0)
+        torch.testing.assert_close(kw["guidance"], torch.full((2,), 3.5))
+        x_rf = expected_teacher_input(steps[i], float(t_next / (1 - t_next)))
+        torch.testing.assert_close(FluxPipeline._unpack_latents(kw["hidden_states"], 64, 64, 8), x_rf, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():  # the teacher's estimate: the pipeline-style call at that point
+            v = DEV_TEACHER(hidden_states=FluxPipeline._pack_latents(x_rf, 2, 4, 8, 8), timestep=t_next.expand(2),
+                            guidance=torch.full([1], 3.5).expand(2), pooled_projections=FLUX_COND.pooled_prompt_embeds,
+                            encoder_hidden_states=FLUX_COND.prompt_embeds, txt_ids=torch.zeros(7, 3),
+                            img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+                            return_dict=False)[0]
+        want = x_rf - t_next * FluxPipeline._unpack_latents(v, 64, 64, 8)
+        torch.testing.assert_close(steps[i]["teacher_denoised"], want, rtol=1e-5, atol=1e-5)
+    assert "teacher_denoised" not in steps[2] and "teacher_denoised" not in steps[3]
+
+
+def test_sd35_large_teacher_cfg_batched_once_per_guided_step():
+    preset = flow_presets.sd35_large_turbo(4)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler_config)
+    timesteps, _ = pipeline_sd3.retrieve_timesteps(scheduler, 4, "cpu")
+    c = SD3_COND
+    out, steps, calls = guided_run(sd3.generate, LARGE_TURBO, LARGE, c, preset, k=1)
+    assert torch.isfinite(out).all() and len(calls) == 1
+    kw, t_next = calls[0], scheduler.sigmas[1]
+    torch.testing.assert_close(kw["timestep"], timesteps[1].expand(4), rtol=1e-6, atol=0)
+    torch.testing.assert_close(kw["encoder_hidden_states"], torch.cat([c.negative_prompt_embeds, c.prompt_embeds]))
+    torch.testing.assert_close(kw["pooled_projections"], torch.cat([c.negative_pooled_prompt_embeds, c.pooled_prompt_embeds]))
+    x_rf = expected_teacher_input(steps[0], float(t_next / (1 - t_next)))
+    torch.testing.assert_close(kw["hidden_states"], torch.cat([x_rf, x_rf]), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # CFG from two separate calls, as the pipeline's formula
+        v_u, v_c = (LARGE(hidden_states=x_rf, timestep=timesteps[1].expand(2), encoder_hidden_states=e,
+                          pooled_projections=p, return_dict=False)[0]
+                    for e, p in ((c.negative_prompt_embeds, c.negative_pooled_prompt_embeds),
+                                 (c.prompt_embeds, c.pooled_prompt_embeds)))
+    want = x_rf - t_next * (v_u + 3.5 * (v_c - v_u))
+    torch.testing.assert_close(steps[0]["teacher_denoised"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(steps[0]["denoised"], steps[0]["student_denoised"] + 0.5 * (want - steps[0]["student_denoised"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_flux_teacher_conditioning_can_differ():
+    """FLUX.1-schnell runs on 256 T5 tokens, FLUX.1-dev on 512: each transformer gets its own embeddings."""
+    teacher_cond = embeddings(12, 32, 32, 9)
+    _, _, calls = guided_run(flux.generate, SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(2), k=1,
+                             teacher_conditioning=teacher_cond)
+    torch.testing.assert_close(calls[0]["encoder_hidden_states"], teacher_cond.prompt_embeds)
+    assert calls[0]["txt_ids"].shape == (12, 3)
+
+
+# ------------------------------------------------------------------ seeds, dtypes
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_per_image_seeds_are_batch_independent(family):
+    generate, student, teacher, cond, preset = (
+        (flux.generate, SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(4)) if family == "flux"
+        else (sd3.generate, LARGE_TURBO, LARGE, SD3_COND, flow_presets.sd35_large_turbo(4)))
+    batch = generate(student, teacher, cond, preset, seeds=[7, 8], height=64, width=64, lam=0.5, k=2, disable=True)
+    single = generate(student, teacher, FlowConditioning(*(t[1:] for t in dataclasses.astuple(cond))), preset,
+                      seeds=[8], height=64, width=64, lam=0.5, k=2, disable=True)
+    torch.testing.assert_close(batch[1:], single, rtol=1e-5, atol=1e-5)
+    assert rel(batch[:1], single) > 0.1
+
+
+@pytest.mark.parametrize("family, dtype", [("flux", torch.bfloat16), ("sd3", torch.bfloat16), ("sd3", torch.float16)])
+def test_half_precision_calls_the_models_at_the_float32_timesteps(family, dtype):
+    generate, student, teacher, cond, preset = (
+        (flux.generate, SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(4)) if family == "flux"
+        else (sd3.generate, LARGE_TURBO, LARGE, SD3_COND, flow_presets.sd35_large_turbo(4)))
+    recorded = {}
+    for name, (s, t) in {"fp32": (student, teacher), "half": (copy.deepcopy(student).to(dtype), copy.deepcopy(teacher).to(dtype))}.items():
+        with Calls(s) as sc, Calls(t) as tc:
+            out = generate(s, t, cond, preset, seeds=SEEDS, height=64, width=64, lam=0.5, k=2, disable=True)
+        recorded[name] = (out, sc.kwargs, tc.kwargs)
+    (out32, s32, t32), (out16, s16, t16) = recorded["fp32"], recorded["half"]
+    assert len(s16) == len(s32) == 4 and len(t16) == len(t32) == 2
+    for a, b in zip(s32 + t32, s16 + t16):
+        assert torch.equal(a["timestep"], b["timestep"]) and a["timestep"].dtype == torch.float32
+        assert b["hidden_states"].dtype == dtype and b["encoder_hidden_states"].dtype == dtype
+        if "guidance" in a:
+            assert (a["guidance"] is None and b["guidance"] is None) or torch.equal(a["guidance"], b["guidance"])
+    assert out16.dtype == torch.float32 and torch.isfinite(out16).all()
+    assert rel(out16, out32) < 0.1
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_latent_space_mismatches_are_refused():
+    schnell = flow_presets.flux_schnell(2)
+    with pytest.raises(ValueError, match="teacher_transformer is not a FluxPipeline"):
+        flux.generate(SCHNELL, LARGE, FLUX_COND, schnell, seeds=SEEDS, height=64, width=64)
+    with pytest.raises(ValueError, match="student_transformer is not a StableDiffusion3Pipeline"):
+        sd3.generate(SCHNELL, LARGE, SD3_COND, seeds=SEEDS, height=64, width=64)
+    with pytest.raises(ValueError, match="latent spaces differ: student_transformer takes 4 latent channels, teacher_transformer 16"):
+        flux.generate(SCHNELL, tiny_flux(guidance_embeds=True, in_channels=64), FLUX_COND, schnell, seeds=SEEDS, height=64, width=64)
+    with pytest.raises(ValueError, match="height must be a multiple of 16 for FLUX"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, schnell, seeds=SEEDS, height=72, width=64)
+    with pytest.raises(ValueError, match="width must be a multiple of 8 for SD3"):
+        sd3.generate(LARGE_TURBO, LARGE, SD3_COND, seeds=SEEDS, height=64, width=60)
+    with pytest.raises(ValueError, match="preset 'sd3.5-large-turbo-4step' is a 'sd3' preset"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.sd35_large_turbo(), seeds=SEEDS, height=64, width=64)
+    with pytest.raises(ValueError, match="vae has 16 latent channels, the transformers 4"):
+        vae = type("VAE", (), {"config": type("C", (), {"latent_channels": 16})()})()
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, schnell, seeds=SEEDS, height=64, width=64, vae=vae)
+    model = flux.FluxVelocity(SCHNELL, "student_transformer")
+    with pytest.raises(ValueError, match=r"takes latents \[B, 4, h, w\] \(its in_channels 16\), got shape \(2, 16, 16\)"):
+        model(torch.zeros(2, 16, 16), torch.ones(2))  # already packed
+    with pytest.raises(ValueError, match="2x2 patches: height and width must be even"):
+        model(torch.zeros(2, 4, 7, 8), torch.ones(2))
+
+
+def test_guidance_embedding_mismatches_and_batches_are_refused():
+    with pytest.raises(ValueError, match="student_transformer has a guidance embedding"):
+        flux.generate(DEV, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(2), seeds=SEEDS, height=64, width=64)
+    with pytest.raises(ValueError, match="teacher_transformer has no guidance embedding, but its preset sets guidance=3.5"):
+        flux.generate(SCHNELL, SCHNELL, FLUX_COND, flow_presets.flux_schnell(2), seeds=SEEDS, height=64, width=64)
+    with pytest.raises(ValueError, match="conditioning.prompt_embeds has batch 2, seeds has 3"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(2), seeds=[1, 2, 3], height=64, width=64)
+    no_negative = FlowConditioning(SD3_COND.prompt_embeds, SD3_COND.pooled_prompt_embeds)
+    with pytest.raises(ValueError, match="true CFG needs negative_prompt_embeds"):
+        sd3.generate(LARGE_TURBO, LARGE, no_negative, seeds=SEEDS, height=64, width=64)
+
+
+def test_presets():
+    turbo, schnell, lora = flow_presets.sd35_large_turbo(), flow_presets.flux_schnell(), flow_presets.flux_dev_lora()
+    assert (turbo.steps, turbo.teacher.cfg_scale, turbo.cfg_scale, turbo.guidance) == (4, 3.5, 1.0, None)
+    assert (schnell.steps, schnell.teacher.guidance, schnell.guidance) == (4, 3.5, None)
+    assert (lora.steps, lora.guidance, lora.teacher.name) == (8, 3.5, "flux.1-dev")
+    assert lora.scheduler_config["use_dynamic_shifting"] and not schnell.scheduler_config["use_dynamic_shifting"]
+    assert all(p.sampler == "euler" and (p.lam, p.k) == (0.5, 1) for p in (turbo, schnell, lora))
+    with pytest.raises(ValueError, match="FLUX.1-schnell is meant for 1 to 4 steps, got 8"):
+        flow_presets.flux_schnell(8)
+    assert set(flow_presets.STUDENTS) == {"sd3.5-large-turbo", "flux.1-schnell", "flux.1-dev-lora"}
+
+
+# ------------------------------------------------------------------ images
+
+
+def test_images_are_the_flux_pipelines():
+    """With a VAE (8x, with a shift factor), generate's images are the pipeline's images."""
+    torch.manual_seed(8)
+    vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                  block_out_channels=(4,) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=2,
+                                  sample_size=64, scaling_factor=1.5035, shift_factor=0.0609).eval()
+    preset = flow_presets.flux_schnell(2)
+    pipe = flux_pipeline(SCHNELL, preset)
+    pipe.register_modules(vae=vae)
+    pipe.vae_scale_factor = 8
+    pipe.image_processor = diffusers.image_processor.VaeImageProcessor(vae_scale_factor=16)
+    want = pipe(prompt_embeds=FLUX_COND.prompt_embeds, pooled_prompt_embeds=FLUX_COND.pooled_prompt_embeds, height=64,
+                width=64, num_inference_steps=2, guidance_scale=0.0, generator=generators()).images
+    got = flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, lam=0.0, vae=vae,
+                        disable=True)
+    assert [im.size for im in got] == [im.size for im in want] == [(64, 64)] * 2
+    for a, b in zip(got, want):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
