@@ -338,6 +338,10 @@ def test_guidance_embedding_mismatches_and_batches_are_refused():
         flux.generate(SCHNELL, SCHNELL, FLUX_COND, flow_presets.flux_schnell(2), seeds=SEEDS, height=64, width=64)
     with pytest.raises(ValueError, match="conditioning.prompt_embeds has batch 2, seeds has 3"):
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(2), seeds=[1, 2, 3], height=64, width=64)
+    stochastic = {**flow_presets.FLUX_SCHNELL_SCHEDULER, "stochastic_sampling": True}
+    with pytest.raises(ValueError, match="scheduler_config sets stochastic_sampling .* samples with 'euler'"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(2), seeds=SEEDS, height=64, width=64,
+                      scheduler_config=stochastic)
     no_negative = FlowConditioning(SD3_COND.prompt_embeds, SD3_COND.pooled_prompt_embeds)
     with pytest.raises(ValueError, match="true CFG needs negative_prompt_embeds"):
         sd3.generate(LARGE_TURBO, LARGE, no_negative, seeds=SEEDS, height=64, width=64)

@@ -15,6 +15,7 @@ dtype, so a bfloat16 run calls the models with the same timesteps as a float32 r
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -63,7 +64,7 @@ class FlowConditioning:
                 raise ValueError(f"{name}.{field} has batch {value.shape[0]}, seeds has {batch}")
 
 
-class FlowTransformer:
+class FlowTransformer(ABC):
     """A diffusers flow-matching transformer as a rectified-flow velocity model ``v(x_rf, t, **kwargs)``.
 
     A family subclass sets ``family``, ``config_key`` (a config entry only its transformers
@@ -94,24 +95,25 @@ class FlowTransformer:
         self.dtype = getattr(transformer, "dtype", torch.float32)
 
     @property
+    @abstractmethod
     def latent_channels(self) -> int:
         """Channels of the (unpacked) VAE latent the sampler runs on."""
-        raise NotImplementedError
 
+    @abstractmethod
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """``(channels, h, w)`` of the latent of a ``height x width`` image; refuses sizes the model cannot take."""
-        raise NotImplementedError
 
+    @abstractmethod
     def image_seq_len(self, h: int, w: int) -> int:
         """The image token count of an ``h x w`` latent (what the dynamic shift depends on)."""
-        raise NotImplementedError
 
     def default_sigmas(self, steps: int, scheduler_config: Mapping[str, Any]) -> Sequence[float] | None:
         """The ``sigmas`` the pipeline passes to ``set_timesteps`` (``None``: the scheduler's own)."""
         return None
 
+    @abstractmethod
     def forward(self, x_rf: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        raise NotImplementedError
+        """The transformer's velocity at ``x_rf`` (in its dtype) and its ``timestep``, with the conditioning ``kwargs``."""
 
     def check_latents(self, x: Tensor) -> None:
         """Refuse latents that are not ``[B, latent_channels, h, w]`` with a size the model can take."""
@@ -203,8 +205,13 @@ def generate_flow(
     teacher = preset.teacher if teacher is None else teacher
     if teacher.family != family.family:
         raise ValueError(f"teacher preset {teacher.name!r} is a {teacher.family!r} preset, not {family.family!r}")
-    student_model = family(student_transformer, "student_transformer", guidance=preset.guidance)
-    teacher_model = family(teacher_transformer, "teacher_transformer", guidance=teacher.guidance)
+    scheduler_config = preset.scheduler_config if scheduler_config is None else scheduler_config
+    if scheduler_config.get("stochastic_sampling") and preset.sampler != "lcm":
+        raise ValueError(f"scheduler_config sets stochastic_sampling (an x0 + fresh noise step: kdpp's 'lcm' sampler), "
+                         f"but preset {preset.name!r} samples with {preset.sampler!r}")
+    train_steps = int(scheduler_config.get("num_train_timesteps", 1000))
+    student_model = family(student_transformer, "student_transformer", preset.guidance, train_steps)
+    teacher_model = family(teacher_transformer, "teacher_transformer", teacher.guidance, train_steps)
     if student_model.latent_channels != teacher_model.latent_channels:
         raise ValueError(f"student and teacher latent spaces differ: student_transformer takes "
                          f"{student_model.latent_channels} latent channels, teacher_transformer "
@@ -218,8 +225,7 @@ def generate_flow(
     teacher_conditioning.check_batch(batch, "teacher_conditioning")
     device = model_device(student_transformer) if device is None else torch.device(device)
 
-    ts = student_model.schedule(preset.scheduler_config if scheduler_config is None else scheduler_config,
-                                preset.steps, shape[1], shape[2])
+    ts = student_model.schedule(scheduler_config, preset.steps, shape[1], shape[2])
     student, extra_args = flow_denoiser(student_model, conditioning, preset.cfg_scale, device)
     teacher_denoiser, teacher_extra_args = flow_denoiser(teacher_model, teacher_conditioning, teacher.cfg_scale, device)
     latents = sample_batch(
