@@ -7,10 +7,15 @@ configurations of diffusers' own model tests (FLUX with 16 packed channels, i.e.
 """
 import copy
 import dataclasses
+import inspect
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+
+import kdpp
 
 from kdpp.diffusers import flow_presets, flux, sd3
 from kdpp.diffusers.flow_models import FlowConditioning, calculate_shift
@@ -259,6 +264,18 @@ def test_sd35_large_teacher_cfg_batched_once_per_guided_step():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif("guided_steps" not in inspect.signature(kdpp.sample_euler_distpp).parameters,
+                    reason="the core's guided_steps option is not in this checkout")
+def test_guided_steps_pick_the_teacher_steps():
+    """guided_steps=[1, -2]: the teacher is called at steps 1 and 2 only, at their next times."""
+    preset = flow_presets.flux_schnell(4)
+    ts = flux_reference_schedule(preset, 64, 64)
+    with Calls(DEV_TEACHER) as calls:
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, lam=0.5,
+                      guided_steps=[1, -2], disable=True)
+    assert [float(kw["timestep"][0]) for kw in calls.kwargs] == pytest.approx([float(ts[2]), float(ts[3])], rel=1e-6)
+
+
 def test_flux_teacher_conditioning_can_differ():
     """FLUX.1-schnell runs on 256 T5 tokens, FLUX.1-dev on 512: each transformer gets its own embeddings."""
     teacher_cond = embeddings(12, 32, 32, 9)
@@ -345,6 +362,13 @@ def test_guidance_embedding_mismatches_and_batches_are_refused():
     no_negative = FlowConditioning(SD3_COND.prompt_embeds, SD3_COND.pooled_prompt_embeds)
     with pytest.raises(ValueError, match="true CFG needs negative_prompt_embeds"):
         sd3.generate(LARGE_TURBO, LARGE, no_negative, seeds=SEEDS, height=64, width=64)
+
+
+def test_importing_the_flow_modules_does_not_import_diffusers():
+    code = ("import sys, kdpp.diffusers.sd3, kdpp.diffusers.flux, kdpp.diffusers.flow_presets; "
+            "print('diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_presets():

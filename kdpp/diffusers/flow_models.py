@@ -165,7 +165,8 @@ def flow_denoiser(adapter: FlowTransformer, conditioning: FlowConditioning, cfg_
 def generate_flow(
     family: type[FlowTransformer], student_transformer: Any, teacher_transformer: Any, conditioning: FlowConditioning,
     preset: Any, *, teacher: Any = None, teacher_conditioning: FlowConditioning | None = None, seeds: Sequence[int],
-    height: int = 1024, width: int = 1024, lam: float | None = None, k: int | None = None, renoise: str = "random",
+    height: int = 1024, width: int = 1024, lam: float | None = None, k: int | None = None,
+    guided_steps: Sequence[int] | None = None, renoise: str = "random",
     scheduler_config: Mapping[str, Any] | None = None, vae: Any = None, device: torch.device | str | None = None,
     disable: bool | None = None, callback: Callable[[dict], Any] | None = None,
 ) -> Any:
@@ -189,6 +190,8 @@ def generate_flow(
         width: image width in pixels.
         lam: Distillation++ guidance scale (default: the preset's).
         k: guided steps (default: the preset's).
+        guided_steps: the step indices to guide instead of the first ``k`` (negative ones count
+            from the end; needs the core's ``guided_steps`` option).
         renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`).
         scheduler_config: the student's ``FlowMatchEulerDiscreteScheduler`` config (e.g.
             ``pipe.scheduler.config``); default: the preset's copy of the published one.
@@ -230,6 +233,6 @@ def generate_flow(
     teacher_denoiser, teacher_extra_args = flow_denoiser(teacher_model, teacher_conditioning, teacher.cfg_scale, device)
     latents = sample_batch(
         student, teacher_denoiser, preset, seeds, shape, sigmas=flow_sigmas(ts), noise_scale=initial_noise_scale(ts),
-        lam=lam, k=k, renoise=renoise, dtype=torch.float32, device=device, extra_args=extra_args,
+        lam=lam, k=k, guided_steps=guided_steps, renoise=renoise, dtype=torch.float32, device=device, extra_args=extra_args,
         teacher_extra_args=teacher_extra_args, disable=disable, callback=callback)
     return latents if vae is None else decode(vae, latents)

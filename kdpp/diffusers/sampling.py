@@ -21,26 +21,31 @@ def sample_batch(
     student: Denoiser, teacher: Denoiser, preset: Any, seeds: Sequence[int], shape: Sequence[int], *,
     sigmas: Tensor, noise_scale: float, lam: float | None, k: int | None, renoise: str, dtype: torch.dtype,
     device: torch.device | str, extra_args: Mapping[str, Any], teacher_extra_args: Mapping[str, Any],
-    disable: bool | None = None, callback: Callable[[dict], Any] | None = None,
+    disable: bool | None = None, callback: Callable[[dict], Any] | None = None, guided_steps: Sequence[int] | None = None,
 ) -> Tensor:
     """Sample one latent per seed with ``preset``'s kdpp sampler; returns ``[len(seeds), *shape]``.
 
     Image ``b`` starts from ``noise_scale * randn(shape)`` drawn on the CPU by
     ``torch.Generator().manual_seed(seeds[b])`` (so images reproduce across devices and batch
     sizes); its solver noise and renoise noise are streams 1 and 2 of the same seed
-    (:func:`kdpp.noise.stream_seed`). ``lam`` and ``k`` default to the preset's.
+    (:func:`kdpp.noise.stream_seed`). ``lam`` and ``k`` default to the preset's; ``guided_steps``
+    (step indices, negative ones from the end) replaces ``k`` and is passed on only when given.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must name at least one image")
     noise = seeded_noise_sampler(torch.empty(len(seeds), *shape), seeds)(0.0, 0.0)  # on the CPU
     x = (noise * noise_scale).to(device=device, dtype=dtype)
-    options = {}
+    options: dict[str, Any] = {}
+    if guided_steps is not None:
+        options["guided_steps"] = list(guided_steps)
+    elif k is None:
+        k = preset.k
     if preset.sampler != "dpmpp_2m":  # the only solver without solver noise
         options["noise_sampler"] = seeded_noise_sampler(x, [stream_seed(s, 1) for s in seeds])
     with torch.no_grad():
         return SAMPLERS[preset.sampler](
-            student, teacher, x, sigmas, preset.lam if lam is None else lam, preset.k if k is None else k,
+            student, teacher, x, sigmas, preset.lam if lam is None else lam, k,
             extra_args=extra_args, teacher_extra_args=teacher_extra_args, renoise=renoise,
             renoise_seed=[stream_seed(s, 2) for s in seeds], disable=disable, callback=callback, **options)
 
