@@ -40,7 +40,8 @@ class FlowTeacherPreset:
 
 
 #: SD3.5 Large with CFG 3.5, as its model card samples it (28 steps)
-SD35_LARGE = FlowTeacherPreset("sd3.5-large", "sd3", cfg_scale=3.5, notes="model card: 28 steps, guidance_scale 3.5")
+SD35_LARGE = FlowTeacherPreset("sd3.5-large", "sd3", cfg_scale=3.5,
+                               notes="model card: 28 steps, guidance_scale 3.5 (diffusers' release post: 40 steps, 4.5)")
 #: FLUX.1-dev with distilled guidance 3.5 (one forward per call), as its model card samples it (50 steps)
 FLUX_DEV = FlowTeacherPreset("flux.1-dev", "flux", guidance=3.5, notes="model card: 50 steps, guidance_scale 3.5")
 
