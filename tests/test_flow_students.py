@@ -19,7 +19,7 @@ import kdpp
 
 from kdpp.diffusers import flow_presets, flux, sd3
 from kdpp.diffusers.flow_models import FlowConditioning, calculate_shift
-from kdpp.flow import T_MAX, flow_sigmas, initial_noise_scale
+from kdpp.flow import T_MAX, FlowDenoiser, flow_sigmas, initial_noise_scale
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 pytest.importorskip("transformers", reason="the reference pipelines import transformers")
@@ -89,8 +89,8 @@ def flux_pipeline(transformer, preset):
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
 
-def sd3_pipeline(transformer, preset):
-    return SD3Pipeline(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler_config),
+def sd3_pipeline(transformer, scheduler_config):
+    return SD3Pipeline(transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**scheduler_config),
                        vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                        text_encoder_3=None, tokenizer_3=None)
 
@@ -189,7 +189,7 @@ def test_lam0_is_flux_pipeline(preset, student):
 def test_lam0_is_sd3_pipeline(cfg_scale, steps):
     preset = dataclasses.replace(flow_presets.sd35_large_turbo(4), cfg_scale=cfg_scale, steps=steps)
     c = SD3_COND
-    want = sd3_pipeline(LARGE_TURBO, preset)(
+    want = sd3_pipeline(LARGE_TURBO, preset.scheduler_config)(
         prompt_embeds=c.prompt_embeds, pooled_prompt_embeds=c.pooled_prompt_embeds,
         negative_prompt_embeds=c.negative_prompt_embeds, negative_pooled_prompt_embeds=c.negative_pooled_prompt_embeds,
         height=128, width=96, num_inference_steps=steps, guidance_scale=cfg_scale if cfg_scale > 1 else 0.0,
@@ -198,6 +198,25 @@ def test_lam0_is_sd3_pipeline(cfg_scale, steps):
         got = sd3.generate(LARGE_TURBO, LARGE, c, preset, seeds=SEEDS, height=128, width=96, lam=0.0, disable=True)
     assert rel(got, want) < 1e-5
     assert not teacher_calls.kwargs
+
+
+def test_lcm_sampler_is_the_schedulers_stochastic_sampling():
+    """kdpp's multistep-consistency step is FlowMatchEulerDiscreteScheduler(stochastic_sampling=True): x0 + fresh noise."""
+    preset = flow_presets.sd35_large_turbo(4)
+    config = {**preset.scheduler_config, "stochastic_sampling": True}
+    c = SD3_COND
+    torch.manual_seed(99)  # the scheduler draws its step noise from the global generator
+    want = sd3_pipeline(LARGE_TURBO, config)(
+        prompt_embeds=c.prompt_embeds, pooled_prompt_embeds=c.pooled_prompt_embeds, height=64, width=64,
+        num_inference_steps=4, guidance_scale=0.0, output_type="latent", generator=generators()).images
+    model = sd3.SD3Velocity(LARGE_TURBO)
+    ts = model.schedule(config, 4, 8, 8)
+    noise = diffusers.utils.torch_utils.randn_tensor((2, 4, 8, 8), generator=generators())
+    replay = torch.Generator().manual_seed(99)
+    got = kdpp.sample_lcm_distpp(FlowDenoiser(model), None, noise * initial_noise_scale(ts), flow_sigmas(ts), 0.0,
+                                 extra_args=c.kwargs(), noise_sampler=lambda s, s_next: torch.randn(2, 4, 8, 8, generator=replay),
+                                 disable=True)
+    assert rel(got, want) < 1e-5
 
 
 # ------------------------------------------------------------------ lam > 0: the teacher calls
