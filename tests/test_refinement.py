@@ -19,10 +19,10 @@ def x0(shape=(4, 3), seed=0):
     return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * SIGMAS[0]
 
 
-def expected_teacher_sigmas(sampler, k, level):
-    """The documented renoise levels of each solver, step by step (0: no call)."""
+def expected_teacher_sigmas(sampler, steps, level):
+    """The documented renoise levels of each solver on the guided ``steps``, in order (0: no call)."""
     taus = []
-    for i in range(min(k, len(SIGMAS) - 1)):
+    for i in steps:
         s, s_next = SIGMAS[i], SIGMAS[i + 1]
         if sampler is kdpp.sample_dpmpp_2s_ancestral_distpp:
             down, _ = ancestral_step(s, s_next)
@@ -40,8 +40,24 @@ def expected_teacher_sigmas(sampler, k, level):
 def test_teacher_sigma_and_call_count(sampler, k, level):
     teacher = Recorder(other_denoiser)
     sampler(nonlinear_denoiser, teacher, x0(), SIGMAS, 0.5, k, renoise_sigma=level, disable=True)
-    want = expected_teacher_sigmas(sampler, k, level)
+    want = expected_teacher_sigmas(sampler, range(min(k, len(SIGMAS) - 1)), level)
     assert teacher.sigmas == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("guided_steps, steps", [([0], [0]), ([2], [2]), ([-1], [4]), ([3, 1], [1, 3]),
+                                                 ([-2, 0, 2], [0, 2, 3]), (range(5), range(5)), ([], [])],
+                         ids=["0", "2", "-1", "3,1", "-2,0,2", "all", "none"])
+@pytest.mark.parametrize("level", ["next", "current"])
+def test_guided_steps_call_the_teacher_at_those_steps_only(sampler, guided_steps, steps, level):
+    """guided_steps (issues 14, 11): the teacher is called on the listed steps (2S: both stages), at the
+    documented renoise level of each, and nowhere else; the student is called as in the plain run."""
+    teacher, student = Recorder(other_denoiser), Recorder(nonlinear_denoiser)
+    sampler(student, teacher, x0(), SIGMAS, 0.5, guided_steps=guided_steps, renoise_sigma=level, disable=True)
+    assert teacher.sigmas == pytest.approx(expected_teacher_sigmas(sampler, steps, level), rel=1e-12)
+    plain = Recorder(nonlinear_denoiser)
+    sampler(plain, None, x0(), SIGMAS, 0.0, disable=True)
+    assert student.calls == plain.calls
 
 
 @pytest.mark.parametrize("sampler", ALL, ids=ALL_IDS)
