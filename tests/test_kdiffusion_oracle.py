@@ -82,3 +82,21 @@ def test_callback_carries_kdiffusion_keys(ours, theirs, options, schedule):
         torch.testing.assert_close(a["denoised"], b["denoised"], rtol=0, atol=1e-12)
         torch.testing.assert_close(torch.as_tensor(a["sigma"]), torch.as_tensor(b["sigma"]))
         assert a["student_denoised"] is a["denoised"] and "teacher_denoised" not in a
+
+
+@pytest.mark.parametrize("sigma_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("ours, theirs, options", CASES, ids=IDS)
+def test_callback_sigmas_are_tensors_as_in_kdiffusion(ours, theirs, options, schedule, sigma_dtype):
+    """Issue 10 item 10: ``sigma`` and ``sigma_hat`` are 0-d tensors of the schedule's dtype, as k-diffusion's."""
+    seen, theirs_seen = [], []
+    x = torch.randn(2, 3, dtype=torch.float64) * schedule[0]
+    sigmas = schedule.to(sigma_dtype)
+    torch.manual_seed(0)
+    ours(nonlinear_denoiser, None, x, sigmas, 0.0, callback=seen.append, disable=True, **options)
+    torch.manual_seed(0)
+    theirs(nonlinear_denoiser, x, sigmas, callback=theirs_seen.append, disable=True, **options)
+    for a, b in zip(seen, theirs_seen, strict=True):
+        for key in ("sigma", "sigma_hat"):
+            assert type(a[key]) is type(b[key]) is torch.Tensor
+            assert (a[key].dtype, a[key].device, a[key].shape) == (b[key].dtype, b[key].device, b[key].shape)
+            assert torch.equal(a[key], b[key])

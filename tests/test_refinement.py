@@ -201,3 +201,19 @@ def test_numpy_integer_seeds_are_accepted():
     a = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=np.int64(4), disable=True)
     b = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=4, disable=True)
     assert torch.equal(a, b)
+
+
+def test_teacher_refinement_is_usable_alone_without_a_checker():
+    """Issue 10 item 13: the public class needs no private OutputChecker; it checks its teacher's outputs."""
+    x = x0()
+    ref = kdpp.TeacherRefinement(other_denoiser, 0.5, 1, SIGMAS, x, renoise="deterministic")
+    D = nonlinear_denoiser(x, torch.full((4,), SIGMAS[0], dtype=torch.float64))
+    out = ref.refine(0, D, D, x, SIGMAS[0], SIGMAS[1])
+    point = D + SIGMAS[1] / SIGMAS[0] * (x - D)
+    T = other_denoiser(point, torch.full((4,), SIGMAS[1], dtype=torch.float64))
+    torch.testing.assert_close(out.denoised, D + 0.5 * (T - D), rtol=0, atol=1e-12)
+    ref.raise_if_nonfinite()
+    bad = kdpp.TeacherRefinement(lambda p, s: p * math.nan, 0.5, 1, SIGMAS, x, renoise="deterministic")
+    bad.refine(0, D, D, x, SIGMAS[0], SIGMAS[1])
+    with pytest.raises(FloatingPointError, match="teacher at step 0"):
+        bad.raise_if_nonfinite()
