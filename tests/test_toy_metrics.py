@@ -133,3 +133,32 @@ def test_paired_difference_refuses_what_it_cannot_pair():
         paired_difference(mmd_rbf, X, X, X)
     with pytest.raises(ValueError, match="n_boot"):
         paired_difference(sliced_wasserstein, X, X, X, n_boot=-1)
+
+
+def test_claims_benchmark_stores_and_prints_intervals():
+    """Issue 10 item 14: benchmarks/claims.py stores each interval as [low, high] and its tables print them so.
+
+    Renders the committed results (benchmarks/results/claims.json) as `claims.py --render` does.
+    """
+    import importlib.util
+    import json
+    import pathlib
+
+    from scipy import stats
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("claims", root / "benchmarks" / "claims.py")
+    claims = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(claims)
+    values = [0.3, 0.5, 0.4, 0.9, 0.45]
+    ci = claims.interval(values)
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=sum(values) / 5, scale=stats.sem(values))
+    assert (ci["low"], ci["high"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert claims.fmt_diff({"mean": -0.1, "low": -0.2, "high": -0.05}) == "-0.100 [-0.200, -0.050] (better)"
+    result = json.loads((root / "benchmarks" / "results" / "claims.json").read_text())
+    rendered = claims.markdown(result)
+    assert "±" not in rendered
+    assert rendered == (root / "benchmarks" / "results" / "claims.md").read_text()
+    row = result["table1"][0]
+    assert set(row["diff"]["sw"]) == {"mean", "low", "high"}
+    assert claims.fmt_diff(row["diff"]["sw"]) in rendered
