@@ -67,6 +67,19 @@ def _index(value: Any) -> int | None:
         return None
 
 
+def _ints(values: Any, name: str, what: str) -> list[int]:
+    """``values`` (any iterable but a string or a dict) as a list of ints; errors name ``name``."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be {what}, got {values!r}")
+    out = []
+    for j, value in enumerate(values):
+        i = _index(value)
+        if i is None:
+            raise TypeError(f"{name}[{j}] must be an int, got {value!r}")
+        out.append(i)
+    return out
+
+
 def guided_step_indices(k: int | None, guided_steps: Iterable[int] | None, n_steps: int) -> list[int]:
     """The guided steps of a run of ``n_steps`` steps, in increasing order.
 
@@ -78,20 +91,14 @@ def guided_step_indices(k: int | None, guided_steps: Iterable[int] | None, n_ste
         return list(range(min(1 if k is None else k, n_steps)))
     if k is not None:
         raise ValueError(f"give k or guided_steps, not both (got k={k!r} and guided_steps={guided_steps!r})")
-    if isinstance(guided_steps, (str, bytes, Mapping)) or not isinstance(guided_steps, Iterable):
-        raise TypeError(f"guided_steps must be a sequence of step indices, got {guided_steps!r}")
-    steps = []
-    for j, value in enumerate(guided_steps):
-        i = _index(value)
-        if i is None:
-            raise TypeError(f"guided_steps[{j}] must be an int step index, got {value!r}")
+    given = _ints(guided_steps, "guided_steps", "a sequence of step indices")
+    for j, i in enumerate(given):
         if not -n_steps <= i < n_steps:
             raise ValueError(f"guided_steps[{j}] = {i} is out of range for a schedule of {n_steps} steps "
                              f"(valid: 0 .. {n_steps - 1}, or -{n_steps} .. -1 from the end)")
-        steps.append(i % n_steps)
+    steps = [i % n_steps for i in given]
     if len(set(steps)) != len(steps):
-        raise ValueError(f"guided_steps must not repeat a step, got {list(guided_steps)!r} "
-                         f"(steps {steps} of {n_steps})")
+        raise ValueError(f"guided_steps must not repeat a step, got {given} (steps {steps} of {n_steps})")
     return sorted(steps)
 
 
@@ -100,14 +107,7 @@ def check_seed(seed: Any, name: str, batch: int) -> int | list[int]:
     single = _index(seed)
     if single is not None:
         return single
-    if isinstance(seed, (str, bytes, Mapping)) or not isinstance(seed, Iterable):
-        raise TypeError(f"{name} must be an int or one int per batch item, got {seed!r}")
-    seeds = []
-    for j, value in enumerate(seed):
-        s = _index(value)
-        if s is None:
-            raise TypeError(f"{name}[{j}] must be an int, got {value!r}")
-        seeds.append(s)
+    seeds = _ints(seed, name, "an int or one int per batch item")
     if len(seeds) != batch:
         raise ValueError(f"{name} has {len(seeds)} entries, expected one per batch item ({batch})")
     return seeds

@@ -165,7 +165,7 @@ class TeacherRefinement:
         self.teacher_extra_args = targs
 
         self.check = OutputChecker(x) if check is None else check
-        self.x = x  # the sigma tensors handed to the teacher take its batch size, dtype and device
+        self.batch_like = x.new_empty([x.shape[0]])  # the teacher's sigmas follow x's batch, dtype, device
         positive = [s for s in sigmas if s > 0]
         self.log_range = (math.log(min(positive)), math.log(max(positive))) if positive else (0.0, 0.0)
         self.level_generator = None
@@ -214,7 +214,7 @@ class TeacherRefinement:
             if lam == 0:
                 continue
             who = f"teacher[{j}]" if len(self.teachers) > 1 else "teacher"
-            t = self.check(teacher(point, sigma_batch(tau, self.x), **targs), who, i, tau)
+            t = self.check(teacher(point, sigma_batch(tau, self.batch_like), **targs), who, i, tau)
             outputs.append(t)
             refined = refined + lam * (t - denoised)
         return Refined(refined, outputs, tau)

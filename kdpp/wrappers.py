@@ -38,7 +38,8 @@ class DistillationDenoiser:
     ``sigma``. The options are those of :class:`kdpp.TeacherRefinement`; the sampler's
     ``extra_args`` go to the student, ``teacher_extra_args`` to the teacher.
     Call :meth:`raise_if_nonfinite` after sampling to check every model output. Finding the
-    step reads ``sigma`` on the host once per call (k-diffusion's samplers sync there anyway).
+    step reads ``sigma`` on the host once per call (its first entry: k-diffusion's samplers
+    call with one level for the whole batch, and sync there anyway).
 
     Sigma precision: k-diffusion's samplers hand the model ``sigma`` in ``x``'s dtype, so in
     fp16 / bf16 it arrives rounded. A ``sigma`` within that rounding of a schedule entry is

@@ -42,28 +42,30 @@ def models(name, out_dtype=None):
     return student, teacher, student, {}
 
 
-def sampled(name, dtype, out_dtype=None):
+def sampled(name, dtype, out_dtype=None, device="cpu"):
     """(student log, teacher log, output) of one guided run with two teacher-called steps."""
     student, teacher, model, extra = models(name, out_dtype)
-    x = (torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 14.6).to(dtype)
+    x = (torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 14.6).to(device=device, dtype=dtype)
     torch.manual_seed(0)  # the solver noise
     out = kdpp.SAMPLERS[name](model, teacher, x, SIGMAS, 0.5, 2, extra_args=extra, teacher_extra_args={},
                               renoise_seed=1, disable=True)
     return student, teacher, out
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("name", [n for n, _ in SAMPLERS])
-def test_models_see_float32_sigmas_in_half_precision(name, dtype):
+def test_models_see_float32_sigmas_in_half_precision(name, dtype, device):
     """Item 2: the fp16/bf16 run hands the models the fp64 run's sigmas rounded once to float32."""
-    student, teacher, _ = sampled(name, dtype)
+    student, teacher, _ = sampled(name, dtype, device=device)
     ref_student, ref_teacher, _ = sampled(name, torch.float64)
     for log, ref in ((student, ref_student), (teacher, ref_teacher)):
         assert log.values and set(log.dtypes) == {torch.float32}
+        assert {v.device.type for v in log.values} == {device}
         assert set(ref.dtypes) == {torch.float64}  # float64 x: float64 sigmas
         assert len(log.values) == len(ref.values)
         for got, want in zip(log.values, ref.values):
-            assert torch.equal(got, want.float().double()), (got, want)
+            assert torch.equal(got.cpu(), want.float().double()), (got, want)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

@@ -15,6 +15,10 @@ from ..noise import NoiseSampler, default_noise_sampler
 from ..refine import Denoiser, Lam, Refined, RenoiseSigma, TeacherRefinement
 
 COMMON_ARGS = """
+    Models get ``sigma`` as a ``[B]`` tensor of dtype ``torch.promote_types(x.dtype,
+    torch.float32)`` (float32 for fp16 / bf16 / fp32 samples); an output in a wider float
+    type than ``x`` is cast to ``x``'s dtype.
+
     Args:
         student: the distilled VE denoiser ``S(x, sigma, **extra_args) -> x0``
             (with ``cfg_pp=True``: an object with ``guided_and_uncond(x, sigma,
@@ -52,14 +56,10 @@ COMMON_ARGS = """
             ``"current"``, ``"random"``, a float or ``f(i, sigma_in, sigma_out)``.
         renoise_seed: seed (or one per batch item) of the renoise noise; by
             default derived from the global RNG state without advancing it.
-        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one.{cfg_pp}
+        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one.{cfg_pp}{own}
 
     Returns:
         The final sample, with the dtype, device and shape of ``x``.
-
-    Models get ``sigma`` as a ``[B]`` tensor of dtype ``torch.promote_types(x.dtype,
-    torch.float32)`` (float32 for fp16 / bf16 / fp32 samples); an output in a wider float
-    type than ``x`` is cast to ``x``'s dtype.
     """
 
 
@@ -69,9 +69,10 @@ CFG_PP_ARG = """
 
 
 def documented(fn: Callable) -> Callable:
-    """Fill the shared ``{args}`` section of a sampler docstring."""
+    """Fill the shared ``{args}`` section of a sampler docstring; the solver's own args follow it there."""
     cfg_pp = CFG_PP_ARG if "cfg_pp" in inspect.signature(fn).parameters else ""
-    fn.__doc__ = fn.__doc__.replace("{args}", COMMON_ARGS.strip("\n").replace("{cfg_pp}", cfg_pp))
+    head, own = fn.__doc__.split("{args}")
+    fn.__doc__ = head + COMMON_ARGS.strip().replace("{cfg_pp}", cfg_pp).replace("{own}", own.rstrip()) + "\n"
     return fn
 
 

@@ -53,7 +53,10 @@ def sample_euler_distpp(
     k-diffusion's ``sample_euler``.
 
     {args}
-        s_churn, s_tmin, s_tmax, s_noise: k-diffusion's stochastic churn.
+        s_churn: k-diffusion's stochastic churn: ``gamma = min(s_churn / N, sqrt(2) - 1)``.
+        s_tmin: churn only steps with ``s_tmin <= s_i``.
+        s_tmax: churn only steps with ``s_i <= s_tmax``.
+        s_noise: scale of the churn noise.
         noise_sampler: ``(sigma, sigma_next) -> Tensor`` for the churn noise.
     """
     s_churn, s_tmin, s_tmax, s_noise = check_solver_options(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
