@@ -423,3 +423,36 @@ def test_images_are_the_flux_pipelines():
     assert [im.size for im in got] == [im.size for im in want] == [(64, 64)] * 2
     for a, b in zip(got, want):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def test_flux_dev_lora_student_on_the_teachers_own_transformer():
+    """flux_dev_lora with kdpp.diffusers.lora's one-model pair: lam = 0 is FluxPipeline with the LoRA active; the
+    teacher calls run the same transformer with its adapters off."""
+    lora = pytest.importorskip("kdpp.diffusers.lora", reason="needs kdpp.diffusers.lora (the one-model LoRA pair)")
+    peft = pytest.importorskip("peft")
+    base = tiny_flux(5, guidance_embeds=True)
+    torch.manual_seed(6)
+    base.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pair = lora.SharedLoRAModel(base)
+    preset = flow_presets.flux_dev_lora(4)
+    want = flux_pipeline(base, preset)(
+        prompt_embeds=FLUX_COND.prompt_embeds, pooled_prompt_embeds=FLUX_COND.pooled_prompt_embeds, height=64, width=64,
+        num_inference_steps=4, guidance_scale=3.5, output_type="latent", generator=generators()).images
+    got = flux.generate(pair.student, pair.teacher, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, lam=0.0,
+                        disable=True)
+    assert rel(got, FluxPipeline._unpack_latents(want, 64, 64, 8)) < 1e-5
+    _, steps, calls = guided_run(flux.generate, pair.student, pair.teacher, FLUX_COND, preset, k=1)
+    assert len(steps) == 4 and "teacher_denoised" in steps[0]
+    assert len(calls) == 5  # the hook is on the one shared transformer: 4 student calls, the teacher's second
+    kw = calls[1]
+    with torch.no_grad():
+        base.disable_adapters()
+        v_base = base(**kw)[0]
+        base.enable_adapters()
+        v_lora = base(**kw)[0]
+    t = kw["timestep"][0]
+    x_rf = FluxPipeline._unpack_latents(kw["hidden_states"], 64, 64, 8)
+    torch.testing.assert_close(steps[0]["teacher_denoised"], x_rf - t * FluxPipeline._unpack_latents(v_base, 64, 64, 8),
+                               rtol=1e-5, atol=1e-5)
+    assert rel(v_lora, v_base) > 1e-3  # the adapters matter
