@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Collection
 
 from torch import Tensor
@@ -116,6 +116,27 @@ def lcm(steps: int = 4) -> StudentPreset:
                          notes="boundary condition timestep_scaling 10, sigma_data 0.5; guidance embedding for LCM")
 
 
+def lcm_lora(steps: int = 4) -> StudentPreset:
+    """LCM-LoRA (SDXL): :func:`lcm`'s schedule and boundary condition, no CFG, no guidance embedding.
+
+    The student is SDXL base plus the LoRA, so the teacher is the same UNet with the adapter
+    off: :mod:`kdpp.diffusers.lora` samples the pair from one model.
+    """
+    return replace(lcm(steps), name=f"lcm-lora-{steps}step",
+                   notes="LoRA of SDXL base (kdpp.diffusers.lora: one UNet); LCMScheduler boundary condition; no CFG")
+
+
+def lightning_lora(steps: int = 4) -> StudentPreset:
+    """SDXL-Lightning LoRA (2, 4 or 8 steps; the 1-step model is a full UNet): :func:`lightning`'s Euler schedule.
+
+    The student is SDXL base plus the LoRA, so the teacher is the same UNet with the adapter
+    off: :mod:`kdpp.diffusers.lora` samples the pair from one model.
+    """
+    steps = _check_steps(steps, (2, 4, 8), "SDXL-Lightning LoRA", "comes in 2, 4 and 8 steps")
+    return replace(lightning(steps), name=f"sdxl-lightning-lora-{steps}step",
+                   notes="LoRA of SDXL base (kdpp.diffusers.lora: one UNet); EulerDiscreteScheduler(timestep_spacing='trailing')")
+
+
 @dataclass(frozen=True)
 class TeacherPreset:
     """The teacher: SDXL base with classifier-free guidance."""
@@ -131,6 +152,7 @@ def sdxl_teacher(sampler: str = "euler") -> TeacherPreset:
 
 
 STUDENTS = {
-    "sdxl-lightning": lightning, "sdxl-turbo": turbo, "dmd2": dmd2, "lcm": lcm, "lcm-lora": lcm,
+    "sdxl-lightning": lightning, "sdxl-turbo": turbo, "dmd2": dmd2, "lcm": lcm, "lcm-lora": lcm_lora,
+    "sdxl-lightning-lora": lightning_lora,
 }
 """Student families by name: each a function of the step count returning a :class:`StudentPreset`."""

@@ -95,6 +95,24 @@ def check_shared_latent_space(student_unet, teacher_unet, student_vae=None, teac
                 raise ValueError(f"student and teacher latent spaces differ: VAE {key} {a} vs {b}")
 
 
+def vp_denoisers(
+    student_unet: Any, teacher_unet: Any, preset: StudentPreset, teacher: TeacherPreset = TeacherPreset(),
+    alphas_cumprod: Tensor | None = None, student_guidance: float | None = None,
+) -> tuple[VPDenoiser, CFGDenoiser]:
+    """The student's VE denoiser as ``preset`` samples it, and the teacher's with CFG at ``teacher.cfg_scale``.
+
+    The student gets LCM's boundary condition when the preset has one, and the guidance-scale
+    embedding of ``student_guidance`` as ``timestep_cond`` when its UNet takes one.
+    """
+    a = scaled_linear_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod)
+    timestep_cond = None
+    if student_guidance is not None and _config(student_unet, "time_cond_proj_dim"):
+        timestep_cond = guidance_scale_embedding(student_guidance, _config(student_unet, "time_cond_proj_dim"))
+    student = VPDenoiser(student_unet, a, preset.prediction, lcm_boundary={} if preset.lcm_boundary else None,
+                         timestep_cond=timestep_cond)
+    return student, CFGDenoiser(VPDenoiser(teacher_unet, a, teacher.prediction), teacher.cfg_scale)
+
+
 def generate(
     student_unet: Any, teacher_unet: Any, conditioning: SDXLConditioning, preset: StudentPreset, *,
     teacher: TeacherPreset = TeacherPreset(), seeds: Sequence[int], height: int = 1024, width: int = 1024,
@@ -142,12 +160,7 @@ def generate(
         raise ValueError(f"conditioning has batch {conditioning.batch}, seeds has {len(seeds)}")
     cond = conditioning.to(device, dtype)
 
-    timestep_cond = None
-    if student_guidance is not None and _config(student_unet, "time_cond_proj_dim"):
-        timestep_cond = guidance_scale_embedding(student_guidance, _config(student_unet, "time_cond_proj_dim"))
-    student = VPDenoiser(student_unet, a, preset.prediction, lcm_boundary={} if preset.lcm_boundary else None,
-                         timestep_cond=timestep_cond)
-    teacher_model = CFGDenoiser(VPDenoiser(teacher_unet, a, teacher.prediction), teacher.cfg_scale)
+    student, teacher_model = vp_denoisers(student_unet, teacher_unet, preset, teacher, a, student_guidance)
     ids = time_ids(height, width)  # diffusers' pipelines: original and target size (h, w), for both models
 
     sigmas = preset.sigmas(a)
