@@ -457,10 +457,10 @@ def test_no_device_to_host_sync_inside_the_sampling_loop_on_cuda(monkeypatch):
     import kdpp.diffusers.sdxl as sdxl_module
 
     class Guarded(VPDenoiser):
-        def __call__(self, x, sigma, **kwargs):
+        def denoise(self, x, sigma, **kwargs):  # every call, plain or through EpsilonSpaceGuidance
             torch.cuda.set_sync_debug_mode("error")
             try:
-                return super().__call__(x, sigma, **kwargs)
+                return super().denoise(x, sigma, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
 
@@ -496,10 +496,15 @@ def load_paper_setup():
     return module
 
 
-def test_paper_setup_script_times_the_runs_its_docstring_names(tmp_path, capsys):
+@pytest.mark.parametrize("lora", [False, True], ids=["unet", "lora"])
+def test_paper_setup_script_times_the_runs_its_docstring_names(lora, tmp_path, capsys):
     """Issue 10 items 1 and 15: the script runs end to end on a saved tiny SDXL pipeline (real encode_prompt) and
-    prints a row for exactly the runs its docstring names (it used to promise a "student N + 1 steps" timing)."""
+    prints a row for exactly the runs its docstring names (it used to promise a "student N + 1 steps" timing).
+    LoRA families load the LoRA into the base UNet (pipe.load_lora_weights) and share it (issue 13)."""
     import re
+
+    from peft.utils import get_peft_model_state_dict
+    from tiny_diffusers import add_lora
 
     pipe = tiny_sdxl_text_pipeline()
     pipe.unet, pipe.vae = tiny_unet(seed=1), diffusers.AutoencoderKL(
@@ -507,12 +512,26 @@ def test_paper_setup_script_times_the_runs_its_docstring_names(tmp_path, capsys)
         latent_channels=4, norm_num_groups=32)
     pipe.register_modules(unet=pipe.unet, vae=pipe.vae)
     pipe.save_pretrained(tmp_path / "base")
-    UNET.save_pretrained(tmp_path / "student")
+    if lora:
+        diffusers.StableDiffusionXLPipeline.save_lora_weights(
+            tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(add_lora(tiny_unet(seed=1))))
+        student = ["--family", "lcm-lora", "--lora", str(tmp_path / "lora")]
+    else:
+        UNET.save_pretrained(tmp_path / "student")
+        student = ["--student", str(tmp_path / "student")]
     (tmp_path / "p.txt").write_text("a cat\na dog\n")
     module = load_paper_setup()
-    argv = ["--base", str(tmp_path / "base"), "--student", str(tmp_path / "student"), "--prompts", str(tmp_path / "p.txt"),
-            "--out", str(tmp_path / "out"), "--steps", "2", "--dtype", "float32", "--height", "64", "--width", "64"]
+    argv = ["--base", str(tmp_path / "base"), *student, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"),
+            "--steps", "2", "--dtype", "float32", "--height", "64", "--width", "64"]
     assert module.main(argv) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == list(module.RUNS) == re.findall(r'"(student[^"]*)"', module.__doc__)
     assert len(list((tmp_path / "out").glob("*.png"))) == 4
+
+
+def test_epsilon_space_generate_needs_a_float_lam():
+    cond = SDXLConditioning(torch.randn(1, 7, 64), torch.randn(1, 7, 64), torch.randn(1, 32), torch.randn(1, 32))
+    with pytest.raises(TypeError, match="lam must be a float with guidance_space='epsilon'"):
+        generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, lam=[0.01], dtype=torch.float32, disable=True)
+    with pytest.raises(ValueError, match="guidance_space must be one of"):
+        generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, guidance_space="eps", dtype=torch.float32)

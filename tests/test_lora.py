@@ -154,3 +154,22 @@ def test_the_same_mechanism_on_a_flux_transformer():
     assert torch.equal(student, direct) and (student - teacher).abs().mean() > 1e-3
     torch.testing.assert_close(teacher, base, rtol=0, atol=1e-6)
     assert peft_state(flux) == before and shared.teacher.config is flux.config
+
+
+def save_lora(unet, folder):
+    """The adapter as diffusers' SDXL LoRA file (pytorch_lora_weights.safetensors), what LoRA repos ship."""
+    from peft.utils import get_peft_model_state_dict
+
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return folder
+
+
+def test_a_lora_loaded_with_diffusers_loader(tmp_path):
+    """A LoRA file read by diffusers' loader (lora_state_dict + load_lora_adapter, as pipe.load_lora_weights does)."""
+    original = add_lora(tiny_unet(seed=0))
+    state, _ = diffusers.StableDiffusionXLPipeline.lora_state_dict(save_lora(original, tmp_path))
+    unet = tiny_unet(seed=0)
+    unet.load_lora_adapter(state, prefix="unet", adapter_name="lcm")
+    shared = SharedLoRAModel(unet)
+    assert torch.equal(call(shared.student), call(original))
+    torch.testing.assert_close(call(shared.teacher), call(tiny_unet(seed=0)), rtol=0, atol=1e-6)
