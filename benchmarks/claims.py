@@ -2,9 +2,11 @@
 
     python benchmarks/claims.py [--seeds 5] [--n 1000] [--quick] [--out benchmarks/results]
 
-Every number is a mean over seeds with a 95% t-interval over seeds; a difference
-"++ minus plain" is computed per seed (same initial and solver noise: paired) and
-called significant when its interval excludes 0. Tables:
+Every number is a mean over seeds with its 95% t-interval over seeds, written and
+stored as ``[low, high]``; every run is scored against one fixed reference sample
+of the truth, and a difference "++ minus plain" is computed per seed (same initial
+and solver noise and the same reference: paired) and called significant when its
+interval excludes 0. Tables:
 
 1. every solver x every toy student, plain vs ++ (k = 1), on a 2-D ring and a d = 16 mixture;
 2. 4 student steps + 1 teacher step vs 5 vs 5 + 1 vs 6 student steps (metric and wall time);
@@ -67,18 +69,23 @@ def score(out, truth, reference) -> dict:
 
 
 def interval(values) -> dict:
+    """Mean over seeds and its 95% t-interval ``[low, high]``."""
     v = np.asarray(values, dtype=float)
     half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return {"mean": float(v.mean()), "half": float(half)}
+    return {"mean": float(v.mean()), "low": float(v.mean() - half), "high": float(v.mean() + half)}
 
 
 def fmt(ci: dict) -> str:
-    return f"{ci['mean']:.3f} ± {ci['half']:.3f}"
+    return f"{ci['mean']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
 
 
 def verdict(diff: dict) -> str:
-    lo, hi = diff["mean"] - diff["half"], diff["mean"] + diff["half"]
-    return "better" if hi < 0 else "worse" if lo > 0 else "n.s."
+    return "better" if diff["high"] < 0 else "worse" if diff["low"] > 0 else "n.s."
+
+
+def fmt_diff(diff: dict) -> str:
+    """A paired difference, its interval and the verdict."""
+    return f"{diff['mean']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}] ({verdict(diff)})"
 
 
 class Bench:
@@ -169,7 +176,9 @@ def sweeps(bench: Bench, figures: Path, quick: bool) -> dict:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
         for ax, m in zip(axes, METRICS):
             xs = [r[key] for r in rows]
-            ax.errorbar(xs, [r[m]["mean"] for r in rows], yerr=[r[m]["half"] for r in rows], marker="o", capsize=3)
+            means = np.array([r[m]["mean"] for r in rows])
+            bounds = np.array([[r[m]["low"], r[m]["high"]] for r in rows]).T
+            ax.errorbar(xs, means, yerr=np.abs(bounds - means), marker="o", capsize=3)
             ax.set_xlabel(key)
             ax.set_title({"sw": "sliced W2", "mode_tv": "mode-mass TV", "nll": "NLL"}[m])
         fig.suptitle(f"Euler, 4 steps, ring, 'weights' student: {key} sweep ({'k = 1' if key == 'lam' else 'lam = 1'})", fontsize=10)
@@ -214,16 +223,16 @@ def markdown(r: dict) -> str:
          f"{r['seeds']} seeds x {r['n']} samples per configuration; {r['seconds']:.0f} s in all.", "",
          "Metrics (lower is better): **SW** sliced 2-Wasserstein to a reference sample of the truth, **TV** "
          "total variation between mass per mode and the true weights, **NLL** mean negative log-likelihood under "
-         "the truth (below the truth's own value means too concentrated). Mean ± 95% t-interval over seeds; "
-         "Δ = ++ minus plain per seed (paired); *better*/*worse* when Δ's interval excludes 0.", "",
+         "the truth (below the truth's own value means too concentrated). Mean over seeds [95% t-interval over "
+         "seeds]; every run is scored against one fixed reference sample of the truth; Δ = ++ minus plain per seed "
+         "(paired: same noise, same reference) with its interval; *better*/*worse* when Δ's interval excludes 0.", "",
          "### Table 1 analogue: one teacher-guided step (k = 1, lam = 1, random renoise, 4 steps)", "",
          "| data | student | solver | SW plain | SW ++ | ΔSW | TV plain | TV ++ | ΔTV | NLL plain | NLL ++ | ΔNLL |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["table1"]:
         cells = []
         for m in METRICS:
-            d = row["diff"][m]
-            cells += [fmt(row["plain"][m]), fmt(row["guided"][m]), f"{d['mean']:+.3f} ({verdict(d)})"]
+            cells += [fmt(row["plain"][m]), fmt(row["guided"][m]), fmt_diff(row["diff"][m])]
         L.append(f"| {row['distribution']} | {row['student']} | {row['solver']} | " + " | ".join(cells) + " |")
     L += ["", "### Table 2 analogue: 4 + 1 vs 5 vs 5 + 1 vs 6 steps (ring, 'weights' student, lam = 1)", "",
           "| solver | steps (student + teacher) | SW | TV | NLL | wall time s |", "|---|---|---|---|---|---|"]
@@ -235,8 +244,7 @@ def markdown(r: dict) -> str:
     for row in r["table3"]:
         cells = []
         for m in METRICS:
-            d = row["diff"][m]
-            cells += [fmt(row[m]), f"{d['mean']:+.3f} ({verdict(d)})"]
+            cells += [fmt(row[m]), fmt_diff(row["diff"][m])]
         L.append(f"| {row['solver']} | {row['student']} | {row['config']} | " + " | ".join(cells) + " |")
     L += ["", "### lam and k sweeps (Euler, 4 steps, ring, 'weights' student)", "",
           "Figures: `docs/img/sweep_lam.png`, `docs/img/sweep_k.png` (shown on the Benchmarks page).", "",
@@ -251,13 +259,13 @@ def markdown(r: dict) -> str:
     for row in r["poor_teacher"]:
         d = row["diff_vs_student++"]
         L.append(f"| {row['config']} | {fmt(row['sw'])} | {fmt(row['mode_tv'])} | {fmt(row['nll'])} | "
-                 + " | ".join(f"{d[m]['mean']:+.3f}" for m in METRICS) + " |")
+                 + " | ".join(fmt_diff(d[m]) for m in METRICS) + " |")
     L += ["", "### DPM++ 2M history with several guided steps (ring, 'wide' student, lam = 0.7)", "",
           "| k | NLL, history = student | NLL, history = refined | ΔNLL (refined − student) | ΔSW |", "|---|---|---|---|---|"]
     for row in r["history"]:
         d = row["diff"]
         L.append(f"| {row['k']} | {fmt(row['student']['nll'])} | {fmt(row['refined']['nll'])} | "
-                 f"{d['nll']['mean']:+.3f} ({verdict(d['nll'])}) | {d['sw']['mean']:+.3f} ({verdict(d['sw'])}) |")
+                 f"{fmt_diff(d['nll'])} | {fmt_diff(d['sw'])} |")
     return "\n".join(L) + "\n"
 
 

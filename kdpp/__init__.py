@@ -2,7 +2,7 @@
 
 A fast distilled *student* and a slow pre-trained *teacher*, both VE denoisers
 ``D(x, sigma, **extra) -> x0``; the teacher corrects the student's denoised
-estimate on the first ``k`` steps (Park et al., "Inference-Time Diffusion
+estimate on the guided steps, by default the first (Park et al., "Inference-Time Diffusion
 Model Distillation"). ``import kdpp`` imports neither k-diffusion nor diffusers.
 """
 from . import schedules

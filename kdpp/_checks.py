@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+import operator
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -45,8 +46,10 @@ def check_sigmas(sigmas: Tensor | Sequence[float]) -> list[float]:
     return values
 
 
-def check_k(k: int) -> int:
-    """`k`, the number of guided steps, is a non-negative integer."""
+def check_k(k: int | None) -> int | None:
+    """`k`, the number of guided steps, is a non-negative integer or None."""
+    if k is None:
+        return None
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be a non-negative int, got {k!r}")
     if k < 0:
@@ -54,8 +57,82 @@ def check_k(k: int) -> int:
     return int(k)
 
 
-def check_finite_number(value, name: str) -> float:
-    """A real, finite number (Python, NumPy or 0-d tensor)."""
+def _index(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (Python, NumPy, 0-d integer tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _ints(values: Any, name: str, what: str) -> list[int]:
+    """``values`` (any iterable but a string or a dict) as a list of ints; errors name ``name``."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be {what}, got {values!r}")
+    out = []
+    for j, value in enumerate(values):
+        i = _index(value)
+        if i is None:
+            raise TypeError(f"{name}[{j}] must be an int, got {value!r}")
+        out.append(i)
+    return out
+
+
+def guided_step_indices(k: int | None, guided_steps: Iterable[int] | None, n_steps: int) -> list[int]:
+    """The guided steps of a run of ``n_steps`` steps, in increasing order.
+
+    ``guided_steps`` lists step indices (negative ones count from the end); without it the
+    first ``k`` steps are guided (``k = None``: 1). Giving both is an error.
+    """
+    k = check_k(k)
+    if guided_steps is None:
+        return list(range(min(1 if k is None else k, n_steps)))
+    if k is not None:
+        raise ValueError(f"give k or guided_steps, not both (got k={k!r} and guided_steps={guided_steps!r})")
+    given = _ints(guided_steps, "guided_steps", "a sequence of step indices")
+    for j, i in enumerate(given):
+        if not -n_steps <= i < n_steps:
+            raise ValueError(f"guided_steps[{j}] = {i} is out of range for a schedule of {n_steps} steps "
+                             f"(valid: 0 .. {n_steps - 1}, or -{n_steps} .. -1 from the end)")
+    steps = [i % n_steps for i in given]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"guided_steps must not repeat a step, got {given} (steps {steps} of {n_steps})")
+    return sorted(steps)
+
+
+def check_seed(seed: Any, name: str, batch: int) -> int | list[int]:
+    """A seed: one int, or one int per batch item (``batch`` of them)."""
+    single = _index(seed)
+    if single is not None:
+        return single
+    seeds = _ints(seed, name, "an int or one int per batch item")
+    if len(seeds) != batch:
+        raise ValueError(f"{name} has {len(seeds)} entries, expected one per batch item ({batch})")
+    return seeds
+
+
+def check_kwargs(value: Any, name: str) -> Mapping[str, Any]:
+    """Keyword arguments for a model: a dict (``None`` is an empty one)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of keyword arguments, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def check_callable(value: Any, name: str, optional: bool = True) -> Any:
+    """A callable (or ``None`` where ``optional``)."""
+    if value is None and optional:
+        return None
+    if not callable(value):
+        raise TypeError(f"{name} must be a callable{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_finite_number(value, name: str, *, minimum: float | None = None, allow_inf: bool = False) -> float:
+    """A real number (Python, NumPy or 0-d tensor): finite (or +-inf where ``allow_inf``), never NaN, ``>= minimum``."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
@@ -63,13 +140,28 @@ def check_finite_number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
-    if value != value or abs(value) == float("inf"):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if value != value or (not allow_inf and abs(value) == float("inf")):
+        raise ValueError(f"{name} must be {'a number (not NaN)' if allow_inf else 'finite'}, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
     return value
+
+
+#: how each k-diffusion solver option is validated (keyword arguments of check_finite_number)
+SOLVER_OPTIONS = {"eta": {"minimum": 0}, "s_noise": {}, "s_churn": {"minimum": 0},
+                  "s_tmin": {"allow_inf": True}, "s_tmax": {"allow_inf": True}}
+
+
+def check_solver_options(**options: float) -> list[float]:
+    """k-diffusion's solver options (``eta``, ``s_noise``, ``s_churn``, ``s_tmin``, ``s_tmax``) as floats, in order."""
+    return [check_finite_number(value, name, **SOLVER_OPTIONS[name]) for name, value in options.items()]
 
 
 class OutputChecker:
     """Checks every model output: shape and dtype at once, finiteness at the end.
+
+    An output in a wider floating-point type than ``x`` (float32 for a bf16 ``x``) is cast
+    to ``x``'s dtype; a narrower, integer or complex one is refused.
 
     Finiteness is recorded as the output's sum (NaN and inf propagate into it;
     half types are summed in float32) written into one preallocated device
@@ -93,7 +185,11 @@ class OutputChecker:
         if out.shape != self.shape:
             raise ValueError(f"{where} returned shape {tuple(out.shape)}, expected {tuple(self.shape)} (the shape of x)")
         if out.dtype != self.dtype:
-            raise TypeError(f"{where} returned dtype {out.dtype}, expected {self.dtype} (the dtype of x)")
+            # a model may compute in a wider float type (float32 for a bf16 x, as k-diffusion allows)
+            if not out.is_floating_point() or torch.promote_types(out.dtype, self.dtype) != out.dtype:
+                raise TypeError(f"{where} returned dtype {out.dtype}, expected {self.dtype} (the dtype of x) "
+                                f"or a wider floating-point type")
+            out = out.to(self.dtype)
         if self.count == len(self.sums):
             self.sums = torch.cat([self.sums, torch.empty_like(self.sums)])
         self.sums[self.count] = out.sum(dtype=self.sums.dtype)

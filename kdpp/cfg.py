@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_finite_number
+from ._shape import model_sigma
 
 
 def _cat(uncond: Any, cond: Any, path: str) -> Any:
@@ -43,6 +44,9 @@ class CFGDenoiser:
     Any other keyword arguments go to the model unchanged (they must not be
     per-sample tensors).
 
+    The model gets ``sigma`` in float32 or better (``sigma``'s own dtype, promoted with
+    ``torch.promote_types(x.dtype, torch.float32)``), never in half precision.
+
     ``scale = 1`` evaluates only the conditional branch, ``scale = 0`` only the
     unconditional one. For CFG++ samplers, :meth:`guided_and_uncond` returns
     ``(D_w, D_u)`` (CFG++ uses small scales, typically in ``[0, 1]``).
@@ -77,6 +81,7 @@ class CFGDenoiser:
         return uncond_out + self.scale * (cond_out - uncond_out), uncond_out
 
     def __call__(self, x: Tensor, sigma: Tensor, *, cond: Any, uncond: Any = None, **kwargs) -> Tensor:
+        sigma = model_sigma(sigma, x)
         if self.scale == 1:
             return self.model(x, sigma, **self._kwargs(cond, "cond"), **kwargs)
         if uncond is None:
@@ -87,4 +92,4 @@ class CFGDenoiser:
 
     def guided_and_uncond(self, x: Tensor, sigma: Tensor, *, cond: Any, uncond: Any, **kwargs) -> tuple[Tensor, Tensor]:
         """``(D_w, D_u)`` from one batched call, for the CFG++ samplers."""
-        return self._both(x, sigma, cond, uncond, kwargs)
+        return self._both(x, model_sigma(sigma, x), cond, uncond, kwargs)

@@ -7,84 +7,126 @@ sampler to that convention, :func:`bind` fixes the teacher and the guidance opti
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from types import ModuleType, SimpleNamespace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
-from torch import Tensor
-
+from ._checks import check_kwargs
 from .noise import seeded_noise_sampler, stream_seed
 from .solvers import SAMPLERS
 
 #: extra_args keys that belong to the host (ComfyUI's KSAMPLER), never forwarded to the teacher
 HOST_ONLY_KEYS = frozenset({"seed", "model_options", "denoise_mask"})
 
+#: the guidance options every host-convention sampler takes, with their defaults
+GUIDANCE_DEFAULTS = {"teacher": None, "lam": 0.0, "k": None, "guided_steps": None}
+
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+_POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_HOST_PARAMETERS = [inspect.Parameter(name, _POSITIONAL) for name in ("model", "x", "sigmas")] + [
+    inspect.Parameter(name, _POSITIONAL, default=None) for name in ("extra_args", "callback", "disable")]
+_NOT_OPTIONS = {"student", "x", "sigmas", "extra_args", "callback", "disable", *GUIDANCE_DEFAULTS}
+
+
+def _host_signature(sampler: Callable) -> inspect.Signature:
+    """k-diffusion's ``(model, x, sigmas, extra_args, callback, disable)``, then the sampler's own
+    options (``eta``, ``s_noise``, ``noise_sampler``, ``renoise``, ...) and the guidance options,
+    keyword-only: hosts such as A1111 / Forge pass ``eta``, ``s_churn``, ... only to samplers whose
+    ``inspect.signature`` lists them."""
+    options = [p.replace(kind=_KEYWORD) for p in inspect.signature(sampler).parameters.values()
+               if p.name not in _NOT_OPTIONS]
+    guidance = [inspect.Parameter(name, _KEYWORD, default=value) for name, value in GUIDANCE_DEFAULTS.items()]
+    return inspect.Signature(_HOST_PARAMETERS + options + guidance)
+
 
 def host_sampler(sampler: Callable) -> Callable:
-    """``sampler`` with the host signature ``fn(model, x, sigmas, extra_args, callback, disable, *, teacher, lam, k, **options)``.
+    """``sampler`` in the host convention ``fn(model, x, sigmas, extra_args, callback, disable, *, <options>, teacher, lam, k, guided_steps)``.
 
-    - ``model`` is the student; ``teacher``, ``lam`` (default 0) and ``k`` (default 1) are options.
+    - ``model`` is the student; ``teacher``, ``lam`` (default 0), ``k`` and ``guided_steps``
+      are options; the sampler's own options (``eta``, ``s_noise``, ``noise_sampler``,
+      ``renoise``, ...) are keyword parameters of the signature (``inspect.signature`` lists them).
     - ``extra_args["seed"]`` (ComfyUI passes it) seeds the solver noise as ComfyUI's default
       noise sampler does (a generator on ``x.device``; ``seed + 1`` on the CPU), unless a
       ``noise_sampler`` is given, and a renoise seed derived from it, unless ``renoise_seed`` is.
     - The teacher gets ``teacher_extra_args`` if given, else ``extra_args`` without the host-only
       keys :data:`HOST_ONLY_KEYS`; the student gets ``extra_args`` whole, as hosts expect.
     """
-    takes_noise = "noise_sampler" in inspect.signature(sampler).parameters
+    signature = _host_signature(sampler)
 
-    @functools.wraps(sampler)
-    def fn(model, x: Tensor, sigmas, extra_args=None, callback=None, disable=None, *, teacher=None, lam=0.0, k=1,
-           **options):
-        extra_args = {} if extra_args is None else extra_args
+    def fn(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()
+        options = dict(call.arguments)
+        model, teacher, x, sigmas, lam = (options.pop(name) for name in ("model", "teacher", "x", "sigmas", "lam"))
+        extra_args = options["extra_args"] = check_kwargs(options["extra_args"], "extra_args")
         seed = extra_args.get("seed")
         if seed is not None:
-            options.setdefault("renoise_seed", stream_seed(seed, 1))
-            if takes_noise and options.get("noise_sampler") is None:
+            if options["renoise_seed"] is None:
+                options["renoise_seed"] = stream_seed(seed, 1)
+            if "noise_sampler" in options and options["noise_sampler"] is None:
                 # as ComfyUI's default noise sampler: seed + 1 on the CPU, where the initial noise used the seed
                 options["noise_sampler"] = seeded_noise_sampler(x, int(seed) + (x.device.type == "cpu"))
-        if options.get("teacher_extra_args") is None:
+        if options["teacher_extra_args"] is None:
             options["teacher_extra_args"] = {key: v for key, v in extra_args.items() if key not in HOST_ONLY_KEYS}
-        return sampler(model, teacher, x, sigmas, lam, k, extra_args=extra_args, callback=callback, disable=disable,
-                       **options)
+        return sampler(model, teacher, x, sigmas, lam, **options)
 
+    fn.__name__ = fn.__qualname__ = sampler.__name__
+    fn.__module__ = __name__
+    fn.__signature__ = signature
     fn.__doc__ = f"Host-convention form of :func:`kdpp.{sampler.__name__}` (see :func:`kdpp.hosts.host_sampler`)."
-    del fn.__wrapped__  # the signature is the host's, not the kdpp sampler's
     return fn
 
 
-def bind(sampler: Callable, teacher, lam, k: int = 1, **options: Any) -> Callable:
-    """A sampler with exactly k-diffusion's signature ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **kw)``.
+def bind(sampler: Callable, teacher, lam, k: int | None = None, *, guided_steps: Sequence[int] | None = None,
+         **options: Any) -> Callable:
+    """``sampler`` in k-diffusion's convention ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **options)``.
 
-    The teacher, ``lam``, ``k`` and any kdpp options are fixed; options given at call
-    time override them. ``lam = 0`` gives a function equal to the plain sampler.
+    The teacher, ``lam``, ``k`` / ``guided_steps`` and any of the sampler's options become
+    the defaults of the returned function's keyword parameters (its ``inspect.signature``
+    lists every option, as k-diffusion's samplers do); options given at call time override
+    them, and a call-time ``k`` or ``guided_steps`` replaces the bound placement. ``teacher``
+    may be ``None`` and given at call time. ``lam = 0`` gives a function equal to the plain sampler.
     """
     hosted = host_sampler(sampler)
+    signature = hosted.__signature__
+    bound = {"teacher": teacher, "lam": lam, "k": k, "guided_steps": guided_steps, **options}
+    unknown = set(bound) - set(signature.parameters)
+    if unknown:
+        raise TypeError(f"{sampler.__name__} has no option {', '.join(map(repr, sorted(unknown)))}")
+    signature = signature.replace(parameters=[p.replace(default=bound[p.name]) if p.name in bound else p
+                                              for p in signature.parameters.values()])
 
-    def fn(model, x: Tensor, sigmas, extra_args=None, callback=None, disable=None, **kw):
-        return hosted(model, x, sigmas, extra_args, callback, disable, **{"teacher": teacher, "lam": lam, "k": k, **options, **kw})
+    def fn(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        if "k" in call.arguments or "guided_steps" in call.arguments:  # a call-time placement replaces the bound one
+            call.arguments.setdefault("k", None)
+            call.arguments.setdefault("guided_steps", None)
+        call.apply_defaults()
+        return hosted(*call.args, **call.kwargs)
 
     fn.__name__ = fn.__qualname__ = sampler.__name__
-    fn.__doc__ = f"{sampler.__name__} bound to a teacher (lam={lam!r}, k={k}); k-diffusion's sampler signature."
+    fn.__module__ = __name__
+    fn.__signature__ = signature
+    placement = f"guided_steps={guided_steps!r}" if guided_steps is not None else f"k={k!r}"
+    fn.__doc__ = f"{sampler.__name__} bound to a teacher (lam={lam!r}, {placement}); k-diffusion's sampler signature."
     return fn
 
 
 def register(namespace: ModuleType | SimpleNamespace | Any, names: Iterable[str] | None = None, *, teacher=None,
-             lam=0.0, k: int = 1, **options: Any) -> list[str]:
+             lam=0.0, k: int | None = None, guided_steps: Sequence[int] | None = None, **options: Any) -> list[str]:
     """Add kdpp samplers to ``namespace`` as ``sample_<name>_distpp`` and return the attribute names.
 
-    With ``teacher`` given the samplers are :func:`bind`-ed to it; without, they take the
-    teacher at call time (``fn(model, x, sigmas, ..., teacher=T, lam=0.5)``). A host that
-    looks samplers up as ``getattr(k_diffusion.sampling, "sample_" + name)`` then finds
-    ``name = "euler_distpp"`` and the others (``kdpp.SAMPLERS`` lists them).
+    Each is :func:`bind`-ed to ``teacher``, ``lam``, ``k`` / ``guided_steps`` and ``options``,
+    which are its defaults: without ``teacher`` the samplers take it at call time
+    (``fn(model, x, sigmas, ..., teacher=T)``) and keep the registered ``lam``, ``k`` and
+    options. A host that looks samplers up as ``getattr(k_diffusion.sampling, "sample_" + name)``
+    then finds ``name = "euler_distpp"`` and the others (``kdpp.SAMPLERS`` lists them).
     """
-    added = []
+    bound = {}
     for name in (SAMPLERS if names is None else names):
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; known: {sorted(SAMPLERS)}")
-        sampler = SAMPLERS[name]
-        fn = bind(sampler, teacher, lam, k, **options) if teacher is not None else host_sampler(sampler)
-        attr = f"sample_{name}_distpp"
+        bound[f"sample_{name}_distpp"] = bind(SAMPLERS[name], teacher, lam, k, guided_steps=guided_steps, **options)
+    for attr, fn in bound.items():  # all or nothing
         setattr(namespace, attr, fn)
-        added.append(attr)
-    return added
+    return list(bound)

@@ -9,11 +9,12 @@ same solver noise as the same run with ``lam = 0``: comparisons are paired.
 from __future__ import annotations
 
 import hashlib
-import numbers
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from ._checks import check_seed
 
 NoiseSampler = Callable[[float, float], Tensor]
 
@@ -30,16 +31,10 @@ def seeded_noise_sampler(x: Tensor, seed: int | Sequence[int]) -> NoiseSampler:
     then gets its own generator, so an image's noise does not depend on the
     batch it was sampled in).
     """
-    single = isinstance(seed, numbers.Integral)
-    if single:
-        gens = [torch.Generator(device=x.device).manual_seed(int(seed))]
-        shape = x.shape
-    else:
-        seeds = [int(s) for s in seed]
-        if len(seeds) != x.shape[0]:
-            raise ValueError(f"seed has {len(seeds)} entries, expected one per batch item ({x.shape[0]})")
-        gens = [torch.Generator(device=x.device).manual_seed(s) for s in seeds]
-        shape = x.shape[1:]
+    seed = check_seed(seed, "seed", x.shape[0])
+    single = isinstance(seed, int)
+    gens = [torch.Generator(device=x.device).manual_seed(s) for s in ([seed] if single else seed)]
+    shape = x.shape if single else x.shape[1:]
 
     def sample(sigma: float, sigma_next: float) -> Tensor:
         draws = [torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) for g in gens]

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import OutputChecker, check_finite_number, check_k
+from ._checks import OutputChecker, check_callable, check_finite_number, check_kwargs, check_seed, guided_step_indices
+from ._shape import sigma_batch
 from .noise import NoiseSampler, derived_seed, seeded_noise_sampler
 
 Denoiser = Callable[..., Tensor]
@@ -40,36 +41,39 @@ class Refined(NamedTuple):
     renoise_sigma: float | None  #: tau_i, or None when no teacher was called
 
 
-def _lam_values(lam: Lam, name: str, sigmas: list[float], n_guided: int) -> list[float]:
-    """lam_i for every guided step i < n_guided, validated once up front."""
+def _lam_values(lam: Lam, name: str, sigmas: list[float], guided: list[int], per_step: str) -> list[float]:
+    """lam_i for every guided step i (in increasing order), validated once up front."""
     if callable(lam):
-        return [check_finite_number(lam(i, sigmas[i]), f"{name}({i}, {sigmas[i]:.6g})") for i in range(n_guided)]
+        return [check_finite_number(lam(i, sigmas[i]), f"{name}({i}, {sigmas[i]:.6g})") for i in guided]
     if isinstance(lam, numbers.Real) or (isinstance(lam, (Tensor, np.ndarray)) and lam.ndim == 0):
-        return [check_finite_number(lam, name)] * n_guided
+        return [check_finite_number(lam, name)] * len(guided)
     if isinstance(lam, (str, bytes, Mapping)) or not isinstance(lam, (Sequence, Tensor, np.ndarray)):
         raise TypeError(f"{name} must be a float, a sequence of floats or a callable (i, sigma) -> float, got {lam!r}")
     values = [check_finite_number(v, f"{name}[{j}]") for j, v in enumerate(lam)]
-    if len(values) != n_guided:
-        raise ValueError(
-            f"{name} has {len(values)} entries; a per-step lam needs one per guided step, "
-            f"min(k, number of steps) = {n_guided}"
-        )
+    if len(values) != len(guided):
+        raise ValueError(f"{name} has {len(values)} entries; a per-step lam needs one per guided step, {per_step}")
     return values
 
 
 class TeacherRefinement:
-    r"""``R(D; i) = D + sum_j lam_j(i) * (T_j(D + tau_i * xi, tau_i) - D)`` on the first ``k`` steps.
+    r"""``R(D; i) = D + sum_j lam_j(i) * (T_j(D + tau_i * xi, tau_i) - D)`` on the guided steps ``i``.
+
+    The guided steps are the first ``k`` steps, or the steps listed in ``guided_steps``; on
+    every other step ``R(D; i) = D`` and no teacher is called.
 
     Args:
         teacher: a VE denoiser ``T(x, sigma, **teacher_extra_args) -> x0``, or a
             sequence of them (then ``lam`` is a matching sequence of weights,
             each of any form below). May be ``None`` when no step is guided.
         lam: the teacher guidance scale ``lam_i``: a float, one float per guided
-            step (``min(k, steps)`` entries) or a callable ``(i, sigma_i) -> float``.
-            ``lam_i = 0`` skips the teacher on step ``i``.
-        k: the number of initial steps that are guided.
+            step (in increasing step order) or a callable ``(i, sigma_i) -> float``
+            evaluated at the guided steps. ``lam_i = 0`` skips the teacher on step ``i``.
+        k: guide the first ``k`` steps; ``None`` means 1 unless ``guided_steps`` is given.
         sigmas: the validated schedule (floats); ``len(sigmas) - 1`` steps.
         x: the initial sample (its device, dtype and batch size are used).
+        guided_steps: the step indices to guide instead of the first ``k`` (``0 .. N - 1``
+            with ``N = len(sigmas) - 1``; negative ones count from the end, ``-1`` is the
+            last step); an empty sequence guides nothing. Not together with ``k``.
         renoise: the renoising noise ``xi``: ``"random"`` (fresh Gaussian, the
             paper's Algorithm 1), ``"deterministic"`` (the student's own noise
             estimate ``(x_in - D_dir) / sigma_in``, so the teacher sees the point
@@ -89,23 +93,28 @@ class TeacherRefinement:
             state of ``x.device`` without advancing it.
         renoise_noise_sampler: a k-diffusion-style noise sampler
             ``(sigma_in, tau) -> Tensor`` that replaces the seeded one.
-        check: the run's :class:`~kdpp._checks.OutputChecker`.
+        check: the :class:`~kdpp._checks.OutputChecker` of the run the refinement belongs
+            to; by default its own (then call :meth:`raise_if_nonfinite` after sampling).
+
+    The teacher is called with ``sigma`` as a ``[batch]`` tensor of dtype
+    ``torch.promote_types(x.dtype, torch.float32)`` (never in half precision).
     """
 
     def __init__(
         self,
         teacher: Denoiser | Sequence[Denoiser] | None,
         lam: Lam | Sequence[Lam],
-        k: int,
+        k: int | None,
         sigmas: list[float],
         x: Tensor,
         *,
+        guided_steps: Sequence[int] | None = None,
         renoise: str = "random",
         renoise_sigma: RenoiseSigma = None,
         teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         renoise_seed: int | Sequence[int] | None = None,
         renoise_noise_sampler: NoiseSampler | None = None,
-        check: OutputChecker,
+        check: OutputChecker | None = None,
     ):
         if renoise not in RENOISE_MODES:
             raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {renoise!r}")
@@ -119,10 +128,11 @@ class TeacherRefinement:
             if renoise_sigma not in RENOISE_LEVELS:
                 raise ValueError(f"renoise_sigma must be one of {RENOISE_LEVELS}, a float or a callable, got {renoise_sigma!r}")
         elif not callable(renoise_sigma):
-            renoise_sigma = check_finite_number(renoise_sigma, "renoise_sigma")
-            if renoise_sigma < 0:
-                raise ValueError(f"renoise_sigma must be >= 0, got {renoise_sigma}")
+            renoise_sigma = check_finite_number(renoise_sigma, "renoise_sigma", minimum=0)
         self.renoise, self.renoise_sigma = renoise, renoise_sigma
+        self.noise_sampler = check_callable(renoise_noise_sampler, "renoise_noise_sampler")
+        if renoise_seed is not None:
+            renoise_seed = check_seed(renoise_seed, "renoise_seed", x.shape[0])
 
         several = isinstance(teacher, (list, tuple))
         teachers = list(teacher) if several else [teacher]
@@ -132,40 +142,38 @@ class TeacherRefinement:
             lams = list(lam)
         else:
             lams = [lam]
-        n_guided = min(check_k(k), len(sigmas) - 1)
+        guided = guided_step_indices(k, guided_steps, len(sigmas) - 1)
+        per_step = (f"len(guided_steps) = {len(guided)}" if guided_steps is not None
+                    else f"min(k, number of steps) = {len(guided)}")
         names = [f"lam[{j}]" for j in range(len(lams))] if several else ["lam"]
-        per_teacher = [_lam_values(l, n, sigmas, n_guided) for l, n in zip(lams, names)]
+        per_teacher = [_lam_values(l, n, sigmas, guided, per_step) for l, n in zip(lams, names)]
         # self.lams[i][j]: weight of teacher j on step i (guided steps only)
-        self.lams = [list(step) for step in zip(*per_teacher)] if n_guided else []
-        active = any(v != 0 for step in self.lams for v in step)
+        self.lams = {i: list(step) for i, step in zip(guided, zip(*per_teacher))}
+        active = any(v != 0 for step in self.lams.values() for v in step)
         if active:
             for j, t in enumerate(teachers):
-                if not callable(t):
-                    raise TypeError(f"teacher{f'[{j}]' if several else ''} must be a callable denoiser, got {t!r}")
+                check_callable(t, f"teacher{f'[{j}]' if several else ''}", optional=False)
         self.teachers = teachers
 
-        if teacher_extra_args is None:
-            targs = [{}] * len(teachers)
-        elif isinstance(teacher_extra_args, Mapping):
-            targs = [teacher_extra_args] * len(teachers)
+        if teacher_extra_args is None or isinstance(teacher_extra_args, Mapping):
+            targs = [check_kwargs(teacher_extra_args, "teacher_extra_args")] * len(teachers)
         else:
-            targs = list(teacher_extra_args)
-            if len(targs) != len(teachers) or not all(isinstance(a, Mapping) for a in targs):
-                raise ValueError(f"teacher_extra_args must be a dict or one dict per teacher ({len(teachers)})")
+            targs = list(teacher_extra_args) if isinstance(teacher_extra_args, (list, tuple)) else None
+            if targs is None or len(targs) != len(teachers) or not all(isinstance(a, Mapping) for a in targs):
+                raise ValueError(f"teacher_extra_args must be a dict or one dict per teacher ({len(teachers)}), "
+                                 f"got {teacher_extra_args!r}")
         self.teacher_extra_args = targs
 
-        self.check = check
-        self.s_in = x.new_ones([x.shape[0]])
+        self.check = OutputChecker(x) if check is None else check
+        self.batch_like = x.new_empty([x.shape[0]])  # the teacher's sigmas follow x's batch, dtype, device
         positive = [s for s in sigmas if s > 0]
         self.log_range = (math.log(min(positive)), math.log(max(positive))) if positive else (0.0, 0.0)
-        self.noise_sampler = renoise_noise_sampler
         self.level_generator = None
         if active and (renoise == "random" or renoise_sigma == "random"):
             seed = derived_seed(x.device) if renoise_seed is None else renoise_seed
             if renoise == "random" and self.noise_sampler is None:
                 self.noise_sampler = seeded_noise_sampler(x, seed)
-            first = int(seed) if isinstance(seed, numbers.Integral) else int(list(seed)[0])
-            self.level_generator = torch.Generator().manual_seed(first)
+            self.level_generator = torch.Generator().manual_seed(seed if isinstance(seed, int) else seed[0])
 
     def _tau(self, i: int, sigma_in: float, sigma_out: float) -> float:
         rs = self.renoise_sigma
@@ -178,10 +186,7 @@ class TeacherRefinement:
             lo, hi = self.log_range
             return math.exp(lo + u * (hi - lo))
         if callable(rs):
-            tau = check_finite_number(rs(i, sigma_in, sigma_out), f"renoise_sigma({i}, {sigma_in:.6g}, {sigma_out:.6g})")
-            if tau < 0:
-                raise ValueError(f"renoise_sigma({i}, ...) must be >= 0, got {tau}")
-            return tau
+            return check_finite_number(rs(i, sigma_in, sigma_out), f"renoise_sigma({i}, ...)", minimum=0)
         return rs
 
     def refine(self, i: int, denoised: Tensor, direction: Tensor, x_in: Tensor, sigma_in: float, sigma_out: float) -> Refined:
@@ -192,7 +197,7 @@ class TeacherRefinement:
         unconditional estimate in CFG++); ``sigma_out`` is the noise level of the
         state the step produces.
         """
-        lams = self.lams[i] if i < len(self.lams) else None
+        lams = self.lams.get(i)
         if not lams or not any(lams):
             return Refined(denoised, [], None)
         tau = self._tau(i, sigma_in, sigma_out)
@@ -209,7 +214,11 @@ class TeacherRefinement:
             if lam == 0:
                 continue
             who = f"teacher[{j}]" if len(self.teachers) > 1 else "teacher"
-            t = self.check(teacher(point, self.s_in * tau, **targs), who, i, tau)
+            t = self.check(teacher(point, sigma_batch(tau, self.batch_like), **targs), who, i, tau)
             outputs.append(t)
             refined = refined + lam * (t - denoised)
         return Refined(refined, outputs, tau)
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise ``FloatingPointError`` if any teacher output so far contained NaN or inf."""
+        self.check.raise_if_nonfinite()

@@ -19,55 +19,70 @@ from __future__ import annotations
 import bisect
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
-from ._checks import OutputChecker, check_sigmas
+from ._checks import check_callable, check_sigmas
+from ._shape import sigma_batch
 from .noise import NoiseSampler
 from .refine import Denoiser, Lam, RenoiseSigma, TeacherRefinement
 
 
 class DistillationDenoiser:
-    r"""``D'(x, sigma) = R(S(x, sigma))`` for the evaluations that fall in the first ``k`` steps of ``sigmas``.
+    r"""``D'(x, sigma) = R(S(x, sigma))`` for the evaluations that fall in the guided steps of ``sigmas``.
 
     Every evaluation at a noise level ``sigma`` with ``sigmas[i] >= sigma > sigmas[i+1]``
     belongs to step ``i`` (a Heun corrector evaluated at ``sigmas[i+1]`` belongs to step
-    ``i + 1``); ``renoise_sigma="next"`` renoises to ``sigmas[i+1]``, ``"current"`` to
+    ``i + 1``); the guided steps are the first ``k`` or those in ``guided_steps``, indices into
+    ``sigmas``. ``renoise_sigma="next"`` renoises to ``sigmas[i+1]``, ``"current"`` to
     ``sigma``. The options are those of :class:`kdpp.TeacherRefinement`; the sampler's
     ``extra_args`` go to the student, ``teacher_extra_args`` to the teacher.
     Call :meth:`raise_if_nonfinite` after sampling to check every model output. Finding the
-    step reads ``sigma`` on the host once per call (k-diffusion's samplers sync there anyway).
+    step reads ``sigma`` on the host once per call (its first entry: k-diffusion's samplers
+    call with one level for the whole batch, and sync there anyway).
+
+    Sigma precision: k-diffusion's samplers hand the model ``sigma`` in ``x``'s dtype, so in
+    fp16 / bf16 it arrives rounded. A ``sigma`` within that rounding of a schedule entry is
+    taken to be the entry, and the student and teacher get ``sigma`` as a tensor of dtype
+    ``torch.promote_types(x.dtype, torch.float32)`` (float32 or better), never the rounded one.
     """
 
-    def __init__(self, student: Denoiser, teacher: Denoiser | Sequence[Denoiser], sigmas: Tensor | Sequence[float],
-                 lam: Lam | Sequence[Lam], k: int = 1, *, renoise: str = "random", renoise_sigma: RenoiseSigma = None,
+    def __init__(self, student: Denoiser, teacher: Denoiser | Sequence[Denoiser] | None,
+                 sigmas: Tensor | Sequence[float], lam: Lam | Sequence[Lam], k: int | None = None, *,
+                 guided_steps: Sequence[int] | None = None, renoise: str = "random",
+                 renoise_sigma: RenoiseSigma = None,
                  teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
                  renoise_seed: int | Sequence[int] | None = None, renoise_noise_sampler: NoiseSampler | None = None):
-        self.student, self.sigmas = student, check_sigmas(sigmas)
-        self.options = dict(teacher=teacher, lam=lam, k=k, renoise=renoise, renoise_sigma=renoise_sigma,
-                            teacher_extra_args=teacher_extra_args, renoise_seed=renoise_seed,
-                            renoise_noise_sampler=renoise_noise_sampler)
+        self.student, self.sigmas = check_callable(student, "student", optional=False), check_sigmas(sigmas)
+        self.options = dict(teacher=teacher, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
+                            renoise_sigma=renoise_sigma, teacher_extra_args=teacher_extra_args,
+                            renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler)
         self.refinement: TeacherRefinement | None = None
-        self.check: OutputChecker | None = None
         self._ascending = self.sigmas[::-1]
 
-    def _step_of(self, sigma: float) -> int:
-        """The step ``i`` with ``sigmas[i] >= sigma > sigmas[i+1]`` (clamped to the schedule)."""
+    def _level(self, sigma: Tensor) -> tuple[int, float]:
+        """The step ``i`` with ``sigmas[i] >= s > sigmas[i+1]`` and the level ``s`` (snapped to the schedule)."""
+        s = float(sigma.reshape(-1)[0])
         n = len(self.sigmas)
-        below = bisect.bisect_left(self._ascending, sigma)  # entries < sigma
-        return min(max(n - 1 - below, 0), n - 2)
+        j = bisect.bisect_left(self._ascending, s)  # entries < s
+        tolerance = torch.finfo(sigma.dtype).eps * s if sigma.is_floating_point() else 0.0
+        for entry in self._ascending[max(j - 1, 0):j + 1]:
+            if abs(entry - s) <= tolerance:
+                s = entry
+        below = bisect.bisect_left(self._ascending, s)
+        return min(max(n - 1 - below, 0), n - 2), s
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
-        if self.refinement is None or self.check.shape != x.shape:
-            self.check = OutputChecker(x)
+        if self.refinement is None or self.refinement.check.shape != x.shape:
             opts = dict(self.options)
             self.refinement = TeacherRefinement(opts.pop("teacher"), opts.pop("lam"), opts.pop("k"), self.sigmas, x,
-                                                check=self.check, **opts)
-        s = float(sigma.reshape(-1)[0])
-        i = self._step_of(s)
-        denoised = self.check(self.student(x, sigma, **extra), "student", i, s)
+                                                **opts)
+        i, s = self._level(sigma)
+        check = self.refinement.check
+        denoised = check(self.student(x, sigma_batch(s, x), **extra), "student", i, s)
         return self.refinement.refine(i, denoised, denoised, x, s, self.sigmas[i + 1]).denoised
 
     def raise_if_nonfinite(self) -> None:
         """Raise if any student or teacher output so far contained NaN or inf."""
-        if self.check is not None:
-            self.check.raise_if_nonfinite()
+        if self.refinement is not None:
+            self.refinement.raise_if_nonfinite()

@@ -1,4 +1,5 @@
 """Drop-in use: k-diffusion's signature (bind), named lookup (register), ComfyUI's KSAMPLER call."""
+import inspect
 import types
 
 import pytest
@@ -116,3 +117,69 @@ def test_host_seed_gives_comfyui_default_noise_stream():
     want = ks.sample_euler_ancestral(nonlinear_denoiser, x, SIGMAS, disable=True,
                                      noise_sampler=lambda s, t: torch.randn(x.size(), dtype=x.dtype, generator=g))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_register_without_teacher_keeps_lam_k_and_options_for_a_call_time_teacher():
+    """Issue 10 item 8: register(ns, lam=..., k=..., renoise=...) then a call-time teacher guides as registered."""
+    ns = types.SimpleNamespace()
+    register(ns, ["euler", "dpmpp_2m"], lam=0.7, k=2, renoise="deterministic")
+    x = torch.randn(2, 3, dtype=torch.float64) * 10
+    teacher = Recorder(other_denoiser)
+    got = ns.sample_euler_distpp(nonlinear_denoiser, x, SIGMAS, teacher=teacher, disable=True)
+    want = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x, SIGMAS, 0.7, 2, renoise="deterministic",
+                                    disable=True)
+    assert teacher.sigmas == [4.0, 1.5] and torch.equal(got, want)
+    ns.sample_dpmpp_2m_distpp(nonlinear_denoiser, x, SIGMAS, teacher=teacher, lam=0.2, k=1, disable=True)
+    assert teacher.calls == 3  # call-time lam and k override the registered ones
+    with pytest.raises(TypeError, match="teacher must be a callable"):
+        ns.sample_euler_distpp(nonlinear_denoiser, x, SIGMAS, disable=True)  # lam 0.7 and no teacher anywhere
+
+
+def a1111_call(fn, model, x, sigmas, settings):
+    """What A1111 / Forge do: pass each setting only if inspect.signature(fn) lists it (sigmas by keyword)."""
+    parameters = inspect.signature(fn).parameters
+    kwargs = {name: value for name, value in {"sigmas": sigmas, **settings}.items() if name in parameters}
+    return fn(model, x, extra_args={}, disable=True, callback=None, **kwargs)
+
+
+# s_tmin / s_tmax churn every step here: k-diffusion draws (and drops) churn noise on unchurned steps too
+SETTINGS = {"eta": 0.4, "s_churn": 1.0, "s_tmin": 0.3, "s_tmax": 20.0, "s_noise": 0.9}
+
+
+@pytest.mark.parametrize("name, theirs", PAIRS, ids=[p[0] for p in PAIRS])
+@pytest.mark.parametrize("form", ["bind", "host_sampler", "register"])
+def test_hosted_signatures_list_the_samplers_own_options(name, theirs, form):
+    """Issue 10 item 9: bound, hosted and registered samplers take eta, s_churn, s_noise, ... exactly where
+    k-diffusion's sampler of the same name does, so A1111 / Forge pass them, and they take effect."""
+    if form == "bind":
+        fn = bind(kdpp.SAMPLERS[name], other_denoiser, 0.0)
+    elif form == "host_sampler":
+        fn = host_sampler(kdpp.SAMPLERS[name])
+    else:
+        ns = types.SimpleNamespace()
+        register(ns, [name])
+        fn = getattr(ns, f"sample_{name}_distpp")
+    ours, kd = inspect.signature(fn).parameters, inspect.signature(theirs).parameters
+    assert list(ours)[:6] == list(kd)[:6] == ["model", "x", "sigmas", "extra_args", "callback", "disable"]
+    assert set(kd) <= set(ours)  # every option of k-diffusion's sampler, with its default
+    assert all(ours[p].default == kd[p].default for p in kd if p != "noise_sampler" and kd[p].default is not kd[p].empty)
+    assert {"teacher", "lam", "k", "guided_steps", "renoise", "renoise_seed"} <= set(ours)
+    x = torch.randn(3, 4, dtype=torch.float64) * 10
+    torch.manual_seed(0)
+    got = a1111_call(fn, nonlinear_denoiser, x, SIGMAS, SETTINGS)
+    torch.manual_seed(0)
+    want = a1111_call(theirs, nonlinear_denoiser, x, SIGMAS, SETTINGS)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if set(SETTINGS) & set(kd):  # the settings changed the result
+        torch.manual_seed(0)
+        assert not torch.equal(got, theirs(nonlinear_denoiser, x, SIGMAS, disable=True))
+
+
+def test_hosted_signatures_refuse_unknown_options():
+    fn = bind(kdpp.sample_euler_distpp, other_denoiser, 0.5)
+    with pytest.raises(TypeError, match="eta"):
+        fn(nonlinear_denoiser, torch.randn(2, 3), SIGMAS, eta=0.5)
+    with pytest.raises(TypeError, match="sample_euler_distpp has no option 'eta'"):
+        bind(kdpp.sample_euler_distpp, other_denoiser, 0.5, eta=0.5)
+    with pytest.raises(TypeError, match="has no option 'eta'"):
+        register(types.SimpleNamespace(), ["euler_ancestral", "euler"], eta=0.5)

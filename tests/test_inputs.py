@@ -1,4 +1,5 @@
 """dtype, device and shape handling, and clear errors for bad input."""
+import inspect
 import math
 
 import pytest
@@ -91,9 +92,61 @@ def test_bad_input_names_the_argument(overrides, error, match):
         run(**overrides)
 
 
+# issue 10 item 12 and the placement option (issue 14): every option a user passes is named when it is wrong
+OPTION_CASES = [
+    ({"eta": math.nan}, ValueError, "eta must be finite"),
+    ({"eta": -0.5}, ValueError, "eta must be >= 0"),
+    ({"eta": "1"}, TypeError, "eta must be a real number"),
+    ({"s_noise": math.nan}, ValueError, "s_noise must be finite"),
+    ({"s_noise": math.inf}, ValueError, "s_noise must be finite"),
+    ({"s_churn": math.nan}, ValueError, "s_churn must be finite"),
+    ({"s_churn": -1.0}, ValueError, "s_churn must be >= 0"),
+    ({"s_tmin": math.nan}, ValueError, "s_tmin must be a number"),
+    ({"s_tmax": math.nan}, ValueError, "s_tmax must be a number"),
+    ({"noise_sampler": 3}, TypeError, "noise_sampler must be a callable or None"),
+    ({"renoise_noise_sampler": "x"}, TypeError, "renoise_noise_sampler must be a callable or None"),
+    ({"renoise_seed": "abc"}, TypeError, "renoise_seed must be an int or one int per batch item"),
+    ({"renoise_seed": 1.5}, TypeError, "renoise_seed must be an int or one int per batch item"),
+    ({"renoise_seed": [1, 2, 3]}, ValueError, r"renoise_seed has 3 entries, expected one per batch item \(8\)"),
+    ({"renoise_seed": [1, "a"] * 4}, TypeError, r"renoise_seed\[1\] must be an int"),
+    ({"extra_args": [1, 2]}, TypeError, "extra_args must be a dict of keyword arguments, got list"),
+    ({"teacher_extra_args": "t"}, ValueError, "teacher_extra_args must be a dict or one dict per teacher"),
+    ({"callback": "print"}, TypeError, "callback must be a callable or None"),
+    ({"disable": "yes"}, TypeError, "disable must be True, False or None"),
+    ({"history": "old"}, ValueError, "history must be 'student' or 'refined'"),
+    ({"cfg_pp": "yes"}, TypeError, "cfg_pp must be True or False"),
+    ({"guided_steps": [1, 1]}, ValueError, r"guided_steps must not repeat a step"),
+    ({"guided_steps": [0, -4]}, ValueError, r"guided_steps must not repeat a step"),
+    ({"guided_steps": [4]}, ValueError, r"guided_steps\[0\] = 4 is out of range for a schedule of 4 steps"),
+    ({"guided_steps": [0, -5]}, ValueError, r"guided_steps\[1\] = -5 is out of range"),
+    ({"guided_steps": [0.5]}, TypeError, r"guided_steps\[0\] must be an int"),
+    ({"guided_steps": [True]}, TypeError, r"guided_steps\[0\] must be an int"),
+    ({"guided_steps": "01"}, TypeError, "guided_steps must be a sequence of step indices"),
+    ({"guided_steps": 2}, TypeError, "guided_steps must be a sequence of step indices"),
+    ({"guided_steps": [0], "k": 1}, ValueError, "give k or guided_steps, not both"),
+    ({"guided_steps": [0, 2], "lam": [0.5]}, ValueError, r"lam has 1 entries.*len\(guided_steps\) = 2"),
+]
+OPTION_RUNS = [pytest.param(name, *case, id=f"{name}-" + ",".join(f"{k}={v!r}" for k, v in case[0].items()))
+               for name, sampler in kdpp.SAMPLERS.items() for case in OPTION_CASES
+               if set(case[0]) <= set(inspect.signature(sampler).parameters)]
+
+
+@pytest.mark.parametrize("name, overrides, error, match", OPTION_RUNS)
+def test_every_option_is_validated_by_name(name, overrides, error, match):
+    """Issue 10 item 12: each sampler that takes the option refuses a bad value, naming it."""
+    sampler = kdpp.SAMPLERS[name]
+    args = {"lam": 0.5, "k": None, "disable": True, **overrides}
+    student = kdpp.CFGDenoiser(nonlinear_denoiser, 0.5) if name.endswith("cfg_pp") else nonlinear_denoiser
+    with pytest.raises(error, match=match):
+        sampler(student, other_denoiser, torch.randn(8, 3) * 8, SIGMAS, args.pop("lam"), args.pop("k"), **args)
+
+
 @pytest.mark.parametrize("who, bad, error, match", [
     ("student", lambda x, s: x[:, :2], ValueError, r"student at step 0 \(sigma=8\) returned shape \(2, 2\), expected \(2, 3\)"),
-    ("teacher", lambda x, s: x.double(), TypeError, r"teacher at step 0 \(sigma=3\) returned dtype torch.float64, expected torch.float32"),
+    ("teacher", lambda x, s: x.half(), TypeError,
+     r"teacher at step 0 \(sigma=3\) returned dtype torch.float16, expected torch.float32 \(the dtype of x\) or a wider"),
+    ("student", lambda x, s: x.long(), TypeError, r"student at step 0 \(sigma=8\) returned dtype torch.int64"),
+    ("teacher", lambda x, s: x.to(torch.complex64), TypeError, r"teacher at step 0 \(sigma=3\) returned dtype torch.complex64"),
     ("teacher", lambda x, s: x.numpy(), TypeError, r"teacher at step 0 \(sigma=3\) returned ndarray"),
 ])
 def test_bad_model_output_is_named(who, bad, error, match):

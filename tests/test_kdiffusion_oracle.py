@@ -20,20 +20,27 @@ CASES = [
 IDS = [f"{c[1].__name__}{c[2] or ''}" for c in CASES]
 
 
-def _run_both(ours, theirs, options, schedule, shape, lam, k):
+def _run_both(ours, theirs, options, schedule, shape, lam, k=None, **placement):
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * schedule[0]
     teacher = Recorder(other_denoiser)
     torch.manual_seed(123)
-    got = ours(nonlinear_denoiser, teacher, x, schedule, lam, k, disable=True, **options)
+    got = ours(nonlinear_denoiser, teacher, x, schedule, lam, k, disable=True, **placement, **options)
     torch.manual_seed(123)
     want = theirs(nonlinear_denoiser, x, schedule, disable=True, **options)
     return got, want, teacher
 
 
+PLAIN = {"lam=0": {"lam": 0.0, "k": 3}, "k=0": {"lam": 0.7, "k": 0},
+         # guided_steps (issue 14 / 11): lam = 0 at the listed steps, or no step listed
+         "lam=0,guided_steps": {"lam": 0.0, "guided_steps": [1, -1]},
+         "lam=[0,0],guided_steps": {"lam": [0.0, 0.0], "guided_steps": [3, 0]},
+         "guided_steps=[]": {"lam": 0.7, "guided_steps": []}}
+
+
 @pytest.mark.parametrize("ours, theirs, options", CASES, ids=IDS)
-@pytest.mark.parametrize("lam, k", [(0.0, 3), (0.7, 0)], ids=["lam=0", "k=0"])
-def test_plain_student_is_kdiffusion(ours, theirs, options, schedule, lam, k):
-    got, want, teacher = _run_both(ours, theirs, options, schedule, (3, 4, 5, 5), lam, k)
+@pytest.mark.parametrize("placement", PLAIN.values(), ids=PLAIN.keys())
+def test_plain_student_is_kdiffusion(ours, theirs, options, schedule, placement):
+    got, want, teacher = _run_both(ours, theirs, options, schedule, (3, 4, 5, 5), **placement)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert teacher.calls == 0
@@ -75,3 +82,21 @@ def test_callback_carries_kdiffusion_keys(ours, theirs, options, schedule):
         torch.testing.assert_close(a["denoised"], b["denoised"], rtol=0, atol=1e-12)
         torch.testing.assert_close(torch.as_tensor(a["sigma"]), torch.as_tensor(b["sigma"]))
         assert a["student_denoised"] is a["denoised"] and "teacher_denoised" not in a
+
+
+@pytest.mark.parametrize("sigma_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("ours, theirs, options", CASES, ids=IDS)
+def test_callback_sigmas_are_tensors_as_in_kdiffusion(ours, theirs, options, schedule, sigma_dtype):
+    """Issue 10 item 10: ``sigma`` and ``sigma_hat`` are 0-d tensors of the schedule's dtype, as k-diffusion's."""
+    seen, theirs_seen = [], []
+    x = torch.randn(2, 3, dtype=torch.float64) * schedule[0]
+    sigmas = schedule.to(sigma_dtype)
+    torch.manual_seed(0)
+    ours(nonlinear_denoiser, None, x, sigmas, 0.0, callback=seen.append, disable=True, **options)
+    torch.manual_seed(0)
+    theirs(nonlinear_denoiser, x, sigmas, callback=theirs_seen.append, disable=True, **options)
+    for a, b in zip(seen, theirs_seen, strict=True):
+        for key in ("sigma", "sigma_hat"):
+            assert type(a[key]) is type(b[key]) is torch.Tensor
+            assert (a[key].dtype, a[key].device, a[key].shape) == (b[key].dtype, b[key].device, b[key].shape)
+            assert torch.equal(a[key], b[key])

@@ -19,10 +19,10 @@ def x0(shape=(4, 3), seed=0):
     return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * SIGMAS[0]
 
 
-def expected_teacher_sigmas(sampler, k, level):
-    """The documented renoise levels of each solver, step by step (0: no call)."""
+def expected_teacher_sigmas(sampler, steps, level):
+    """The documented renoise levels of each solver on the guided ``steps``, in order (0: no call)."""
     taus = []
-    for i in range(min(k, len(SIGMAS) - 1)):
+    for i in steps:
         s, s_next = SIGMAS[i], SIGMAS[i + 1]
         if sampler is kdpp.sample_dpmpp_2s_ancestral_distpp:
             down, _ = ancestral_step(s, s_next)
@@ -40,8 +40,24 @@ def expected_teacher_sigmas(sampler, k, level):
 def test_teacher_sigma_and_call_count(sampler, k, level):
     teacher = Recorder(other_denoiser)
     sampler(nonlinear_denoiser, teacher, x0(), SIGMAS, 0.5, k, renoise_sigma=level, disable=True)
-    want = expected_teacher_sigmas(sampler, k, level)
+    want = expected_teacher_sigmas(sampler, range(min(k, len(SIGMAS) - 1)), level)
     assert teacher.sigmas == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ALL, ids=ALL_IDS)
+@pytest.mark.parametrize("guided_steps, steps", [([0], [0]), ([2], [2]), ([-1], [4]), ([3, 1], [1, 3]),
+                                                 ([-2, 0, 2], [0, 2, 3]), (range(5), range(5)), ([], [])],
+                         ids=["0", "2", "-1", "3,1", "-2,0,2", "all", "none"])
+@pytest.mark.parametrize("level", ["next", "current"])
+def test_guided_steps_call_the_teacher_at_those_steps_only(sampler, guided_steps, steps, level):
+    """guided_steps (issues 14, 11): the teacher is called on the listed steps (2S: both stages), at the
+    documented renoise level of each, and nowhere else; the student is called as in the plain run."""
+    teacher, student = Recorder(other_denoiser), Recorder(nonlinear_denoiser)
+    sampler(student, teacher, x0(), SIGMAS, 0.5, guided_steps=guided_steps, renoise_sigma=level, disable=True)
+    assert teacher.sigmas == pytest.approx(expected_teacher_sigmas(sampler, steps, level), rel=1e-12)
+    plain = Recorder(nonlinear_denoiser)
+    sampler(plain, None, x0(), SIGMAS, 0.0, disable=True)
+    assert student.calls == plain.calls
 
 
 @pytest.mark.parametrize("sampler", ALL, ids=ALL_IDS)
@@ -185,3 +201,19 @@ def test_numpy_integer_seeds_are_accepted():
     a = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=np.int64(4), disable=True)
     b = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=4, disable=True)
     assert torch.equal(a, b)
+
+
+def test_teacher_refinement_is_usable_alone_without_a_checker():
+    """Issue 10 item 13: the public class needs no private OutputChecker; it checks its teacher's outputs."""
+    x = x0()
+    ref = kdpp.TeacherRefinement(other_denoiser, 0.5, 1, SIGMAS, x, renoise="deterministic")
+    D = nonlinear_denoiser(x, torch.full((4,), SIGMAS[0], dtype=torch.float64))
+    out = ref.refine(0, D, D, x, SIGMAS[0], SIGMAS[1])
+    point = D + SIGMAS[1] / SIGMAS[0] * (x - D)
+    T = other_denoiser(point, torch.full((4,), SIGMAS[1], dtype=torch.float64))
+    torch.testing.assert_close(out.denoised, D + 0.5 * (T - D), rtol=0, atol=1e-12)
+    ref.raise_if_nonfinite()
+    bad = kdpp.TeacherRefinement(lambda p, s: p * math.nan, 0.5, 1, SIGMAS, x, renoise="deterministic")
+    bad.refine(0, D, D, x, SIGMAS[0], SIGMAS[1])
+    with pytest.raises(FloatingPointError, match="teacher at step 0"):
+        bad.raise_if_nonfinite()

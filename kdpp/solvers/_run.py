@@ -9,11 +9,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .._checks import OutputChecker, check_sigmas, check_x
+from .._checks import OutputChecker, check_callable, check_kwargs, check_sigmas, check_x
+from .._shape import sigma_batch
 from ..noise import NoiseSampler, default_noise_sampler
 from ..refine import Denoiser, Lam, Refined, RenoiseSigma, TeacherRefinement
 
 COMMON_ARGS = """
+    Models get ``sigma`` as a ``[B]`` tensor of dtype ``torch.promote_types(x.dtype,
+    torch.float32)`` (float32 for fp16 / bf16 / fp32 samples); an output in a wider float
+    type than ``x`` is cast to ``x``'s dtype.
+
     Args:
         student: the distilled VE denoiser ``S(x, sigma, **extra_args) -> x0``
             (with ``cfg_pp=True``: an object with ``guided_and_uncond(x, sigma,
@@ -24,14 +29,24 @@ COMMON_ARGS = """
         x: the initial noisy sample ``x_0 = sigma_0 * noise``, shape ``[B, ...]``.
         sigmas: the schedule ``s_0 > s_1 > ... > s_N``, 1-D, on any device and
             dtype; ``s_N`` is 0 for a full run (a positive last entry stops there).
-        lam: the teacher guidance scale: a float, one float per guided step, or
-            ``f(i, sigma_i) -> float``; 0 makes the sampler the plain student.
-        k: guide the first ``k`` steps (the paper uses 1); 0 calls no teacher.
+        lam: the teacher guidance scale: a float, one float per guided step (in
+            increasing step order), or ``f(i, sigma_i) -> float`` (evaluated at the
+            guided steps); 0 makes the sampler the plain student.
+        k: guide the first ``k`` steps (the paper uses 1); 0 calls no teacher;
+            ``None`` (default) means 1 unless ``guided_steps`` is given.
+        guided_steps: the step indices to guide instead of the first ``k``: indices
+            into this call's schedule, ``0 .. N - 1`` with ``N = len(sigmas) - 1``,
+            negative ones counting from the end (``-1``: the last step); an empty
+            sequence guides nothing. Repeated or out-of-range indices, or ``k``
+            given as well, raise ``ValueError``. Step ``i`` is refined as
+            ``R(D; i) = D + lam_i (T(D + tau_i xi, tau_i) - D)`` if ``i`` is guided,
+            ``R(D; i) = D`` (no teacher call) otherwise.
         extra_args: keyword arguments for the student (k-diffusion convention).
         teacher_extra_args: keyword arguments for the teacher (one dict per
             teacher allowed); defaults to ``extra_args``.
         callback: called once per step with k-diffusion's keys ``x, i, sigma,
-            sigma_hat, denoised`` (``denoised`` is the refined estimate) plus
+            sigma_hat, denoised`` (``sigma`` and ``sigma_hat`` 0-d tensors like
+            ``sigmas``; ``denoised`` is the refined estimate) plus
             ``student_denoised`` and, on steps that called the teacher,
             ``teacher_denoised`` (a list with several teachers) and ``renoise_sigma``.
         disable: disable the tqdm progress bar.
@@ -41,7 +56,7 @@ COMMON_ARGS = """
             ``"current"``, ``"random"``, a float or ``f(i, sigma_in, sigma_out)``.
         renoise_seed: seed (or one per batch item) of the renoise noise; by
             default derived from the global RNG state without advancing it.
-        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one.{cfg_pp}
+        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one.{cfg_pp}{own}
 
     Returns:
         The final sample, with the dtype, device and shape of ``x``.
@@ -54,9 +69,10 @@ CFG_PP_ARG = """
 
 
 def documented(fn: Callable) -> Callable:
-    """Fill the shared ``{args}`` section of a sampler docstring."""
+    """Fill the shared ``{args}`` section of a sampler docstring; the solver's own args follow it there."""
     cfg_pp = CFG_PP_ARG if "cfg_pp" in inspect.signature(fn).parameters else ""
-    fn.__doc__ = fn.__doc__.replace("{args}", COMMON_ARGS.strip("\n").replace("{cfg_pp}", cfg_pp))
+    head, own = fn.__doc__.split("{args}")
+    fn.__doc__ = head + COMMON_ARGS.strip().replace("{cfg_pp}", cfg_pp).replace("{own}", own.rstrip()) + "\n"
     return fn
 
 
@@ -67,6 +83,8 @@ def cfg_pp_variant(sampler: Callable) -> Callable:
     def variant(*args, **kwargs):
         return sampler(*args, cfg_pp=True, **kwargs)
 
+    signature = inspect.signature(sampler)
+    variant.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "cfg_pp"])
     variant.__name__ = variant.__qualname__ = sampler.__name__.replace("_distpp", "_cfg_pp_distpp")
     variant.__doc__ = f"CFG++ form of :func:`{sampler.__name__}`: ``{sampler.__name__}(..., cfg_pp=True)``.\n"
     return variant
@@ -96,8 +114,9 @@ class SamplerRun:
         x: Tensor,
         sigmas: Tensor | Sequence[float],
         lam: Lam | Sequence[Lam],
-        k: int,
+        k: int | None,
         *,
+        guided_steps: Sequence[int] | None,
         extra_args: Mapping[str, Any] | None,
         teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None,
         callback: Callable[[dict], Any] | None,
@@ -112,18 +131,23 @@ class SamplerRun:
         check_x(x)
         self.sigmas = check_sigmas(sigmas)
         self.sigma_values = sigmas if isinstance(sigmas, Tensor) else torch.tensor(self.sigmas, dtype=torch.float64)
-        if not callable(student):
-            raise TypeError(f"student must be a callable denoiser, got {student!r}")
+        check_callable(student, "student", optional=False)
+        if not isinstance(cfg_pp, bool):
+            raise TypeError(f"cfg_pp must be True or False, got {cfg_pp!r}")
         if cfg_pp and not callable(getattr(student, "guided_and_uncond", None)):
             raise TypeError(
                 "cfg_pp=True needs a student with guided_and_uncond(x, sigma, **extra_args) -> (guided, uncond), "
                 "such as kdpp.CFGDenoiser"
             )
-        self.student, self.cfg_pp, self.callback, self.disable = student, cfg_pp, callback, disable
-        self.extra_args = {} if extra_args is None else extra_args
+        if not (disable is None or isinstance(disable, int)):
+            raise TypeError(f"disable must be True, False or None, got {disable!r}")
+        self.student, self.cfg_pp, self.disable = student, cfg_pp, disable
+        self.callback = check_callable(callback, "callback")
+        self.extra_args = check_kwargs(extra_args, "extra_args")
         self.check = OutputChecker(x)
         self.refinement = TeacherRefinement(
             teacher, lam, k, self.sigmas, x,
+            guided_steps=guided_steps,
             renoise=renoise,
             renoise_sigma=renoise_sigma,
             teacher_extra_args=self.extra_args if teacher_extra_args is None else teacher_extra_args,
@@ -131,8 +155,8 @@ class SamplerRun:
             renoise_noise_sampler=renoise_noise_sampler,
             check=self.check,
         )
+        noise_sampler = check_callable(noise_sampler, "noise_sampler")
         self.noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
-        self.s_in = x.new_ones([x.shape[0]])
 
     def steps(self) -> Iterable[int]:
         return trange(len(self.sigmas) - 1, disable=self.disable)
@@ -140,9 +164,9 @@ class SamplerRun:
     def denoise(self, x: Tensor, sigma: float, i: int) -> tuple[Tensor, Tensor]:
         """The student's leading and direction estimates ``(D, D)``; CFG++: ``(D_w, D_u)``."""
         if not self.cfg_pp:
-            denoised = self.check(self.student(x, self.s_in * sigma, **self.extra_args), "student", i, sigma)
+            denoised = self.check(self.student(x, sigma_batch(sigma, x), **self.extra_args), "student", i, sigma)
             return denoised, denoised
-        out = self.student.guided_and_uncond(x, self.s_in * sigma, **self.extra_args)
+        out = self.student.guided_and_uncond(x, sigma_batch(sigma, x), **self.extra_args)
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(f"student.guided_and_uncond must return (guided, uncond), got {type(out).__name__}")
         return self.check(out[0], "student", i, sigma), self.check(out[1], "student (unconditional)", i, sigma)
@@ -150,12 +174,16 @@ class SamplerRun:
     def refine(self, i: int, denoised: Tensor, direction: Tensor, x_in: Tensor, sigma_in: float, sigma_out: float) -> Refined:
         return self.refinement.refine(i, denoised, direction, x_in, sigma_in, sigma_out)
 
-    def report(self, i: int, x: Tensor, sigma_hat: float, student_denoised: Tensor, refined: Refined) -> None:
-        """Call the callback with k-diffusion's keys plus the student's and teacher's estimates."""
+    def report(self, i: int, x: Tensor, student_denoised: Tensor, refined: Refined, gamma: float = 0.0) -> None:
+        """Call the callback with k-diffusion's keys plus the student's and teacher's estimates.
+
+        ``sigma_hat = sigmas[i] * (gamma + 1)`` is a 0-d tensor like ``sigmas``, as in k-diffusion.
+        """
         if self.callback is None:
             return
+        sigma = self.sigma_values[i]
         info = {
-            "x": x, "i": i, "sigma": self.sigma_values[i], "sigma_hat": sigma_hat,
+            "x": x, "i": i, "sigma": sigma, "sigma_hat": sigma * (gamma + 1),
             "denoised": refined.denoised, "student_denoised": student_denoised,
         }
         if refined.teacher_denoised:

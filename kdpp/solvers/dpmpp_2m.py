@@ -20,8 +20,9 @@ def sample_dpmpp_2m_distpp(
     x: Tensor,
     sigmas: Tensor | Sequence[float],
     lam: Lam | Sequence[Lam],
-    k: int = 1,
+    k: int | None = None,
     *,
+    guided_steps: Sequence[int] | None = None,
     extra_args: Mapping[str, Any] | None = None,
     teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     callback: Callable[[dict], Any] | None = None,
@@ -33,7 +34,7 @@ def sample_dpmpp_2m_distpp(
     cfg_pp: bool = False,
     history: str = "student",
 ) -> Tensor:
-    """DPM-Solver++(2M) steps; the first ``k`` steps refined by the teacher.
+    """DPM-Solver++(2M) steps; the guided steps refined by the teacher.
 
     Each step, with ``h = log(s_i / s_{i+1})``, ``r = h_last / h``
     (``h_last = log(s_{i-1} / s_i)``)::
@@ -56,16 +57,17 @@ def sample_dpmpp_2m_distpp(
     """
     if history not in ("student", "refined"):
         raise ValueError(f"history must be 'student' or 'refined', got {history!r}")
-    run = SamplerRun(student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
-                     callback=callback, disable=disable, renoise=renoise, renoise_sigma=renoise_sigma,
-                     renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp)
+    run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
+                     teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
+                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
+                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp)
     sigmas = run.sigmas
     old_denoised = None
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised, direction = run.denoise(x, sigma, i)
         refined = run.refine(i, denoised, direction, x, sigma, sigma_next)
-        run.report(i, x, sigma, denoised, refined)
+        run.report(i, x, denoised, refined)
         x_next = step(refined.denoised, direction, x, sigma_next / sigma)
         if old_denoised is not None and sigma_next > 0:
             r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)

@@ -6,6 +6,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .._checks import check_solver_options
 from ..noise import NoiseSampler
 from ..refine import Denoiser, Lam, RenoiseSigma
 from ._run import SamplerRun, ancestral_step, cfg_pp_variant, documented, step
@@ -19,8 +20,9 @@ def sample_dpmpp_2s_ancestral_distpp(
     x: Tensor,
     sigmas: Tensor | Sequence[float],
     lam: Lam | Sequence[Lam],
-    k: int = 1,
+    k: int | None = None,
     *,
+    guided_steps: Sequence[int] | None = None,
     extra_args: Mapping[str, Any] | None = None,
     teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     callback: Callable[[dict], Any] | None = None,
@@ -34,7 +36,7 @@ def sample_dpmpp_2s_ancestral_distpp(
     renoise_noise_sampler: NoiseSampler | None = None,
     cfg_pp: bool = False,
 ) -> Tensor:
-    """DPM-Solver++(2S) ancestral steps; both stages of the first ``k`` steps refined.
+    """DPM-Solver++(2S) ancestral steps; both stages of a guided step refined.
 
     Each step, with ``(s_down, s_up) = ancestral_step(s_i, s_{i+1}, eta)``,
     the midpoint ``s_mid = sqrt(s_i * s_down)`` (r = 1/2) and
@@ -57,10 +59,11 @@ def sample_dpmpp_2s_ancestral_distpp(
         s_noise: scale of the ancestral noise.
         noise_sampler: ``(sigma, sigma_next) -> Tensor``; default ``randn_like(x)``.
     """
-    run = SamplerRun(student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
-                     callback=callback, disable=disable, renoise=renoise, renoise_sigma=renoise_sigma,
-                     renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp,
-                     noise_sampler=noise_sampler)
+    eta, s_noise = check_solver_options(eta=eta, s_noise=s_noise)
+    run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
+                     teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
+                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
+                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp, noise_sampler=noise_sampler)
     sigmas = run.sigmas
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -68,12 +71,12 @@ def sample_dpmpp_2s_ancestral_distpp(
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
             refined = run.refine(i, denoised, direction, x, sigma, sigma_next)
-            run.report(i, x, sigma, denoised, refined)
+            run.report(i, x, denoised, refined)
             x = refined.denoised
         else:
             sigma_mid = (sigma * sigma_down) ** 0.5
             refined = run.refine(i, denoised, direction, x, sigma, sigma_mid)
-            run.report(i, x, sigma, denoised, refined)
+            run.report(i, x, denoised, refined)
             x_mid = step(refined.denoised, direction, x, sigma_mid / sigma)
             denoised_2, direction_2 = run.denoise(x_mid, sigma_mid, i)
             refined_2 = run.refine(i, denoised_2, direction_2, x_mid, sigma_mid, sigma_next)

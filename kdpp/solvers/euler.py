@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .._checks import check_solver_options
 from ..noise import NoiseSampler
 from ..refine import Denoiser, Lam, RenoiseSigma
 from ._run import SamplerRun, cfg_pp_variant, documented, step
@@ -20,8 +21,9 @@ def sample_euler_distpp(
     x: Tensor,
     sigmas: Tensor | Sequence[float],
     lam: Lam | Sequence[Lam],
-    k: int = 1,
+    k: int | None = None,
     *,
+    guided_steps: Sequence[int] | None = None,
     extra_args: Mapping[str, Any] | None = None,
     teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     callback: Callable[[dict], Any] | None = None,
@@ -37,7 +39,7 @@ def sample_euler_distpp(
     renoise_noise_sampler: NoiseSampler | None = None,
     cfg_pp: bool = False,
 ) -> Tensor:
-    """Euler (DDIM) steps; the first ``k`` steps refined by the teacher.
+    """Euler (DDIM) steps; the guided steps refined by the teacher.
 
     Each step, with ``R`` the teacher refinement (:class:`kdpp.TeacherRefinement`)::
 
@@ -51,13 +53,17 @@ def sample_euler_distpp(
     k-diffusion's ``sample_euler``.
 
     {args}
-        s_churn, s_tmin, s_tmax, s_noise: k-diffusion's stochastic churn.
+        s_churn: k-diffusion's stochastic churn: ``gamma = min(s_churn / N, sqrt(2) - 1)``.
+        s_tmin: churn only steps with ``s_tmin <= s_i``.
+        s_tmax: churn only steps with ``s_i <= s_tmax``.
+        s_noise: scale of the churn noise.
         noise_sampler: ``(sigma, sigma_next) -> Tensor`` for the churn noise.
     """
-    run = SamplerRun(student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
-                     callback=callback, disable=disable, renoise=renoise, renoise_sigma=renoise_sigma,
-                     renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp,
-                     noise_sampler=noise_sampler)
+    s_churn, s_tmin, s_tmax, s_noise = check_solver_options(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
+                     teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
+                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
+                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp, noise_sampler=noise_sampler)
     sigmas = run.sigmas
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -67,7 +73,7 @@ def sample_euler_distpp(
             x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=s_noise * (sigma_hat**2 - sigma**2) ** 0.5)
         denoised, direction = run.denoise(x, sigma_hat, i)
         refined = run.refine(i, denoised, direction, x, sigma_hat, sigma_next)
-        run.report(i, x, sigma_hat, denoised, refined)
+        run.report(i, x, denoised, refined, gamma)
         x = step(refined.denoised, direction, x, sigma_next / sigma_hat)
     return run.finish(x)
 

@@ -6,6 +6,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .._checks import check_solver_options
 from ..noise import NoiseSampler
 from ..refine import Denoiser, Lam, RenoiseSigma
 from ._run import SamplerRun, ancestral_step, cfg_pp_variant, documented, step
@@ -19,8 +20,9 @@ def sample_euler_ancestral_distpp(
     x: Tensor,
     sigmas: Tensor | Sequence[float],
     lam: Lam | Sequence[Lam],
-    k: int = 1,
+    k: int | None = None,
     *,
+    guided_steps: Sequence[int] | None = None,
     extra_args: Mapping[str, Any] | None = None,
     teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     callback: Callable[[dict], Any] | None = None,
@@ -34,7 +36,7 @@ def sample_euler_ancestral_distpp(
     renoise_noise_sampler: NoiseSampler | None = None,
     cfg_pp: bool = False,
 ) -> Tensor:
-    """Euler ancestral steps; the first ``k`` steps refined by the teacher.
+    """Euler ancestral steps; the guided steps refined by the teacher.
 
     Each step, with ``(s_down, s_up) = ancestral_step(s_i, s_{i+1}, eta)`` and
     ``z = noise_sampler(s_i, s_{i+1})``::
@@ -52,17 +54,18 @@ def sample_euler_ancestral_distpp(
         s_noise: scale of the ancestral noise.
         noise_sampler: ``(sigma, sigma_next) -> Tensor``; default ``randn_like(x)``.
     """
-    run = SamplerRun(student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
-                     callback=callback, disable=disable, renoise=renoise, renoise_sigma=renoise_sigma,
-                     renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp,
-                     noise_sampler=noise_sampler)
+    eta, s_noise = check_solver_options(eta=eta, s_noise=s_noise)
+    run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
+                     teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
+                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
+                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp, noise_sampler=noise_sampler)
     sigmas = run.sigmas
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised, direction = run.denoise(x, sigma, i)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         refined = run.refine(i, denoised, direction, x, sigma, sigma_next)
-        run.report(i, x, sigma, denoised, refined)
+        run.report(i, x, denoised, refined)
         x = step(refined.denoised, direction, x, sigma_down / sigma)
         if sigma_next > 0:
             x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=s_noise * sigma_up)

@@ -19,8 +19,9 @@ def sample_lcm_distpp(
     x: Tensor,
     sigmas: Tensor | Sequence[float],
     lam: Lam | Sequence[Lam],
-    k: int = 1,
+    k: int | None = None,
     *,
+    guided_steps: Sequence[int] | None = None,
     extra_args: Mapping[str, Any] | None = None,
     teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     callback: Callable[[dict], Any] | None = None,
@@ -31,7 +32,7 @@ def sample_lcm_distpp(
     renoise_seed: int | Sequence[int] | None = None,
     renoise_noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
-    """Multistep consistency ("iterative random") sampling; the first ``k`` steps refined.
+    """Multistep consistency ("iterative random") sampling; the guided steps refined.
 
     For students that predict the ODE endpoint (LCM, DMD2, consistency models),
     with ``z = noise_sampler(s_i, s_{i+1})``::
@@ -42,16 +43,16 @@ def sample_lcm_distpp(
     {args}
         noise_sampler: ``(sigma, sigma_next) -> Tensor``; default ``randn_like(x)``.
     """
-    run = SamplerRun(student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
-                     callback=callback, disable=disable, renoise=renoise, renoise_sigma=renoise_sigma,
-                     renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler, cfg_pp=False,
-                     noise_sampler=noise_sampler)
+    run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
+                     teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
+                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
+                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=False, noise_sampler=noise_sampler)
     sigmas = run.sigmas
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised, direction = run.denoise(x, sigma, i)
         refined = run.refine(i, denoised, direction, x, sigma, sigma_next)
-        run.report(i, x, sigma, denoised, refined)
+        run.report(i, x, denoised, refined)
         x = refined.denoised
         if sigma_next > 0:
             x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=sigma_next)

@@ -1,0 +1,93 @@
+"""``guided_steps``: which steps are guided, not only the first k (issue 14's placement study, issue 11
+item 4). Oracle (lam = 0) and accounting cases live with the other options' in test_kdiffusion_oracle.py
+and test_refinement.py; this file checks the equivalences and the per-step lam forms."""
+import pytest
+import torch
+
+import kdpp
+from kdpp.hosts import bind
+from kdpp.wrappers import DistillationDenoiser
+from conftest import Recorder, nonlinear_denoiser, other_denoiser
+
+ks = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is the oracle (pip install '.[test]')")
+SIGMAS = [10.0, 5.0, 2.0, 0.8, 0.3, 0.0]
+
+
+def x0(shape=(4, 3), seed=0):
+    return torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * SIGMAS[0]
+
+
+def student_for(name):
+    """The student of a sampler form: a CFGDenoiser for the CFG++ forms."""
+    if name.endswith("cfg_pp"):
+        c, u = torch.ones(4, 1, dtype=torch.float64), -torch.ones(4, 1, dtype=torch.float64)
+        model = kdpp.CFGDenoiser(lambda x, s, c: nonlinear_denoiser(x, s) + 0.1 * c, 0.6)
+        return model, {"cond": {"c": c}, "uncond": {"c": u}}
+    return nonlinear_denoiser, {}
+
+
+def guided_run(name, **placement):
+    student, extra = student_for(name)
+    torch.manual_seed(3)
+    return kdpp.SAMPLERS[name](student, other_denoiser, x0(), SIGMAS, 0.4, extra_args=extra, teacher_extra_args={},
+                               renoise_seed=5, disable=True, **placement)
+
+
+@pytest.mark.parametrize("name", list(kdpp.SAMPLERS))
+@pytest.mark.parametrize("k", [0, 1, 2, 5])
+def test_guided_steps_range_k_is_k_bitwise(name, k):
+    assert torch.equal(guided_run(name, guided_steps=range(k)), guided_run(name, k=k))
+    if k == 1:
+        assert torch.equal(guided_run(name), guided_run(name, k=1))  # k=None: 1
+
+
+@pytest.mark.parametrize("name", list(kdpp.SAMPLERS))
+def test_guided_steps_equal_a_per_step_lam_with_zeros(name):
+    """Guiding steps 1 and 4 is lam = [0, 0.4, 0, 0, 0.4] on the first 5 (same renoise stream per call)."""
+    a = guided_run(name, guided_steps=[4, 1], renoise="deterministic")
+    student, extra = student_for(name)
+    torch.manual_seed(3)
+    b = kdpp.SAMPLERS[name](student, other_denoiser, x0(), SIGMAS, [0.0, 0.4, 0.0, 0.0, 0.4], 5, extra_args=extra,
+                            teacher_extra_args={}, renoise="deterministic", disable=True)
+    assert torch.equal(a, b)
+
+
+def test_per_step_lam_follows_increasing_step_order_and_callable_lam_sees_guided_steps():
+    seen = []
+    kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, [0.2, 0.7], guided_steps=[3, 0],
+                             callback=seen.append, disable=True)
+    guided = [d for d in seen if "teacher_denoised" in d]
+    assert [d["i"] for d in guided] == [0, 3]
+    for d, lam in zip(guided, [0.2, 0.7]):
+        want = d["student_denoised"] + lam * (d["teacher_denoised"] - d["student_denoised"])
+        torch.testing.assert_close(d["denoised"], want, rtol=0, atol=1e-12)
+    calls = []
+    kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS,
+                             lambda i, sigma: calls.append((i, sigma)) or 0.5, guided_steps=[-1, 2], disable=True)
+    assert calls == [(2, SIGMAS[2]), (4, SIGMAS[4])]
+
+
+def test_distillation_denoiser_guides_the_listed_steps():
+    """Heun under the wrapper: step 2's evaluations (its own, and step 1's corrector at sigmas[2]) are guided."""
+    teacher = Recorder(other_denoiser)
+    wrapped = DistillationDenoiser(nonlinear_denoiser, teacher, SIGMAS, 0.5, guided_steps=[2])
+    ks.sample_heun(wrapped, x0(), torch.tensor(SIGMAS, dtype=torch.float64), disable=True)
+    assert teacher.sigmas == [SIGMAS[3], SIGMAS[3]]
+
+
+def test_teacher_refinement_with_guided_steps():
+    ref = kdpp.TeacherRefinement(other_denoiser, [0.3, 0.6], None, SIGMAS, x0(), guided_steps=[-1, 1])
+    assert sorted(ref.lams) == [1, 4] and ref.lams[1] == [0.3] and ref.lams[4] == [0.6]
+    x = x0()
+    assert ref.refine(0, x, x, x, SIGMAS[0], SIGMAS[1]).teacher_denoised == []
+    assert ref.refine(1, x, x, x, SIGMAS[1], SIGMAS[2]).renoise_sigma == SIGMAS[2]
+
+
+def test_hosts_pass_guided_steps_and_a_call_time_placement_replaces_the_bound_one():
+    teacher = Recorder(other_denoiser)
+    fn = bind(kdpp.sample_euler_distpp, teacher, 0.5, guided_steps=[-2])
+    fn(nonlinear_denoiser, x0(), SIGMAS, disable=True)
+    assert teacher.sigmas == [SIGMAS[4]]
+    fn(nonlinear_denoiser, x0(), SIGMAS, disable=True, k=2)
+    fn(nonlinear_denoiser, x0(), SIGMAS, disable=True, guided_steps=[0])
+    assert teacher.sigmas == [SIGMAS[4], SIGMAS[1], SIGMAS[2], SIGMAS[1]]
