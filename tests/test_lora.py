@@ -133,6 +133,8 @@ def test_refuses_models_without_adapters_or_with_a_fused_lora():
     unet = add_lora(tiny_unet(seed=0))
     with pytest.raises(ValueError, match=r"adapter_names \['nope'\] are not loaded"):
         SharedLoRAModel(unet, "nope")
+    with pytest.raises(ValueError, match="adapter_weights has 2 entries for 1 adapter_names"):
+        SharedLoRAModel(unet, "default", [1.0, 0.5])
     unet.fuse_lora()
     with pytest.raises(ValueError, match="fused into its weights"):
         SharedLoRAModel(unet)

@@ -42,9 +42,9 @@ class SharedLoRAModel:
             be fused into the weights (the teacher needs the base weights).
         adapter_names: the student's adapter(s); default: the adapters active now.
         adapter_weights: their scales (a float or one per adapter, as diffusers' ``set_adapters``
-            takes them); default: the scales set now. Given either, the student state is what
-            ``model.set_adapters(adapter_names, adapter_weights)`` sets; the model itself is left
-            as it was.
+            takes them). With neither given, the student uses the adapters and scales set now;
+            given either, what ``model.set_adapters(adapter_names, adapter_weights)`` sets (scale
+            1 by default). Either way the model itself is left as it was.
 
     ``student`` and ``teacher`` are callables with the model's signature (attributes such as
     ``config``, ``dtype`` and ``parameters`` read through to the model), so they drop in wherever a
@@ -86,24 +86,20 @@ class SharedLoRAModel:
         self.teacher = AdapterView(self, self._teacher_state, "teacher")
 
     def _set_adapters(self, names: str | Sequence[str] | None, weights: float | Sequence[float] | None) -> None:
+        """What diffusers' ``model.set_adapters(names, weights)`` sets (names default to the active ones)."""
+        if not callable(getattr(self.model, "set_adapters", None)):
+            raise TypeError(f"adapter_names/adapter_weights need a diffusers model (set_adapters); {type(self.model).__name__} "
+                            "has none: activate the student's adapters on it before building the pair")
         names = self.layers[0].active_adapters if names is None else [names] if isinstance(names, str) else list(names)
-        known = set(getattr(self.model, "peft_config", {}) or {})
-        missing = [n for n in names if known and n not in known]
-        if missing:
-            raise ValueError(f"adapter_names {missing} are not loaded on the model (it has {sorted(known)})")
+        known = set(self.model.peft_config)
+        if any(n not in known for n in names):
+            raise ValueError(f"adapter_names {[n for n in names if n not in known]} are not loaded on the model "
+                             f"(it has {sorted(known)})")
         if weights is not None and not isinstance(weights, numbers.Real):
             weights = list(weights)
             if len(weights) != len(names):
                 raise ValueError(f"adapter_weights has {len(weights)} entries for {len(names)} adapter_names")
-        if callable(getattr(self.model, "set_adapters", None)):  # diffusers models (per-block weight dicts too)
-            self.model.set_adapters(names, list(weights) if isinstance(weights, list) else weights)
-            return
-        scales = dict(zip(names, weights if isinstance(weights, list) else [1.0 if weights is None else weights] * len(names)))
-        for layer in self.layers:
-            layer.set_adapter(names)
-            for name, scale in scales.items():
-                if hasattr(layer, "set_scale"):
-                    layer.set_scale(name, float(scale))
+        self.model.set_adapters(names, weights)
 
     def state(self) -> list[LayerState]:
         """Every tuner layer's ``(active adapter(s), disabled, scaling)``, a copy."""
