@@ -9,8 +9,9 @@ teacher is its base. "shared": one UNet, student = adapters on, teacher = adapte
 (:class:`kdpp.diffusers.lora.SharedLoRAModel`). "separate": the student UNet with its LoRA plus a
 second copy of the base as the teacher (what loading two pipelines gives). Each case runs one
 guided ``generate`` (LCM-LoRA preset, 4 steps, k = 1, the preset's lam, batch 1) and reports its
-peak memory (CPU: the process's peak RSS, ``ru_maxrss``; CUDA: ``max_memory_allocated``), the
-memory before the models were built, and the wall time. The printed ratio is shared / separate
+peak memory (CPU: the process's peak RSS, ``ru_maxrss``, building the fp32 models included;
+CUDA: ``max_memory_allocated`` during the run, the resident models included), the memory before
+the models were built, and the wall time. The printed ratio is shared / separate
 of the peak above that baseline.
 
 Sizes: ``--size small`` (CPU default: SDXL layout at 2/5 of the channels, 4 of its 10 deepest transformer blocks, 256 px) or
@@ -86,7 +87,6 @@ def run_case(case: str, size: str, device: str, px: int) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib()
     unet = sdxl_unet(size, device, dtype)
     teacher_unet = copy.deepcopy(unet) if case == "separate" else None  # the base, before the LoRA
@@ -102,8 +102,9 @@ def run_case(case: str, size: str, device: str, px: int) -> dict:
     gen = torch.Generator().manual_seed(2)
     cond = SDXLConditioning(torch.randn(1, 77, 2048, generator=gen), torch.randn(1, 77, 2048, generator=gen),
                             torch.randn(1, 1280, generator=gen), torch.randn(1, 1280, generator=gen))
-    if cuda:
+    if cuda:  # the run's peak (resident models included), not the fp32 -> fp16 build's
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     finite = True
     try:
