@@ -259,9 +259,10 @@ class RecordingUNet:
     def __init__(self, unet):
         self.unet, self.calls = unet, []
 
-    @property
-    def config(self):
-        return self.unet.config
+    def __getattr__(self, name):  # config, device, ... of the UNet
+        if name.startswith("_") or name == "unet":
+            raise AttributeError(name)
+        return getattr(self.unet, name)
 
     def __call__(self, x_vp, t, **kwargs):
         self.calls.append((t.clone(), kwargs["added_cond_kwargs"]["time_ids"].clone()))
@@ -448,6 +449,9 @@ def test_log_sigma_table_is_cached_on_the_sigma_device():
     for mode in ("quantized", "continuous"):
         den.timestep = mode
         assert den.sigma_to_t(torch.ones(3, device="meta")).device.type == "meta"
+    on_meta = tiny_unet().to("meta")  # a model's device: its table (and timestep_cond) are put there up front
+    den = VPDenoiser(on_meta, kdpp.schedules.scaled_linear_alphas_cumprod(), timestep_cond=torch.ones(1, 8))
+    assert torch.device("meta") in den._log_sigmas_on and den.timestep_cond.device.type == "meta"
 
 
 @pytest.mark.gpu

@@ -69,9 +69,17 @@ class VPDenoiser:
         self._log_sigmas_on: dict[torch.device, Tensor] = {self.log_sigmas.device: self.log_sigmas}
         self.lcm_boundary = None if lcm_boundary is None else {"timestep_scaling": 10.0, "sigma_data": 0.5, **lcm_boundary}
         self.timestep_cond = timestep_cond
+        device = getattr(model, "device", None)
+        if isinstance(device, torch.device):  # copy the tables there now, not inside the sampling loop
+            self.log_sigmas_on(device)
+            if timestep_cond is not None:
+                self.timestep_cond = timestep_cond.to(device)
 
     def log_sigmas_on(self, device: torch.device | str) -> Tensor:
-        """The float32 ``log sigma_t`` table on ``device``, copied there once and cached."""
+        """The float32 ``log sigma_t`` table on ``device``, copied there once and cached.
+
+        A model with a ``device`` attribute (diffusers models) gets its table at construction.
+        """
         device = torch.device(device)
         table = self._log_sigmas_on.get(device)
         if table is None:
