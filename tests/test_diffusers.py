@@ -1,4 +1,5 @@
 """kdpp's VP adapter and presets against diffusers' own schedulers, on a tiny SDXL-architecture UNet."""
+import copy
 import os
 
 import pytest
@@ -7,21 +8,10 @@ import torch
 import kdpp
 from kdpp.diffusers.presets import dmd2, lcm, lcm_timesteps, lightning, sdxl_teacher, turbo
 from kdpp.diffusers.sdxl import SDXLConditioning, check_shared_latent_space, generate, time_ids
-from kdpp.diffusers.vp import VPDenoiser, guidance_scale_embedding
+from kdpp.diffusers.vp import EpsilonSpaceGuidance, VPDenoiser, guidance_scale_embedding
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
-BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-
-
-def tiny_unet(seed=0, in_channels=4, time_cond_proj_dim=None):
-    """diffusers' own SDXL test configuration: random weights, no download."""
-    torch.manual_seed(seed)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=in_channels, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32, time_cond_proj_dim=time_cond_proj_dim).eval()
+from tiny_diffusers import BETAS, tiny_sdxl_text_pipeline, tiny_unet  # noqa: E402
 
 
 def conditioning(batch=2, seed=1):
@@ -160,8 +150,8 @@ def test_latent_space_mismatch_is_refused():
 
 def test_generate_end_to_end_with_per_image_seeds():
     g = torch.Generator().manual_seed(0)
-    cond = SDXLConditioning(torch.randn(3, 7, 64, generator=g), torch.randn(3, 32, generator=g),
-                            torch.randn(3, 7, 64, generator=g), torch.randn(3, 32, generator=g))
+    cond = SDXLConditioning(torch.randn(3, 7, 64, generator=g), torch.randn(3, 7, 64, generator=g),
+                            torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g))
     teacher = tiny_unet(seed=1)
     vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32).eval()
@@ -169,8 +159,8 @@ def test_generate_end_to_end_with_per_image_seeds():
                       dtype=torch.float32, vae=vae, disable=True)
     assert len(images) == 3 and images[0].size == (32, 32)
     lat = generate(UNET, teacher, cond, dmd2(4), seeds=[10, 11, 12], height=128, width=128, dtype=torch.float32, disable=True)
-    part = generate(UNET, teacher, SDXLConditioning(*(t[1:2] for t in (cond.prompt_embeds, cond.pooled_prompt_embeds,
-                    cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds))), dmd2(4), seeds=[11],
+    part = generate(UNET, teacher, SDXLConditioning(*(t[1:2] for t in (cond.prompt_embeds, cond.negative_prompt_embeds,
+                    cond.pooled_prompt_embeds, cond.negative_pooled_prompt_embeds))), dmd2(4), seeds=[11],
                     height=128, width=128, dtype=torch.float32, disable=True)
     torch.testing.assert_close(lat[1:2], part, rtol=0, atol=1e-4)  # an image does not depend on its batch
 
@@ -221,13 +211,7 @@ def test_real_weights_lightning_with_sdxl_teacher():
 
 
 def test_paper_setup_script_explains_missing_weights(tmp_path, capsys):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "sdxl_paper_setup.py"
-    spec = importlib.util.spec_from_file_location("sdxl_paper_setup", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_paper_setup()
     (tmp_path / "p.txt").write_text("a cat\n")
     assert module.main(["--base", str(tmp_path / "none"), "--student", str(tmp_path), "--prompts", str(tmp_path / "p.txt")]) == 2
     assert "is not a local folder" in capsys.readouterr().err
@@ -243,3 +227,315 @@ def test_old_import_paths_still_work():
     assert vp.VPDenoiser is kdpp.diffusers.vp.VPDenoiser
     assert presets.lightning is kdpp.diffusers.presets.lightning
     assert sdxl.generate is kdpp.diffusers.sdxl.generate
+
+
+# --- issue 10 regressions ---------------------------------------------------------------------------------------
+
+
+def test_sdxl_conditioning_takes_encode_prompt_return_order():
+    """Issue 10 item 1: SDXLConditioning(*pipe.encode_prompt(...)) with diffusers' real encode_prompt."""
+    pipe = tiny_sdxl_text_pipeline()
+    with torch.no_grad():
+        out = pipe.encode_prompt(["a cat", "a dog"], device="cpu", do_classifier_free_guidance=True,
+                                 negative_prompt=["blurry", "ugly"])
+    cond = SDXLConditioning(*out)
+    assert cond.prompt_embeds is out[0] and cond.negative_prompt_embeds is out[1]
+    assert cond.pooled_prompt_embeds is out[2] and cond.negative_pooled_prompt_embeds is out[3]
+    assert cond.pooled_prompt_embeds.shape == (2, 32) and cond.prompt_embeds.shape == (2, 77, 64)
+    lat = generate(UNET, tiny_unet(seed=1), cond, lightning(2), seeds=[0, 1], height=64, width=64,
+                   dtype=torch.float32, disable=True)
+    assert lat.shape == (2, 4, 8, 8) and torch.isfinite(lat).all()
+    with pytest.raises(ValueError, match=r"SDXLConditioning.negative_prompt_embeds must be \[batch, tokens, dim\].*encode_prompt's order"):
+        SDXLConditioning(out[0], out[2], out[1], out[3])  # the pre-fix field order
+    with pytest.raises(ValueError, match="negative_pooled_prompt_embeds has shape"):
+        SDXLConditioning(out[0], out[1], out[2], out[3][:, :16])
+    with pytest.raises(TypeError, match="pooled_prompt_embeds must be a tensor"):
+        SDXLConditioning(out[0], out[1], None, out[3])
+
+
+class RecordingUNet:
+    """Wraps a UNet; records each call's timestep tensor and time_ids."""
+
+    def __init__(self, unet):
+        self.unet, self.calls = unet, []
+
+    def __getattr__(self, name):  # config, device, ... of the UNet
+        if name.startswith("_") or name == "unet":
+            raise AttributeError(name)
+        return getattr(self.unet, name)
+
+    def __call__(self, x_vp, t, **kwargs):
+        self.calls.append((t.clone(), kwargs["added_cond_kwargs"]["time_ids"].clone()))
+        return self.unet(x_vp, t, **kwargs)
+
+    def timesteps(self):
+        return [sorted(set(t.tolist())) for t, _ in self.calls]
+
+
+HALF_UNETS = {dtype: (copy.deepcopy(UNET).to(dtype), tiny_unet(seed=1).to(dtype)) for dtype in (torch.float16, torch.bfloat16)}
+PRESETS = [lightning(1), lightning(2), lightning(4), lightning(8), turbo(4), dmd2(1), dmd2(4), lcm(4)]
+
+
+def test_vp_denoiser_timestep_is_exact_for_float32_sigma_with_half_x():
+    """Issue 10 item 2: with sigma in float32 every training timestep is hit whatever x's dtype; the output keeps
+    x's dtype even when the model answers in float32."""
+    a = kdpp.schedules.scaled_linear_alphas_cumprod()
+    seen = []
+
+    def model(x_vp, t, **kwargs):
+        seen.append(t)
+        return torch.zeros(x_vp.shape, dtype=torch.float32)
+
+    sigmas = kdpp.schedules.vp_sigmas(a).float()
+    for dtype in (torch.float16, torch.bfloat16):
+        for prediction in ("epsilon", "sample"):
+            den = VPDenoiser(model, a, prediction, lcm_boundary={})
+            out = den(torch.ones(1000, 2, dtype=dtype), sigmas)
+            assert out.dtype == dtype and seen[-1].dtype == torch.float32
+            assert seen[-1].tolist() == list(range(1000))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_generate_calls_unets_at_the_preset_timesteps_in_half_precision(preset, dtype):
+    """Issue 10 items 2 and 4: in fp16 and bf16, generate calls the student at exactly the preset's timesteps and
+    the teacher once, at the renoise level's timestep (one-step presets: the current one). Needs the core to hand
+    models sigma in float32 for half x."""
+    student, teacher = (RecordingUNet(u) for u in HALF_UNETS[dtype])
+    cond = SDXLConditioning(*(torch.randn(*shape, generator=torch.Generator().manual_seed(j))
+                              for j, shape in enumerate([(2, 7, 64), (2, 7, 64), (2, 32), (2, 32)])))
+    generate(student, teacher, cond, preset, seeds=[0, 1], height=64, width=64, dtype=dtype, device="cpu", disable=True)
+    assert all(t.dtype == torch.float32 for t, _ in student.calls + teacher.calls)
+    assert student.timesteps() == [[t] for t in preset.timesteps]
+    assert teacher.timesteps() == [[preset.timesteps[1 if len(preset.timesteps) > 1 else 0]]]
+
+
+def test_generate_gives_student_and_teacher_time_ids_of_the_image_size():
+    """Issue 10 item 3: time_ids are (h, w) for both models at any size, as diffusers' pipelines pass them."""
+    student, teacher = RecordingUNet(UNET), RecordingUNet(tiny_unet(seed=1))
+    cond = SDXLConditioning(torch.randn(1, 7, 64), torch.randn(1, 7, 64), torch.randn(1, 32), torch.randn(1, 32))
+    generate(student, teacher, cond, turbo(2), seeds=[0], height=96, width=128, dtype=torch.float32, disable=True)
+    want = [96.0, 128.0, 0.0, 0.0, 96.0, 128.0]
+    assert teacher.calls and all(ids.tolist() == [want] * len(ids) for _, ids in student.calls + teacher.calls)
+
+
+@pytest.mark.parametrize("preset", [lightning(1), turbo(1), dmd2(1)], ids=lambda p: p.name)
+def test_one_step_presets_call_the_teacher(preset):
+    """Issue 10 item 4: one-step presets guide at the current level by default; the next level (0) warns."""
+    teacher = RecordingUNet(tiny_unet(seed=1))
+    cond = SDXLConditioning(torch.randn(1, 7, 64), torch.randn(1, 7, 64), torch.randn(1, 32), torch.randn(1, 32))
+    plain = generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, lam=0.0, dtype=torch.float32, disable=True)
+    assert preset.renoise == "guidance" and not teacher.calls
+    guided = generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, dtype=torch.float32, disable=True)
+    assert len(teacher.calls) == 1 and not torch.equal(plain, guided)
+    with pytest.warns(UserWarning, match="teacher is never called"):
+        generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, renoise="random", dtype=torch.float32,
+                 disable=True)
+    assert len(teacher.calls) == 1
+
+
+def test_presets_default_to_the_authors_guidance_strengths():
+    """Issue 10 item 5: x0-space 0.1 for the Euler-family students, epsilon-space 0.01 for LCM/DMD2; k = 1."""
+    for preset in (lightning(4), lightning(1), turbo(4)):
+        assert (preset.lam, preset.k, preset.guidance_space) == (0.1, 1, "x0")
+    for preset in (lcm(4), dmd2(4), dmd2(1)):
+        assert (preset.lam, preset.k, preset.guidance_space) == (0.01, 1, "epsilon")
+
+
+def replay_list(noises):
+    it = iter(noises)
+    return lambda sigma, sigma_next: next(it)
+
+
+def sdxl_kwargs(cond, ids=time_ids(16, 16)):
+    return cond.unet_kwargs(ids), {"cond": cond.unet_kwargs(ids), "uncond": cond.unet_kwargs(ids, negative=True)}
+
+
+def test_epsilon_space_guidance_is_the_authors_random_pp_sampler_on_dmd2():
+    """Issue 10 item 5: kdpp's LCM sampler with EpsilonSpaceGuidance (core lam = 1) is the authors' ``random++``
+    DMD loop (latent_sdxl.py RandomppSolver), transcribed here in VP terms: eps = eps_S + lam (eps_T - eps_S), with
+    the teacher (CFG 7.5) at the renoised point sqrt(a_next) z0 + sqrt(1 - a_next) xi and timestep t - 250."""
+    a = kdpp.schedules.scaled_linear_alphas_cumprod().float()
+    student_unet, teacher_unet = UNET, tiny_unet(seed=1)
+    g = torch.Generator().manual_seed(3)
+    cond = SDXLConditioning(torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g),
+                            torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g))
+    kw, tkw = sdxl_kwargs(cond)
+    lam_eps, guide_step, timesteps = 0.01, 3, (999, 749, 499, 249)
+    xi = [torch.randn(NOISE.shape, generator=g) for _ in range(guide_step)]
+    z = [torch.randn(NOISE.shape, generator=g) for _ in range(3)]
+    with torch.no_grad():  # the authors' loop, VP frame
+        zt = NOISE.clone()
+        for step, t in enumerate(timesteps):
+            at = a[t]
+            noise_s = student_unet(zt, torch.tensor(float(t)), **kw).sample
+            z0t = (zt - (1 - at).sqrt() * noise_s) / at.sqrt()
+            if step < guide_step:
+                at_next = a[t - 250]
+                z_re = at_next.sqrt() * z0t + (1 - at_next).sqrt() * xi[step]
+                both = kdpp.cfg._cat(tkw["uncond"], tkw["cond"], "")
+                eps_u, eps_c = teacher_unet(torch.cat([z_re, z_re]), torch.tensor(float(t - 250)), **both).sample.chunk(2)
+                noise_pred = noise_s + lam_eps * (eps_u + 7.5 * (eps_c - eps_u) - noise_s)
+                z0t = (zt - (1 - at).sqrt() * noise_pred) / at.sqrt()
+            if step < len(timesteps) - 1:
+                at_next = a[t - 250]
+                zt = at_next.sqrt() * z0t + (1 - at_next).sqrt() * z[step]
+        want = z0t
+    preset = dmd2(4)
+    pair = EpsilonSpaceGuidance(VPDenoiser(student_unet, a), kdpp.CFGDenoiser(VPDenoiser(teacher_unet, a), 7.5), lam_eps)
+    got = kdpp.sample_lcm_distpp(pair.student, pair.teacher, NOISE * preset.initial_noise_scale(), preset.sigmas(), 1.0,
+                                 guide_step, extra_args=kw, teacher_extra_args=tkw, noise_sampler=replay_list(z),
+                                 renoise_noise_sampler=replay_list(xi), disable=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_epsilon_mix_is_an_x0_mix_of_lam_sigma_ratio_plus_a_noise_term():
+    """Issue 10 item 5: D_eps = D + lam_eps c_out (s_i / s_{i+1}) (T - D) + lam_eps c_out s_i (eps_S - xi) on the
+    consistency sampler (LCM, boundary condition on); with deterministic renoising (xi = eps_S, DMD2: no boundary)
+    the noise term vanishes and whole runs agree with the x0-space lam_i = lam_eps s_i / s_{i+1}."""
+    a = kdpp.schedules.scaled_linear_alphas_cumprod()
+    teacher = kdpp.CFGDenoiser(VPDenoiser(tiny_unet(seed=1), a), 7.5)
+    g = torch.Generator().manual_seed(4)
+    cond = SDXLConditioning(torch.randn(2, 7, 64, generator=g), torch.randn(2, 7, 64, generator=g),
+                            torch.randn(2, 32, generator=g), torch.randn(2, 32, generator=g))
+    kw, tkw = sdxl_kwargs(cond)
+    lam_eps, xi = 0.01, torch.randn(NOISE.shape, generator=g)
+    preset, student = lcm(4), VPDenoiser(UNET, a, lcm_boundary={})
+    s = [float(v) for v in preset.sigmas(a)]
+    x = NOISE * preset.initial_noise_scale(a)
+
+    def first_step(s_den, t_den, lam):
+        seen = {}
+        kdpp.sample_lcm_distpp(s_den, t_den, x, preset.sigmas(a)[:2], lam, 1, extra_args=kw, teacher_extra_args=tkw,
+                               renoise_noise_sampler=lambda *_: xi, callback=seen.update, disable=True)
+        return seen["denoised"]
+
+    pair = EpsilonSpaceGuidance(student, teacher, lam_eps)
+    with torch.no_grad():
+        d, c_out, skip = student.denoise(x, torch.full((2,), s[0]), **kw)
+    assert 0.999 < float(c_out[0]) <= 1  # 1 - 2e-8 at t = 999 (1.0 in float32): the boundary barely moves c_out
+    lam_x = lam_eps * float(c_out[0]) * s[0] / s[1]
+    eps_s = (x - (d - skip) / c_out) / s[0]
+    noise_term = lam_eps * c_out * s[0] * (eps_s - xi)
+    got = first_step(pair.student, pair.teacher, 1.0)
+    want = first_step(student, teacher, [lam_x]) + noise_term
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (noise_term.abs().mean() / (got - d).abs().mean()) > 0.5  # the noise term is most of the move here
+
+    dmd, plain = dmd2(4), VPDenoiser(UNET, a)
+    pair = EpsilonSpaceGuidance(plain, teacher, lam_eps)
+    s = [float(v) for v in dmd.sigmas(a)]
+    runs = [kdpp.sample_lcm_distpp(st, te, NOISE * dmd.initial_noise_scale(a), dmd.sigmas(a), lam, 3, extra_args=kw,
+                                   teacher_extra_args=tkw, renoise="deterministic", noise_sampler=replay(8), disable=True)
+            for st, te, lam in ((pair.student, pair.teacher, 1.0), (plain, teacher, [lam_eps * s[i] / s[i + 1] for i in range(3)]))]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_epsilon_space_guidance_needs_its_student_first():
+    pair = EpsilonSpaceGuidance(VPDenoiser(UNET, kdpp.schedules.scaled_linear_alphas_cumprod()), lambda x, s: x, 0.01)
+    with pytest.raises(RuntimeError, match="called before its student"):
+        pair.teacher(NOISE, torch.ones(2))
+    with pytest.raises(TypeError, match="student must be a VPDenoiser"):
+        EpsilonSpaceGuidance(lambda x, s: x, lambda x, s: x, 0.01)
+
+
+def test_log_sigma_table_is_cached_on_the_sigma_device():
+    """Issue 10 item 6: the timestep lookup runs on sigma's device against a table copied there once (a meta
+    tensor stands in for an accelerator: any host copy of it would raise)."""
+    den = VPDenoiser(lambda x, t: x, kdpp.schedules.scaled_linear_alphas_cumprod())
+    meta = den.log_sigmas_on("meta")
+    assert meta.device.type == "meta" and den.log_sigmas_on(torch.device("meta")) is meta
+    assert den.log_sigmas_on("cpu") is den.log_sigmas
+    for mode in ("quantized", "continuous"):
+        den.timestep = mode
+        assert den.sigma_to_t(torch.ones(3, device="meta")).device.type == "meta"
+    on_meta = tiny_unet().to("meta")  # a model's device: its table (and timestep_cond) are put there up front
+    den = VPDenoiser(on_meta, kdpp.schedules.scaled_linear_alphas_cumprod(), timestep_cond=torch.ones(1, 8))
+    assert torch.device("meta") in den._log_sigmas_on and den.timestep_cond.device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_no_device_to_host_sync_inside_the_sampling_loop_on_cuda(monkeypatch):
+    """Issue 10 item 6: every student and teacher call of a guided generate run on CUDA (tiny UNets) runs with
+    torch.cuda.set_sync_debug_mode("error"): a host transfer in the VP wrapper or the UNet would raise."""
+    import kdpp.diffusers.sdxl as sdxl_module
+
+    class Guarded(VPDenoiser):
+        def denoise(self, x, sigma, **kwargs):  # every call, plain or through EpsilonSpaceGuidance
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return super().denoise(x, sigma, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(sdxl_module, "VPDenoiser", Guarded)
+    cond = SDXLConditioning(torch.randn(1, 7, 64), torch.randn(1, 7, 64), torch.randn(1, 32), torch.randn(1, 32))
+    teacher = RecordingUNet(tiny_unet(seed=1).cuda())
+    for preset in (lightning(4), lcm(4)):
+        lat = generate(copy.deepcopy(UNET).cuda(), teacher, cond, preset, seeds=[0], height=64, width=64,
+                       dtype=torch.float32, device="cuda", disable=True)
+        assert lat.device.type == "cuda"
+    assert len(teacher.calls) == 2
+
+
+@pytest.mark.parametrize("make, steps, message", [
+    (lcm, 0, "LCM samples 1 to original_inference_steps = 50 steps, got steps=0"),
+    (lcm, 60, "got steps=60"), (lightning, 3, "got steps=3"), (turbo, 5, "got steps=5"), (dmd2, 2, "got steps=2"),
+    (lightning, True, "steps must be an int, got True"), (lcm, 4.0, "steps must be an int, got 4.0"),
+])
+def test_preset_constructors_refuse_impossible_step_counts(make, steps, message):
+    """Issue 10 item 7: lcm(0) used to sample nothing and lcm(60) to fail late; every count is checked up front."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        make(steps)
+
+
+def load_paper_setup():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "sdxl_paper_setup.py"
+    spec = importlib.util.spec_from_file_location("sdxl_paper_setup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["unet", "lora"])
+def test_paper_setup_script_times_the_runs_its_docstring_names(lora, tmp_path, capsys):
+    """Issue 10 items 1 and 15: the script runs end to end on a saved tiny SDXL pipeline (real encode_prompt) and
+    prints a row for exactly the runs its docstring names (it used to promise a "student N + 1 steps" timing).
+    LoRA families load the LoRA into the base UNet (pipe.load_lora_weights) and share it (issue 13)."""
+    import re
+
+    from peft.utils import get_peft_model_state_dict
+    from tiny_diffusers import add_lora
+
+    pipe = tiny_sdxl_text_pipeline()
+    pipe.unet, pipe.vae = tiny_unet(seed=1), diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=32)
+    pipe.register_modules(unet=pipe.unet, vae=pipe.vae)
+    pipe.save_pretrained(tmp_path / "base")
+    if lora:
+        diffusers.StableDiffusionXLPipeline.save_lora_weights(
+            tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(add_lora(tiny_unet(seed=1))))
+        student = ["--family", "lcm-lora", "--lora", str(tmp_path / "lora")]
+    else:
+        UNET.save_pretrained(tmp_path / "student")
+        student = ["--student", str(tmp_path / "student")]
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    module = load_paper_setup()
+    argv = ["--base", str(tmp_path / "base"), *student, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"),
+            "--steps", "2", "--dtype", "float32", "--height", "64", "--width", "64"]
+    assert module.main(argv) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == list(module.RUNS) == re.findall(r'"(student[^"]*)"', module.__doc__)
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4
+
+
+def test_epsilon_space_generate_needs_a_float_lam():
+    cond = SDXLConditioning(torch.randn(1, 7, 64), torch.randn(1, 7, 64), torch.randn(1, 32), torch.randn(1, 32))
+    with pytest.raises(TypeError, match="lam must be a float with guidance_space='epsilon'"):
+        generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, lam=[0.01], dtype=torch.float32, disable=True)
+    with pytest.raises(ValueError, match="guidance_space must be one of"):
+        generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, guidance_space="eps", dtype=torch.float32)

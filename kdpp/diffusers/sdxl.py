@@ -6,7 +6,9 @@ gives the embeddings), so batches of precomputed embeddings work the same way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+import warnings
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
@@ -14,21 +16,55 @@ from torch import Tensor
 
 from ..cfg import CFGDenoiser
 from ..schedules import scaled_linear_alphas_cumprod
-from .presets import StudentPreset, TeacherPreset
+from .presets import GUIDANCE_SPACES, StudentPreset, TeacherPreset
 from .sampling import sample_batch, to_pil
-from .vp import VPDenoiser, guidance_scale_embedding
+from .vp import EpsilonSpaceGuidance, VPDenoiser, guidance_scale_embedding
 
 
 @dataclass
 class SDXLConditioning:
-    """SDXL text conditioning for a batch: what ``StableDiffusionXLPipeline.encode_prompt`` returns."""
+    """SDXL text conditioning for a batch, in the order ``StableDiffusionXLPipeline.encode_prompt`` returns it.
+
+    ``SDXLConditioning(*pipe.encode_prompt(prompts, do_classifier_free_guidance=True))`` works:
+    the fields are ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+    negative_pooled_prompt_embeds)``, checked on construction (``[B, L, D]`` token embeddings,
+    ``[B, P]`` pooled ones, negatives shaped as the prompts).
+    """
 
     prompt_embeds: Tensor  #: [B, 77, 2048]
+    negative_prompt_embeds: Tensor  #: [B, 77, 2048]
     pooled_prompt_embeds: Tensor  #: [B, 1280]
-    negative_prompt_embeds: Tensor
-    negative_pooled_prompt_embeds: Tensor
+    negative_pooled_prompt_embeds: Tensor  #: [B, 1280]
+
+    def __post_init__(self):
+        order = ("in encode_prompt's order: prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, "
+                 "negative_pooled_prompt_embeds")
+        for name, ndim, what in (("prompt_embeds", 3, "[batch, tokens, dim]"), ("negative_prompt_embeds", 3, "[batch, tokens, dim]"),
+                                 ("pooled_prompt_embeds", 2, "[batch, dim]"), ("negative_pooled_prompt_embeds", 2, "[batch, dim]")):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                raise TypeError(f"SDXLConditioning.{name} must be a tensor {what}, got {type(value).__name__} ({order})")
+            if value.ndim != ndim:
+                raise ValueError(f"SDXLConditioning.{name} must be {what}, got shape {tuple(value.shape)} ({order}; "
+                                 "pass negative_prompt_embeds too, i.e. do_classifier_free_guidance=True)")
+        for neg, pos in (("negative_prompt_embeds", "prompt_embeds"), ("negative_pooled_prompt_embeds", "pooled_prompt_embeds")):
+            if getattr(self, neg).shape != getattr(self, pos).shape:
+                raise ValueError(f"SDXLConditioning.{neg} has shape {tuple(getattr(self, neg).shape)}, "
+                                 f"{pos} {tuple(getattr(self, pos).shape)}; they must match ({order})")
+        if self.pooled_prompt_embeds.shape[0] != self.prompt_embeds.shape[0]:
+            raise ValueError(f"SDXLConditioning.pooled_prompt_embeds has batch {self.pooled_prompt_embeds.shape[0]}, "
+                             f"prompt_embeds {self.prompt_embeds.shape[0]}")
+
+    @property
+    def batch(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "SDXLConditioning":
+        """Every field on ``device`` in ``dtype``."""
+        return SDXLConditioning(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
 
     def unet_kwargs(self, time_ids: Tensor, negative: bool = False) -> dict[str, Any]:
+        """The UNet's ``encoder_hidden_states`` and ``added_cond_kwargs`` (the negative prompt's with ``negative``)."""
         emb = self.negative_prompt_embeds if negative else self.prompt_embeds
         pooled = self.negative_pooled_prompt_embeds if negative else self.pooled_prompt_embeds
         return {"encoder_hidden_states": emb,
@@ -59,12 +95,31 @@ def check_shared_latent_space(student_unet, teacher_unet, student_vae=None, teac
                 raise ValueError(f"student and teacher latent spaces differ: VAE {key} {a} vs {b}")
 
 
+def vp_denoisers(
+    student_unet: Any, teacher_unet: Any, preset: StudentPreset, teacher: TeacherPreset = TeacherPreset(),
+    alphas_cumprod: Tensor | None = None, student_guidance: float | None = None,
+) -> tuple[VPDenoiser, CFGDenoiser]:
+    """The student's VE denoiser as ``preset`` samples it, and the teacher's with CFG at ``teacher.cfg_scale``.
+
+    The student gets LCM's boundary condition when the preset has one, and the guidance-scale
+    embedding of ``student_guidance`` as ``timestep_cond`` when its UNet takes one.
+    """
+    a = scaled_linear_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod)
+    timestep_cond = None
+    if student_guidance is not None and _config(student_unet, "time_cond_proj_dim"):
+        timestep_cond = guidance_scale_embedding(student_guidance, _config(student_unet, "time_cond_proj_dim"))
+    student = VPDenoiser(student_unet, a, preset.prediction, lcm_boundary={} if preset.lcm_boundary else None,
+                         timestep_cond=timestep_cond)
+    return student, CFGDenoiser(VPDenoiser(teacher_unet, a, teacher.prediction), teacher.cfg_scale)
+
+
 def generate(
     student_unet: Any, teacher_unet: Any, conditioning: SDXLConditioning, preset: StudentPreset, *,
     teacher: TeacherPreset = TeacherPreset(), seeds: Sequence[int], height: int = 1024, width: int = 1024,
-    lam: float | None = None, k: int | None = None, renoise: str = "random", alphas_cumprod: Tensor | None = None,
-    student_guidance: float | None = None, vae: Any = None, dtype: torch.dtype = torch.float16,
-    device: torch.device | str | None = None, disable: bool | None = None, callback: Any = None,
+    lam: float | None = None, k: int | None = None, renoise: str | None = None, guidance_space: str | None = None,
+    alphas_cumprod: Tensor | None = None, student_guidance: float | None = None, vae: Any = None,
+    dtype: torch.dtype = torch.float16, device: torch.device | str | None = None, disable: bool | None = None,
+    callback: Any = None,
 ) -> Any:
     """Sample a batch with a distilled SDXL student and the SDXL base teacher (with CFG).
 
@@ -78,11 +133,15 @@ def generate(
             the CPU, so images reproduce across devices), and streams 1 and 2 of it
             (:func:`kdpp.noise.stream_seed`) for its solver and renoise noise.
         height: image height (latents are ``[4, height/8, width/8]``).
-        width: image width. The student's time_ids use ``preset.resolution`` when it differs
-            (SDXL-Turbo: 512).
-        lam: Distillation++ guidance scale (default: the preset's).
+        width: image width. Student and teacher both get ``time_ids`` of ``(height, width)``,
+            as diffusers' pipelines do (``preset.resolution`` is only the recommended size).
+        lam: Distillation++ guidance scale (default: the preset's); in ``guidance_space``.
         k: guided steps (default: the preset's).
-        renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`).
+        renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`; default: the
+            preset's, ``"guidance"`` for one-step students).
+        guidance_space: ``"x0"`` (the core's ``R = D + lam (T - D)``) or ``"epsilon"`` (the
+            authors' epsilon-space mix, :class:`kdpp.diffusers.vp.EpsilonSpaceGuidance`;
+            ``lam`` must then be a float). Default: the preset's.
         alphas_cumprod: the training schedule (default: SD/SDXL's scaled_linear).
         student_guidance: LCM's guidance-scale embedding input (``timestep_cond``), if the UNet has one.
         vae: decode to PIL images when given (else latents are returned).
@@ -97,27 +156,35 @@ def generate(
     if device is None:
         device = next(student_unet.parameters()).device if hasattr(student_unet, "parameters") else torch.device("cpu")
     a = scaled_linear_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod)
-    batch = len(seeds)
-    if conditioning.prompt_embeds.shape[0] != batch:
-        raise ValueError(f"conditioning has batch {conditioning.prompt_embeds.shape[0]}, seeds has {batch}")
-    cond = SDXLConditioning(*(t.to(device=device, dtype=dtype) for t in (
-        conditioning.prompt_embeds, conditioning.pooled_prompt_embeds,
-        conditioning.negative_prompt_embeds, conditioning.negative_pooled_prompt_embeds)))
+    if conditioning.batch != len(seeds):
+        raise ValueError(f"conditioning has batch {conditioning.batch}, seeds has {len(seeds)}")
+    cond = conditioning.to(device, dtype)
 
-    timestep_cond = None
-    if student_guidance is not None and _config(student_unet, "time_cond_proj_dim"):
-        timestep_cond = guidance_scale_embedding(student_guidance, _config(student_unet, "time_cond_proj_dim"))
-    student = VPDenoiser(student_unet, a, preset.prediction, lcm_boundary={} if preset.lcm_boundary else None,
-                         timestep_cond=timestep_cond)
-    teacher_model = CFGDenoiser(VPDenoiser(teacher_unet, a, teacher.prediction), teacher.cfg_scale)
-    student_ids = time_ids(preset.resolution, preset.resolution) if preset.resolution != max(height, width) else time_ids(height, width)
-    teacher_ids = time_ids(height, width)
+    student, teacher_model = vp_denoisers(student_unet, teacher_unet, preset, teacher, a, student_guidance)
+    ids = time_ids(height, width)  # diffusers' pipelines: original and target size (h, w), for both models
+
+    sigmas = preset.sigmas(a)
+    lam = preset.lam if lam is None else lam
+    k = preset.k if k is None else k
+    renoise = preset.renoise if renoise is None else renoise
+    space = preset.guidance_space if guidance_space is None else guidance_space
+    if space not in GUIDANCE_SPACES:
+        raise ValueError(f"guidance_space must be one of {GUIDANCE_SPACES}, got {space!r}")
+    if len(sigmas) == 2 and renoise != "guidance" and k and lam:
+        warnings.warn(f"{preset.name} samples one step: with renoise={renoise!r} the renoise level is the next sigma, "
+                      "0, and the teacher is never called; renoise='guidance' guides it at the current level",
+                      stacklevel=2)
+    if space == "epsilon" and k and lam:
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+            raise TypeError(f"lam must be a float with guidance_space='epsilon', got {lam!r}")
+        pair = EpsilonSpaceGuidance(student, teacher_model, lam)
+        student, teacher_model, lam = pair.student, pair.teacher, 1.0
 
     latents = sample_batch(
-        student, teacher_model, preset, seeds, (4, height // 8, width // 8), sigmas=preset.sigmas(a),
+        student, teacher_model, preset, seeds, (4, height // 8, width // 8), sigmas=sigmas,
         noise_scale=preset.initial_noise_scale(a), lam=lam, k=k, renoise=renoise, dtype=dtype, device=device,
-        extra_args=cond.unet_kwargs(student_ids),
-        teacher_extra_args={"cond": cond.unet_kwargs(teacher_ids), "uncond": cond.unet_kwargs(teacher_ids, negative=True)},
+        extra_args=cond.unet_kwargs(ids),
+        teacher_extra_args={"cond": cond.unet_kwargs(ids), "uncond": cond.unet_kwargs(ids, negative=True)},
         disable=disable, callback=callback)
     with torch.no_grad():
         if vae is None:
