@@ -14,8 +14,6 @@ import kdpp
 from kdpp.wrappers import DistillationDenoiser
 from conftest import nonlinear_denoiser, other_denoiser
 
-ks = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is the oracle (pip install '.[test]')")
-
 # none of these is a bf16 or fp16 number; all sampler forms, the CFG++ ones with a CFGDenoiser student
 SIGMAS = torch.tensor([14.614642, 6.0797, 2.8321, 1.0237, 0.3123, 0.0], dtype=torch.float64)
 SAMPLERS = list(kdpp.SAMPLERS.items())
@@ -71,6 +69,7 @@ def test_models_see_float32_sigmas_in_half_precision(name, dtype, device):
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_distillation_denoiser_snaps_half_precision_host_sigmas_to_the_schedule(dtype):
     """Item 2: k-diffusion hands the model sigma in x's dtype; the wrapper gives its models float32."""
+    ks = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is the oracle (pip install '.[test]')")
     student, teacher = SigmaLog(nonlinear_denoiser), SigmaLog(other_denoiser)
     wrapped = DistillationDenoiser(student, teacher, SIGMAS, 0.5, 2, renoise_seed=0)
     x = (torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 14.6).to(dtype)
