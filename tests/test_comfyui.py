@@ -261,3 +261,50 @@ def test_split_schedule_calls_the_teacher_as_often_as_the_unsplit_run(cf, studen
     first = custom_sample(cf, student, stage(high), high)
     custom_sample(cf, student, stage(low), low, lat={"samples": first}, add_noise=False)
     assert counter.evaluations == 3
+
+
+def lora_state_dict(model, rank=2, seed=3):
+    """A kohya-format LoRA (lora_up / lora_down / alpha) on every linear layer of the tiny UNet."""
+    import comfy.lora
+
+    g = torch.Generator().manual_seed(seed)
+    weights = model.model.state_dict()
+    lora = {}
+    for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        w = weights.get(target) if isinstance(target, str) else None
+        if name.startswith("lora_unet_") and w is not None and w.ndim == 2:
+            lora[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.3
+            lora[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.3
+            lora[f"{name}.alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+def test_lora_student_on_its_base_teacher_shares_the_base_weights(cf):
+    """LoraLoader's own code makes the student a clone of the base with LoRA patches; the base is the teacher.
+
+    One BaseModel holds the weights for both; the result equals the same run with an independent
+    copy of the base as teacher (so each call saw its own weights), and the shared model is
+    left with the student's weights loaded, as ComfyUI leaves a sampled model.
+    """
+    import comfy.sd
+
+    base = tiny_model(cf, seed=4)
+    student, _ = comfy.sd.load_lora_for_models(base, None, lora_state_dict(base), 1.0, 0.0)
+    assert student.is_clone(base) and student.model is base.model and student.patches
+    sigmas = schedule(cf, student)
+    plain = custom_sample(cf, student, kdpp_sampler(cf, "euler_ancestral"), sigmas)
+    counter = Counter(base)
+    sampler = kdpp_sampler(cf, "euler_ancestral", counter.patcher, lam=0.5, k=2)
+    params_before = {p.data_ptr() for p in base.model.parameters()}
+    shared = custom_sample(cf, student, sampler, sigmas)
+    assert counter.evaluations == 2
+    switch = sampler.last_switch
+    assert switch.shared and switch.needed and switch.switches == 2 * 2 + 1  # load the student, then 2 per call
+    separate = custom_sample(cf, student, kdpp_sampler(cf, "euler_ancestral", tiny_model(cf, seed=4), lam=0.5, k=2), sigmas)
+    torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5 * separate.abs().max().item())
+    assert (shared - plain).abs().max() > 1e-3
+    assert base.model.current_weight_patches_uuid == student.patches_uuid
+    # the plain student run after a guided one is unchanged (no weights left from the teacher)
+    torch.testing.assert_close(custom_sample(cf, student, kdpp_sampler(cf, "euler_ancestral"), sigmas), plain,
+                               rtol=0, atol=0)
+    assert len(params_before) == sum(1 for _ in base.model.parameters())
