@@ -20,9 +20,8 @@ UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spati
         "channel_mult": [1], "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 16,
         "num_heads": 2, "transformer_depth_output": [1, 1], "use_temporal_attention": False, "use_temporal_resblock": False}
 # ComfyUI's built-in samplers that kdpp has and defines the same way, by the name both use
-# (dpmpp_2s_ancestral_cfg_pp is defined differently: see its own test)
-BUILTIN = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp",
-           "dpmpp_2m_cfg_pp"]
+# (dpmpp_2s_ancestral_cfg_pp and dpmpp_2m_cfg_pp are defined differently: test_cfg_pp_forms_comfyui_defines_differently)
+BUILTIN = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp"]
 
 
 @pytest.fixture(scope="session")
@@ -123,15 +122,21 @@ def test_lam_zero_equals_comfyui_builtin_sampler(cf, student, name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-def test_dpmpp_2s_ancestral_cfg_pp_is_defined_differently_in_comfyui(cf, student):
-    """ComfyUI 0.3.75's 2S CFG++ ends its step with (s_down / s) (x + D1_w - D2_u) - expm1(-h) D2_w, the first
-    stage's guided x0 next to the second stage's unconditional one; kdpp uses the second stage's pair,
-    D2_w + (s_down / s) (x - D2_u) (MATH.md). They agree where no midpoint is taken (s_down = 0)."""
+@pytest.mark.parametrize("name", ["dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"])
+def test_cfg_pp_forms_comfyui_defines_differently(cf, student, name):
+    """Two CFG++ forms are defined differently in ComfyUI 0.3.75 and in kdpp (MATH.md: D_w leads, the same stage's D_u
+    gives the direction, the student's own estimates elsewhere):
+
+    - 2S: ComfyUI ends a step with (s_down / s) (x + D1_w - D2_u) - expm1(-h) D2_w (the first stage's guided x0
+      next to the second stage's unconditional one); kdpp with D2_w + (s_down / s) (x - D2_u);
+    - 2M: ComfyUI's second-order term extrapolates D_w - D_u_old, kdpp's D_w - D_w_old.
+
+    Where no midpoint / no second-order term is used they agree: one step to 0 (2S), two steps (2M: the first
+    step and the step to 0 are first order)."""
     sigmas = schedule(cf, student)
-    name = "dpmpp_2s_ancestral_cfg_pp"
-    last = sigmas[-2:]  # a single step to sigma 0: s_down = 0
-    want = custom_sample(cf, student, cf.comfy.samplers.sampler_object(name), last)
-    got = custom_sample(cf, student, kdpp_sampler(cf, name), last)
+    same = sigmas[-2:] if name.startswith("dpmpp_2s") else torch.cat([sigmas[:2], sigmas[-1:]])
+    want = custom_sample(cf, student, cf.comfy.samplers.sampler_object(name), same)
+    got = custom_sample(cf, student, kdpp_sampler(cf, name), same)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     full = custom_sample(cf, student, cf.comfy.samplers.sampler_object(name), sigmas)
     assert (custom_sample(cf, student, kdpp_sampler(cf, name), sigmas) - full).abs().max() > 1e-2
@@ -308,3 +313,149 @@ def test_lora_student_on_its_base_teacher_shares_the_base_weights(cf):
     torch.testing.assert_close(custom_sample(cf, student, kdpp_sampler(cf, "euler_ancestral"), sigmas), plain,
                                rtol=0, atol=0)
     assert len(params_before) == sum(1 for _ in base.model.parameters())
+
+
+class TinyModel:
+    """Test-only node: a tiny checkpoint-free MODEL (ComfyUI nodes need a checkpoint file otherwise)."""
+
+    CATEGORY, RETURN_TYPES, FUNCTION = "testing", ("MODEL",), "load"
+    env = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0}), "flow": ("BOOLEAN", {"default": False})}}
+
+    def load(self, seed, flow):
+        return (tiny_model(self.env, flow=flow, seed=seed),)
+
+
+class TinyConditioning:
+    CATEGORY, RETURN_TYPES, FUNCTION = "testing", ("CONDITIONING",), "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0})}}
+
+    def encode(self, seed):
+        return (cond(seed),)
+
+
+class CaptureLatent:
+    CATEGORY, RETURN_TYPES, FUNCTION, OUTPUT_NODE = "testing", (), "capture", True
+    seen = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": ""})}}
+
+    def capture(self, samples, name):
+        self.seen[name] = samples["samples"]
+        return {}
+
+
+class Server:
+    """The minimal server object PromptExecutor reports to."""
+
+    client_id, last_node_id, sockets_metadata = None, None, {}
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+@pytest.fixture(scope="session")
+def graph(cf, tmp_path_factory):
+    """ComfyUI's node registry with the kdpp node pack loaded as a custom node (the documented shim)."""
+    import kdpp.comfyui
+
+    custom_nodes = tmp_path_factory.mktemp("custom_nodes")
+    kdpp.comfyui.install(custom_nodes)
+    cf.folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
+    models = tmp_path_factory.mktemp("models")
+    for folder, name in [("checkpoints", "sd_xl_base_1.0.safetensors"), ("loras", "sdxl_lightning_4step_lora.safetensors")]:
+        (models / folder).mkdir()
+        (models / folder / name).touch()  # validation checks the names only
+        cf.folder_paths.add_model_folder_path(folder, str(models / folder))
+    asyncio.run(cf.nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    TinyModel.env = cf
+    cf.nodes.NODE_CLASS_MAPPINGS.update(KDPPTestTinyModel=TinyModel, KDPPTestConditioning=TinyConditioning,
+                                        KDPPTestCapture=CaptureLatent)
+    return cf
+
+
+def run_prompt(cf, prompt):
+    valid = asyncio.run(cf.execution.validate_prompt("test", prompt, None))
+    assert valid[0], valid
+    server = Server()
+    executor = cf.execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0})  # as main.py
+    executor.execute(prompt, "test", {}, valid[2])
+    assert executor.success, [m for m in server.messages if m[0] == "execution_error"]
+    return server
+
+
+def test_node_pack_loads_as_custom_node_and_runs_an_api_graph_headless(graph):
+    assert {"DistillationPPSampler", "DistillationPPKSampler"} <= set(graph.nodes.NODE_CLASS_MAPPINGS)
+    assert graph.nodes.NODE_DISPLAY_NAME_MAPPINGS["DistillationPPSampler"] == "Distillation++ Sampler"
+    teacher_args = {"teacher": ["2", 0], "teacher_positive": ["3", 0], "teacher_negative": ["4", 0], "teacher_cfg": 3.0,
+                    "lam": 0.5, "k": 2, "renoise": "random", "renoise_level": "next"}
+    prompt = {
+        "1": {"class_type": "KDPPTestTinyModel", "inputs": {"seed": 0, "flow": False}},
+        "2": {"class_type": "KDPPTestTinyModel", "inputs": {"seed": 1, "flow": False}},
+        "3": {"class_type": "KDPPTestConditioning", "inputs": {"seed": 1}},
+        "4": {"class_type": "KDPPTestConditioning", "inputs": {"seed": 2}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 6, "denoise": 1.0}},
+        "7": {"class_type": "DistillationPPSampler", "inputs": {"solver": "dpmpp_2m", "eta": 1.0, "s_noise": 1.0, **teacher_args}},
+        "8": {"class_type": "SamplerCustom", "inputs": {"model": ["1", 0], "add_noise": True, "noise_seed": 5, "cfg": 3.0,
+                                                         "positive": ["3", 0], "negative": ["4", 0], "sampler": ["7", 0],
+                                                         "sigmas": ["6", 0], "latent_image": ["5", 0]}},
+        "9": {"class_type": "KDPPTestCapture", "inputs": {"samples": ["8", 0], "name": "custom"}},
+        "10": {"class_type": "DistillationPPKSampler",
+               "inputs": {"model": ["1", 0], "seed": 5, "steps": 6, "cfg": 3.0, "solver": "dpmpp_2m", "scheduler": "karras",
+                          "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0, **teacher_args}},
+        "11": {"class_type": "KDPPTestCapture", "inputs": {"samples": ["10", 0], "name": "ksampler"}},
+    }
+    run_prompt(graph, prompt)
+    custom, ksampler = CaptureLatent.seen["custom"], CaptureLatent.seen["ksampler"]
+    assert custom.shape == (1, 4, 8, 8) and torch.isfinite(custom).all()
+    torch.testing.assert_close(ksampler, custom, rtol=0, atol=0)  # the same run, built two ways
+    direct = custom_sample(graph, tiny_model(graph, seed=0), kdpp_sampler(graph, "dpmpp_2m", tiny_model(graph, seed=1),
+                                                                          lam=0.5, k=2), schedule(graph, tiny_model(graph)))
+    torch.testing.assert_close(custom, direct, rtol=0, atol=0)
+
+
+def ui_to_api(cf, workflow):
+    """The API form of a UI-format workflow: links by slot, widget values in INPUT_TYPES order (seed widgets
+    carry the frontend's control_after_generate value after them)."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        spec = cf.nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
+        linked = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
+        widgets = iter(node["widgets_values"])
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, (typ, *opts) in spec.get(section, {}).items():
+                if name in linked:
+                    inputs[name] = [str(linked[name][1]), linked[name][2]]
+                else:
+                    value = next(widgets, None)
+                    if value is None:
+                        continue
+                    inputs[name] = value
+                    if opts and opts[0].get("control_after_generate"):
+                        assert next(widgets) in ("fixed", "increment", "decrement", "randomize")
+        assert next(widgets, None) is None, f"node {node['id']} has widget values left over"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def test_example_workflow_in_docs_validates(graph):
+    """docs/comfyui/: the LoRA-on-base workflow in API format validates; the UI format is the same graph."""
+    api = json.loads((DOCS / "comfyui" / "distillation_pp_lora_api.json").read_text())
+    valid = asyncio.run(graph.execution.validate_prompt("docs", api, None))
+    assert valid[0] and valid[2] == ["8"], valid
+    ui = json.loads((DOCS / "comfyui" / "distillation_pp_lora.json").read_text())
+    assert ui_to_api(graph, ui) == api
