@@ -459,3 +459,24 @@ def test_example_workflow_in_docs_validates(graph):
     assert valid[0] and valid[2] == ["8"], valid
     ui = json.loads((DOCS / "comfyui" / "distillation_pp_lora.json").read_text())
     assert ui_to_api(graph, ui) == api
+
+
+def test_inpainting_mask_reaches_the_teacher(cf, student, teacher):
+    """With a noise_mask ComfyUI keeps the unmasked latent in the student's x0; the teacher gets the same masking,
+    so the guided x0 R(D) = D + lam (T - D) keeps it too on the guided steps."""
+    lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :, 4:] = 1.0  # repaint the right half
+    sigmas = schedule(cf, student)
+    counter = Counter(teacher)
+    denoised = {}
+    noise = cf.comfy.sample.prepare_noise(lat, 5)
+    out = cf.comfy.samplers.sample(student, noise, cond(1), cond(2), 3.0, student.load_device,
+                                   kdpp_sampler(cf, "euler_ancestral", counter.patcher, lam=0.8, k=2), sigmas,
+                                   model_options=student.model_options, latent_image=lat, denoise_mask=mask, seed=5,
+                                   callback=lambda i, d, x, total: denoised.setdefault(i, d.clone()))
+    assert counter.evaluations == 2
+    kept = student.model.process_latent_in(lat)[..., :4]  # the sampler works on the model's latent scale
+    for i in (0, 1):  # guided steps: the refined x0 keeps the latent where the mask is 0
+        torch.testing.assert_close(denoised[i][..., :4], kept, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[..., :4], lat[..., :4], rtol=1e-5, atol=1e-5)
