@@ -7,6 +7,7 @@ Only tests/test_comfyui*.py import this module's :func:`import_comfyui`.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -81,3 +82,60 @@ def import_comfyui(root: Path) -> types.SimpleNamespace:
     assert comfyui_version.__version__ == COMFYUI_VERSION, comfyui_version.__version__
     return types.SimpleNamespace(comfy=comfy, nodes=nodes, execution=execution, folder_paths=folder_paths,
                                  asyncio=asyncio, root=root)
+
+
+def tiny_unet_config(channels: int = 32, context_dim: int = 16, levels: int = 1) -> dict:
+    """An SD1.5-shaped UNet config, checkpoint-free: ``channels`` (a multiple of 32, GroupNorm) and ``levels``."""
+    return {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+            "adm_in_channels": None, "in_channels": 4, "model_channels": channels, "num_res_blocks": [1] * levels,
+            "transformer_depth": [1] * levels, "channel_mult": [2**i for i in range(levels)], "transformer_depth_middle": 1,
+            "use_linear_in_transformer": False, "context_dim": context_dim, "num_heads": 2,
+            "transformer_depth_output": [1, 1] * levels, "use_temporal_attention": False, "use_temporal_resblock": False}
+
+
+def tiny_model(env, flow: bool = False, seed: int = 0, **config):
+    """A ModelPatcher around a random-weight SD1.5-shaped UNet (EPS, or CONST flow sampling with ``flow=True``).
+
+    ComfyUI's layers skip weight init: weights get N(0, 1/fan_in), norms 1, biases small.
+    """
+    import torch
+
+    comfy = env.comfy
+    model_config = comfy.supported_models.SD15(tiny_unet_config(**config))
+    model_type = comfy.model_base.ModelType.FLOW if flow else comfy.model_base.ModelType.EPS
+    model = comfy.model_base.BaseModel(model_config, model_type=model_type)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def conditioning(seed: int, context_dim: int = 16, batch: int = 1) -> list:
+    """ComfyUI CONDITIONING: ``[[cross_attn, {}]]`` with a 3-token random context."""
+    import torch
+
+    return [[torch.randn(batch, 3, context_dim, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+def lora_state_dict(model, rank: int = 2, seed: int = 3, scale: float = 0.3) -> dict:
+    """A kohya-format LoRA (lora_up / lora_down / alpha) on every linear layer of ``model``'s UNet."""
+    import comfy.lora
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    weights = model.model.state_dict()
+    lora = {}
+    for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        w = weights.get(target) if isinstance(target, str) else None
+        if name.startswith("lora_unet_") and w is not None and w.ndim == 2:
+            lora[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * scale
+            lora[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * scale
+            lora[f"{name}.alpha"] = torch.tensor(float(rank))
+    return lora

@@ -5,20 +5,17 @@ weights, one torch thread; ComfyUI is imported once per session.
 """
 import asyncio
 import json
-import math
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import comfyui_env
 from comfyui_env import comfyui_root, import_comfyui
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-        "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1], "transformer_depth": [1],
-        "channel_mult": [1], "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 16,
-        "num_heads": 2, "transformer_depth_output": [1, 1], "use_temporal_attention": False, "use_temporal_resblock": False}
+CONTEXT = 16
 # ComfyUI's built-in samplers that kdpp has and defines the same way, by the name both use
 # (dpmpp_2s_ancestral_cfg_pp and dpmpp_2m_cfg_pp are defined differently: test_cfg_pp_forms_comfyui_defines_differently)
 BUILTIN = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp"]
@@ -38,24 +35,11 @@ def cf():
 
 
 def tiny_model(cf, flow=False, seed=0):
-    """A checkpoint-free SD1.5-shaped UNet as a ModelPatcher (ComfyUI skips weight init: initialise here)."""
-    comfy = cf.comfy
-    config = comfy.supported_models.SD15(dict(UNET))
-    model_type = comfy.model_base.ModelType.FLOW if flow else comfy.model_base.ModelType.EPS
-    model = comfy.model_base.BaseModel(config, model_type=model_type)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            else:
-                p.copy_(torch.ones_like(p) if "norm" in name and name.endswith("weight") else 0.1 * torch.randn(p.shape, generator=g))
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfyui_env.tiny_model(cf, flow=flow, seed=seed, channels=32, context_dim=CONTEXT)
 
 
 def cond(seed, batch=1):
-    return [[torch.randn(batch, 3, UNET["context_dim"], generator=torch.Generator().manual_seed(seed)), {}]]
+    return comfyui_env.conditioning(seed, CONTEXT, batch)
 
 
 def latent(batch=1):
@@ -268,22 +252,6 @@ def test_split_schedule_calls_the_teacher_as_often_as_the_unsplit_run(cf, studen
     assert counter.evaluations == 3
 
 
-def lora_state_dict(model, rank=2, seed=3):
-    """A kohya-format LoRA (lora_up / lora_down / alpha) on every linear layer of the tiny UNet."""
-    import comfy.lora
-
-    g = torch.Generator().manual_seed(seed)
-    weights = model.model.state_dict()
-    lora = {}
-    for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
-        w = weights.get(target) if isinstance(target, str) else None
-        if name.startswith("lora_unet_") and w is not None and w.ndim == 2:
-            lora[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.3
-            lora[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.3
-            lora[f"{name}.alpha"] = torch.tensor(float(rank))
-    return lora
-
-
 def test_lora_student_on_its_base_teacher_shares_the_base_weights(cf):
     """LoraLoader's own code makes the student a clone of the base with LoRA patches; the base is the teacher.
 
@@ -294,7 +262,7 @@ def test_lora_student_on_its_base_teacher_shares_the_base_weights(cf):
     import comfy.sd
 
     base = tiny_model(cf, seed=4)
-    student, _ = comfy.sd.load_lora_for_models(base, None, lora_state_dict(base), 1.0, 0.0)
+    student, _ = comfy.sd.load_lora_for_models(base, None, comfyui_env.lora_state_dict(base), 1.0, 0.0)
     assert student.is_clone(base) and student.model is base.model and student.patches
     sigmas = schedule(cf, student)
     plain = custom_sample(cf, student, kdpp_sampler(cf, "euler_ancestral"), sigmas)
