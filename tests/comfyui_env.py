@@ -54,9 +54,12 @@ def stub_torchvision() -> None:
     try:
         import torchvision  # noqa: F401
     except ImportError:
-        tv = types.ModuleType("torchvision")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tv.transforms
+        from importlib.machinery import ModuleSpec
+
+        for name in ("torchvision", "torchvision.transforms"):
+            sys.modules[name] = types.ModuleType(name)
+            sys.modules[name].__spec__ = ModuleSpec(name, None)  # importlib.util.find_spec reads it
+        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
 
 
 def import_comfyui(root: Path) -> types.SimpleNamespace:
