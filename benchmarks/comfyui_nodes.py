@@ -181,8 +181,10 @@ def main() -> None:
     (args.out / "comfyui_nodes.json").write_text(json.dumps(result, indent=1))
     lines = [f"# ComfyUI node pack ({device}, ComfyUI {comfyui_env.COMFYUI_VERSION})", "", f"`{command}`", "",
              "## lam = 0 vs ComfyUI's built-in sampler (6 steps, same seed)", "",
+             "<!-- --8<-- [start:equivalence] -->",
              "| model | solver | max abs diff | max rel diff | output scale |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['solver']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | {r['scale']:.3g} |" for r in rows]
+    lines += ["<!-- --8<-- [end:equivalence] -->"]
     lines += ["", f"## LoRA student on its base teacher ({w / 2**20:.1f} MiB of UNet weights, {LORA_STEPS} Euler steps, "
               f"k = {LORA_K}, latent {LORA_SHAPE})", "",
               "| mode | median s / run | peak memory (MiB) | switches per run |", "|---|---|---|---|"]
