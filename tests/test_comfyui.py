@@ -448,3 +448,16 @@ def test_inpainting_mask_reaches_the_teacher(cf, student, teacher):
     for i in (0, 1):  # guided steps: the refined x0 keeps the latent where the mask is 0
         torch.testing.assert_close(denoised[i][..., :4], kept, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[..., :4], lat[..., :4], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_get_clear_errors(cf, student, teacher):
+    with pytest.raises(ValueError, match="solver must be one of .* got 'heun'"):
+        kdpp_sampler(cf, "heun")
+    with pytest.raises(ValueError, match="lam=0.5 needs a teacher MODEL"):
+        kdpp_sampler(cf, "euler", None, lam=0.5)
+    sdxl_like = tiny_model(cf, seed=1)
+    sdxl_like.model.latent_format = cf.comfy.latent_formats.SDXL()
+    with pytest.raises(ValueError, match="teacher MODEL works in the SDXL latent space and the student in SD15"):
+        custom_sample(cf, student, kdpp_sampler(cf, "euler", sdxl_like, lam=0.5), schedule(cf, student))
+    with pytest.raises(ValueError, match="renoise must be one of"):
+        custom_sample(cf, student, kdpp_sampler(cf, "euler", teacher, lam=0.5, renoise="sometimes"), schedule(cf, student))

@@ -74,8 +74,10 @@ class WeightSwitch:
         same = bool(student.clone_has_same_weights(teacher)) and student.object_patches == teacher.object_patches
         self.needed = self.shared and not same
         self.switches = 0
+        self._live = None
 
     def use(self, patcher) -> None:
+        """Make ``patcher`` the live one on the shared model (a ``load_models_gpu`` when the weights differ)."""
         if not self.shared:
             return
         if self.needed and self._live is not patcher:
@@ -83,8 +85,6 @@ class WeightSwitch:
             self.switches += 1
         patcher.model.current_patcher = patcher  # read by ComfyUI's cond batching (hooks, prepare_state)
         self._live = patcher
-
-    _live = None
 
     @contextlib.contextmanager
     def teacher_call(self) -> Iterator[None]:
@@ -206,6 +206,10 @@ class DistillationSampler(comfy.samplers.Sampler):
         """``run(teacher)`` inside the teacher's ``CFGGuider.sample`` (ComfyUI prepares, loads and cleans it up)."""
         student_patcher = model_wrap.model_patcher
         teacher_patcher = self.teacher
+        student_space, teacher_space = (type(m.latent_format).__name__ for m in (model_wrap.inner_model, teacher_patcher.model))
+        if student_space != teacher_space:
+            raise ValueError(f"the teacher MODEL works in the {teacher_space} latent space and the student in {student_space}; "
+                             "Distillation++ needs one latent space (the same VAE family)")
         switch = self.last_switch = WeightSwitch(student_patcher, teacher_patcher)
         if not switch.shared:
             # load the teacher together with the student (one load_models_gpu call), as ComfyUI loads ControlNets
@@ -214,7 +218,6 @@ class DistillationSampler(comfy.samplers.Sampler):
         guider = comfy.samplers.CFGGuider(teacher_patcher)
         guider.set_conds(*self.teacher_conds)
         guider.set_cfg(self.teacher_cfg)
-        switch.teacher = teacher_patcher
 
         def body(teacher_wrap, teacher_extra_args: dict, teacher_latent: Tensor, teacher_mask) -> Tensor:
             teacher_k = comfy.samplers.KSamplerX0Inpaint(teacher_wrap, sigmas)
