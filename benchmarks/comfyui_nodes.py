@@ -9,6 +9,9 @@
    side by side with a teacher that is a separate copy of the base: peak memory (CUDA: max allocated;
    CPU: peak RSS of a fresh process per mode) and the time per guided step, whose difference is the
    cost of switching the shared weights (two LoRA re-patches per teacher call). Ratios only.
+
+Writes benchmarks/results/comfyui_nodes.{md,json} (on a CUDA machine comfyui_nodes_cuda.{md,json}, with
+ComfyUI loading the models on the GPU and peak memory from torch.cuda.max_memory_allocated).
 """
 from __future__ import annotations
 
@@ -32,11 +35,14 @@ SOLVERS = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", 
            "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"]
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def setup():
     root, reason = comfyui_env.comfyui_root()
     if root is None:
         sys.exit(reason)
-    env = comfyui_env.import_comfyui(root)
+    env = comfyui_env.import_comfyui(root, cpu=DEVICE == "cpu")
     from kdpp.comfyui import sampling
 
     env.sampling = sampling
@@ -59,7 +65,7 @@ def kdpp_sampler(env, solver, teacher=None, lam=0.0, k=1, context=16):
 def equivalence(env) -> list[dict]:
     rows = []
     for flow, names, scheduler in [(False, SOLVERS, "karras"), (True, ["euler", "lcm"], "simple")]:
-        model = comfyui_env.tiny_model(env, flow=flow, seed=0)
+        model = comfyui_env.tiny_model(env, flow=flow, seed=0, device=DEVICE)
         sigmas = env.comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, 6).cpu()
         for name in names:
             want = sample(env, model, env.comfy.samplers.sampler_object(name), sigmas)
@@ -74,7 +80,8 @@ def lora_setup(env, channels: int, levels: int, separate: bool):
     """Base, its LoRA student (LoraLoader's code: a clone sharing the BaseModel) and, if asked, a separate base copy."""
     import comfy.sd
 
-    make = lambda: comfyui_env.tiny_model(env, seed=4, channels=channels, context_dim=LORA_CONTEXT, levels=levels)
+    make = lambda: comfyui_env.tiny_model(env, seed=4, channels=channels, context_dim=LORA_CONTEXT, levels=levels,
+                                          device=DEVICE)
     base = make()
     student, _ = comfy.sd.load_lora_for_models(base, None, comfyui_env.lora_state_dict(base, rank=8, scale=0.05), 1.0, 0.0)
     return base, student, make() if separate else None
@@ -146,7 +153,7 @@ def main() -> None:
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: one LoRA mode in a fresh process
     args = parser.parse_args()
     torch.set_num_threads(1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     if args.mode:
         env = setup()
         print(json.dumps(lora_peak(env, args.mode, args.channels, args.levels, device)))
@@ -178,7 +185,8 @@ def main() -> None:
               "machine": platform.platform(), "torch": torch.__version__, "equivalence": rows, "lora": lora,
               "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "comfyui_nodes.json").write_text(json.dumps(result, indent=1))
+    name = "comfyui_nodes" if device == "cpu" else f"comfyui_nodes_{device}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# ComfyUI node pack ({device}, ComfyUI {comfyui_env.COMFYUI_VERSION})", "", f"`{command}`", "",
              "## lam = 0 vs ComfyUI's built-in sampler (6 steps, same seed)", "",
              "<!-- --8<-- [start:equivalence] -->",
@@ -190,7 +198,7 @@ def main() -> None:
               "| mode | median s / run | peak memory (MiB) | switches per run |", "|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['median_s']:.4f} | {r['peak_bytes'] / 2**20:.1f} | {r['switches']} |" for r in lora]
     lines += ["", "| ratio | value |", "|---|---|"] + [f"| {key} | {v:.3f} |" for key, v in summary.items()]
-    (args.out / "comfyui_nodes.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -62,13 +62,14 @@ def stub_torchvision() -> None:
         sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
 
 
-def import_comfyui(root: Path) -> types.SimpleNamespace:
-    """Import ComfyUI from ``root`` on the CPU (``args.cpu`` before ``comfy.model_management``) and its node registry."""
+def import_comfyui(root: Path, cpu: bool = True) -> types.SimpleNamespace:
+    """Import ComfyUI from ``root`` (on the CPU unless ``cpu=False``: ``args.cpu`` is read by ``comfy.model_management``
+    at import) and its node registry."""
     stub_torchvision()
     sys.path.insert(0, str(root))
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     import asyncio
 
     import comfy.model_management
@@ -96,10 +97,11 @@ def tiny_unet_config(channels: int = 32, context_dim: int = 16, levels: int = 1)
             "transformer_depth_output": [1, 1] * levels, "use_temporal_attention": False, "use_temporal_resblock": False}
 
 
-def tiny_model(env, flow: bool = False, seed: int = 0, **config):
+def tiny_model(env, flow: bool = False, seed: int = 0, device: str = "cpu", **config):
     """A ModelPatcher around a random-weight SD1.5-shaped UNet (EPS, or CONST flow sampling with ``flow=True``).
 
-    ComfyUI's layers skip weight init: weights get N(0, 1/fan_in), norms 1, biases small.
+    ComfyUI's layers skip weight init: weights get N(0, 1/fan_in), norms 1, biases small. ``device`` is where
+    ComfyUI loads it for sampling (the weights are built on the CPU, its offload device).
     """
     import torch
 
@@ -116,8 +118,7 @@ def tiny_model(env, flow: bool = False, seed: int = 0, **config):
                 p.fill_(1.0)
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device("cpu"))
 
 
 def conditioning(seed: int, context_dim: int = 16, batch: int = 1) -> list:

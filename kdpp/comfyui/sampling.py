@@ -206,10 +206,11 @@ class DistillationSampler(comfy.samplers.Sampler):
         """``run(teacher)`` inside the teacher's ``CFGGuider.sample`` (ComfyUI prepares, loads and cleans it up)."""
         student_patcher = model_wrap.model_patcher
         teacher_patcher = self.teacher
-        student_space, teacher_space = (type(m.latent_format).__name__ for m in (model_wrap.inner_model, teacher_patcher.model))
+        student_space, teacher_space = (type(m.latent_format).__name__
+                                        for m in (model_wrap.inner_model, teacher_patcher.model))
         if student_space != teacher_space:
-            raise ValueError(f"the teacher MODEL works in the {teacher_space} latent space and the student in {student_space}; "
-                             "Distillation++ needs one latent space (the same VAE family)")
+            raise ValueError(f"the teacher MODEL works in the {teacher_space} latent space and the student in "
+                             f"{student_space}; Distillation++ needs one latent space (the same VAE family)")
         switch = self.last_switch = WeightSwitch(student_patcher, teacher_patcher)
         if not switch.shared:
             # load the teacher together with the student (one load_models_gpu call), as ComfyUI loads ControlNets
