@@ -461,3 +461,22 @@ def test_bad_inputs_get_clear_errors(cf, student, teacher):
         custom_sample(cf, student, kdpp_sampler(cf, "euler", sdxl_like, lam=0.5), schedule(cf, student))
     with pytest.raises(ValueError, match="renoise must be one of"):
         custom_sample(cf, student, kdpp_sampler(cf, "euler", teacher, lam=0.5, renoise="sometimes"), schedule(cf, student))
+
+
+@pytest.mark.parametrize("denoise", [1.0, 0.6])
+def test_ksampler_node_at_lam_zero_equals_comfyuis_ksampler(cf, student, teacher, denoise):
+    """The all-in-one node builds the schedule, noise and conditioning as ComfyUI's KSampler (and KSamplerAdvanced)."""
+    from kdpp.comfyui.nodes import DistillationPPKSampler
+
+    lat = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))}
+    want = cf.nodes.KSampler().sample(student, 7, 5, 3.0, "euler_ancestral", "normal", cond(1), cond(2), lat,
+                                      denoise=denoise)[0]["samples"]
+    got = DistillationPPKSampler().sample(student, 7, 5, 3.0, "euler_ancestral", "normal", cond(1), cond(2), lat, teacher,
+                                          cond(1), cond(2), 3.0, 0.0, 1, "random", "next", denoise)[0]["samples"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    stage = cf.nodes.KSamplerAdvanced().sample(student, "enable", 7, 5, 3.0, "euler_ancestral", "normal", cond(1), cond(2),
+                                               lat, 0, 2, "enable")[0]
+    ours = DistillationPPKSampler().sample(student, 7, 5, 3.0, "euler_ancestral", "normal", cond(1), cond(2), lat, teacher,
+                                           cond(1), cond(2), 3.0, 0.0, 1, "random", "next", 1.0, end_at_step=2,
+                                           return_with_leftover_noise=True)[0]
+    torch.testing.assert_close(ours["samples"], stage["samples"], rtol=1e-5, atol=1e-5 * stage["samples"].abs().max().item())
