@@ -126,3 +126,96 @@ class VelocityModel:
         wide = _wide(x_rf.dtype)
         x0 = self.denoiser((x_rf.to(wide) / per_sample(1 - t, x_rf.to(wide))).to(x_rf.dtype), sigma, **extra)
         return ((x_rf.to(wide) - x0.to(wide)) / per_sample(t, x_rf.to(wide))).to(x_rf.dtype)
+
+
+class RFHostFrame:
+    r"""Run a VE sampler for a host that keeps ``x`` in the rectified-flow frame.
+
+    Hosts such as ComfyUI (CONST models: SD3, FLUX, ...) hand a sampler ``x_rf``, a schedule
+    ``ts = [t_0 > ... > t_N]`` with ``t in [0, 1]`` and x0 denoisers ``D(x_rf, t)``. This
+    converts at the boundary: ``sigmas = t / (1 - t)``, ``x_ve = x_rf / (1 - t_0)``, denoisers
+    ``D_ve(x_ve, sigma) = D(x_ve / (1 + sigma), sigma / (1 + sigma))`` (x0 is frame-free) and the
+    result back with ``x_rf = x_ve / (1 + sigma_N)``; callbacks get the host-frame ``x`` and ``t``.
+
+    ``t = 1`` (pure noise, ``sigma = inf``) is capped at ``t_max = 1 - 1e-9`` (:func:`flow_sigmas`;
+    tighter than :data:`T_MAX` because the VE run is done in float64 here): the capped first step
+    differs from the exact limit by about ``1e-9`` relative, and the model still receives ``t = 1``
+    as the host would (``1 - 1e-9`` rounds to 1 in float32). Models receive ``x`` in the host's
+    dtype and ``t`` in the dtype of ``ts``.
+    """
+
+    T_MAX = 1 - 1e-9
+
+    def __init__(self, ts: Tensor, x_rf: Tensor):
+        self.x_dtype, self.t_dtype = x_rf.dtype, ts.dtype
+        self.sigmas = flow_sigmas(ts, self.T_MAX)
+
+    def to_ve(self, x_rf: Tensor) -> Tensor:
+        """The initial sample in the VE frame (float64)."""
+        return x_rf.to(torch.float64) * (1 + self.sigmas[0])
+
+    def to_rf(self, x_ve: Tensor, sigma: Tensor | float) -> Tensor:
+        """``x_ve / (1 + sigma)`` in the host's dtype."""
+        return (x_ve / (1 + sigma)).to(self.x_dtype)
+
+    def denoiser(self, model: Callable[..., Tensor] | None):
+        """``model(x_rf, t, **extra) -> x0`` as a float64 VE denoiser (``guided_and_uncond`` kept, ``None`` kept)."""
+        return None if model is None else _RFModel(model, self)
+
+    def callback(self, callback: Callable[[dict], object] | None):
+        """``callback`` fed the host's frame: ``x`` as ``x_rf``, ``sigma``/``sigma_hat`` as ``t``, x0s in the host dtype."""
+        if callback is None:
+            return None
+
+        def fn(info: dict) -> object:
+            info = dict(info)
+            sigma_hat = float(info["sigma_hat"])
+            info["x"] = self.to_rf(info["x"], sigma_hat)
+            for key in ("sigma", "sigma_hat"):
+                s = torch.as_tensor(info[key], dtype=torch.float64)
+                info[key] = (s / (1 + s)).to(self.t_dtype)
+            for key in ("denoised", "student_denoised", "teacher_denoised"):
+                if isinstance(info.get(key), Tensor):
+                    info[key] = info[key].to(self.x_dtype)
+            return callback(info)
+
+        return fn
+
+
+class _RFModel:
+    """An RF-frame x0 model seen as a float64 VE denoiser (see :class:`RFHostFrame`)."""
+
+    def __init__(self, model: Callable[..., Tensor], frame: RFHostFrame):
+        self.model, self.frame = model, frame
+
+    def _args(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        s = sigma.to(torch.float64)
+        return (x / (1 + per_sample(s, x))).to(self.frame.x_dtype), (s / (1 + s)).to(self.frame.t_dtype)
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
+        return self.model(*self._args(x, sigma), **extra).to(x.dtype)
+
+    def __getattr__(self, name: str):
+        if name != "guided_and_uncond" or not hasattr(self.model, name):
+            raise AttributeError(name)
+
+        def guided_and_uncond(x: Tensor, sigma: Tensor, **extra) -> tuple[Tensor, Tensor]:
+            guided, uncond = self.model.guided_and_uncond(*self._args(x, sigma), **extra)
+            return guided.to(x.dtype), uncond.to(x.dtype)
+
+        return guided_and_uncond
+
+
+def sample_in_rf_frame(sampler: Callable[..., Tensor], student, teacher, x_rf: Tensor, ts: Tensor, *args,
+                       callback: Callable[[dict], object] | None = None, **kwargs) -> Tensor:
+    """``sampler(student, teacher, x, sigmas, *args, **kwargs)`` (a kdpp sampler) run for an RF-frame host.
+
+    ``student`` and ``teacher`` (or a list of teachers) are RF x0 models ``D(x_rf, t)``; see
+    :class:`RFHostFrame`. Solver noise samplers passed in ``kwargs`` keep their stream (build
+    them from ``x_rf``); each noise-adding step then reads ``x' = (1 - t') D + t' z`` in RF.
+    """
+    frame = RFHostFrame(ts, x_rf)
+    teacher_ve = [frame.denoiser(t) for t in teacher] if isinstance(teacher, (list, tuple)) else frame.denoiser(teacher)
+    out = sampler(frame.denoiser(student), teacher_ve, frame.to_ve(x_rf), frame.sigmas, *args,
+                  callback=frame.callback(callback), **kwargs)
+    return frame.to_rf(out, frame.sigmas[-1])

@@ -8,24 +8,52 @@ sampler to that convention, :func:`bind` fixes the teacher and the guidance opti
 from __future__ import annotations
 
 import inspect
+import sys
 from types import ModuleType, SimpleNamespace
 from typing import Any, Callable, Iterable, Sequence
 
+from torch import Tensor
+
 from ._checks import check_kwargs
-from .noise import seeded_noise_sampler, stream_seed
+from .flow import sample_in_rf_frame
+from .noise import NoiseSampler, seeded_noise_sampler, stream_seed
 from .solvers import SAMPLERS
 
 #: extra_args keys that belong to the host (ComfyUI's KSAMPLER), never forwarded to the teacher
 HOST_ONLY_KEYS = frozenset({"seed", "model_options", "denoise_mask"})
 
-#: the guidance options every host-convention sampler takes, with their defaults
-GUIDANCE_DEFAULTS = {"teacher": None, "lam": 0.0, "k": None, "guided_steps": None}
+#: the guidance options every host-convention sampler takes, with their defaults (and ``flow``, the host's frame)
+GUIDANCE_DEFAULTS = {"teacher": None, "lam": 0.0, "k": None, "guided_steps": None, "flow": None}
 
 _KEYWORD = inspect.Parameter.KEYWORD_ONLY
 _POSITIONAL = inspect.Parameter.POSITIONAL_OR_KEYWORD
 _HOST_PARAMETERS = [inspect.Parameter(name, _POSITIONAL) for name in ("model", "x", "sigmas")] + [
     inspect.Parameter(name, _POSITIONAL, default=None) for name in ("extra_args", "callback", "disable")]
 _NOT_OPTIONS = {"student", "x", "sigmas", "extra_args", "callback", "disable", *GUIDANCE_DEFAULTS}
+
+
+def comfyui_model_sampling(model) -> Any:
+    """The ``model_sampling`` of a ComfyUI sampler model (``KSamplerX0Inpaint``), else ``None``; imports nothing."""
+    return getattr(getattr(getattr(model, "inner_model", None), "inner_model", None), "model_sampling", None)
+
+
+def is_flow_model(model) -> bool:
+    """Whether ``model`` is a ComfyUI model with CONST (rectified-flow) sampling: x in the RF frame, sigma = t."""
+    return any(c.__name__ == "CONST" for c in type(comfyui_model_sampling(model)).__mro__)
+
+
+def host_noise_sampler(model, x: Tensor, seed: int) -> NoiseSampler:
+    """The solver noise a host would draw for ``seed``.
+
+    Inside a running ComfyUI (its ``comfy.k_diffusion.sampling`` is imported and ``model`` is one of
+    its models) this is ComfyUI's own ``default_noise_sampler(x, seed=seed)``, so every ComfyUI
+    version's seeding is matched; elsewhere a generator on ``x.device`` seeded ``seed + 1`` on the
+    CPU and ``seed`` on other devices, as ComfyUI from 0.8 seeds it.
+    """
+    comfy_sampling = sys.modules.get("comfy.k_diffusion.sampling")
+    if comfy_sampling is not None and comfyui_model_sampling(model) is not None:
+        return comfy_sampling.default_noise_sampler(x, seed=int(seed))
+    return seeded_noise_sampler(x, int(seed) + (x.device.type == "cpu"))
 
 
 def _host_signature(sampler: Callable) -> inspect.Signature:
@@ -40,14 +68,17 @@ def _host_signature(sampler: Callable) -> inspect.Signature:
 
 
 def host_sampler(sampler: Callable) -> Callable:
-    """``sampler`` in the host convention ``fn(model, x, sigmas, extra_args, callback, disable, *, <options>, teacher, lam, k, guided_steps)``.
+    """``sampler`` in the host convention ``fn(model, x, sigmas, extra_args, callback, disable, *, <options>, teacher, lam, k, guided_steps, flow)``.
 
     - ``model`` is the student; ``teacher``, ``lam`` (default 0), ``k`` and ``guided_steps``
       are options; the sampler's own options (``eta``, ``s_noise``, ``noise_sampler``,
       ``renoise``, ...) are keyword parameters of the signature (``inspect.signature`` lists them).
-    - ``extra_args["seed"]`` (ComfyUI passes it) seeds the solver noise as ComfyUI's default
-      noise sampler does (a generator on ``x.device``; ``seed + 1`` on the CPU), unless a
-      ``noise_sampler`` is given, and a renoise seed derived from it, unless ``renoise_seed`` is.
+    - ``extra_args["seed"]`` (ComfyUI passes it) seeds the solver noise as the host's default
+      noise sampler does (:func:`host_noise_sampler`), unless a ``noise_sampler`` is given, and a
+      renoise seed derived from it, unless ``renoise_seed`` is.
+    - ``flow=True`` (default ``None``: detected for ComfyUI's CONST models) runs the sampler in the
+      VE frame around a host whose ``x`` is rectified-flow framed and whose sigmas are ``t``
+      (:func:`kdpp.flow.sample_in_rf_frame`); ``model`` and ``teacher`` are then RF x0 models.
     - The teacher gets ``teacher_extra_args`` if given, else ``extra_args`` without the host-only
       keys :data:`HOST_ONLY_KEYS`; the student gets ``extra_args`` whole, as hosts expect.
     """
@@ -57,17 +88,19 @@ def host_sampler(sampler: Callable) -> Callable:
         call = signature.bind(*args, **kwargs)
         call.apply_defaults()
         options = dict(call.arguments)
-        model, teacher, x, sigmas, lam = (options.pop(name) for name in ("model", "teacher", "x", "sigmas", "lam"))
+        model, teacher, x, sigmas, lam, flow = (options.pop(name) for name in ("model", "teacher", "x", "sigmas", "lam",
+                                                                               "flow"))
         extra_args = options["extra_args"] = check_kwargs(options["extra_args"], "extra_args")
         seed = extra_args.get("seed")
         if seed is not None:
             if options["renoise_seed"] is None:
                 options["renoise_seed"] = stream_seed(seed, 1)
             if "noise_sampler" in options and options["noise_sampler"] is None:
-                # as ComfyUI's default noise sampler: seed + 1 on the CPU, where the initial noise used the seed
-                options["noise_sampler"] = seeded_noise_sampler(x, int(seed) + (x.device.type == "cpu"))
+                options["noise_sampler"] = host_noise_sampler(model, x, seed)
         if options["teacher_extra_args"] is None:
             options["teacher_extra_args"] = {key: v for key, v in extra_args.items() if key not in HOST_ONLY_KEYS}
+        if is_flow_model(model) if flow is None else flow:
+            return sample_in_rf_frame(sampler, model, teacher, x, sigmas, lam, **options)
         return sampler(model, teacher, x, sigmas, lam, **options)
 
     fn.__name__ = fn.__qualname__ = sampler.__name__

@@ -1,0 +1,65 @@
+"""kdpp.hosts on rectified-flow hosts (ComfyUI's CONST models): x in the RF frame, sigmas are t."""
+import pytest
+import torch
+
+import kdpp
+from kdpp.hosts import host_sampler, is_flow_model
+
+MEAN, STD = 1.0, 0.5
+
+
+def rf_gaussian_x0(x, t, **extra):
+    """E[x0 | x_rf] for data N(MEAN, STD^2) and x_rf = (1 - t) x0 + t eps (exact)."""
+    t = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    gain = (1 - t) * STD**2 / ((1 - t) ** 2 * STD**2 + t**2)
+    return MEAN + gain * (x - (1 - t) * MEAN)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm"])
+def test_flow_host_at_lam_zero_samples_the_data_distribution(name):
+    """The issue's symptom: in the VE arithmetic on RF x, euler_ancestral gave mean 1.6 and lcm 3.3."""
+    ts = torch.linspace(1, 0, 9)  # starts at t = 1 (pure noise), as ComfyUI's flow schedules do
+    x = torch.randn(40000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float32)  # x_rf at t = 1
+    out = host_sampler(kdpp.SAMPLERS[name])(rf_gaussian_x0, x, ts, extra_args={"seed": 3}, disable=True, flow=True)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    # every step maps the mean exactly (to the 1e-9 of the capped t = 1); 8 ODE steps leave a
+    # discretisation error in the spread
+    assert abs(out.mean().item() - MEAN) < 0.01, out.mean()
+    assert abs(out.std().item() - (lcm_std(ts) if name == "lcm" else STD)) < (0.01 if name == "lcm" else 0.15), out.std()
+
+
+def lcm_std(ts):
+    """Closed form for lcm: D_i ~ N(MEAN, v_i) and x_{i+1} = (1 - t') D_i + t' z (x_0 = z at t = 1)."""
+    var_x = 1.0
+    for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        gain = (1 - t) * STD**2 / ((1 - t) ** 2 * STD**2 + t**2)
+        var_d = gain**2 * var_x
+        var_x = (1 - t_next) ** 2 * var_d + t_next**2
+    return var_d**0.5
+
+
+def test_flow_euler_equals_rf_euler_and_without_flow_ancestral_is_wrong():
+    """Deterministic Euler is frame-free (x' = x + (x - D)(t' - t) / t); noise-adding steps are not."""
+    ts = torch.tensor([1.0, 0.8, 0.5, 0.25, 0.1, 0.0])
+    x = torch.randn(2000, 1, generator=torch.Generator().manual_seed(1))
+    got = host_sampler(kdpp.sample_euler_distpp)(rf_gaussian_x0, x, ts, disable=True, flow=True)
+    want = x.double()
+    for t, t_next in zip(ts[:-1].double(), ts[1:].double()):
+        want = want + (want - rf_gaussian_x0(want, t.expand(len(x)))) / t * (t_next - t)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    wrong = host_sampler(kdpp.sample_euler_ancestral_distpp)(rf_gaussian_x0, x, ts, extra_args={"seed": 3}, disable=True)
+    assert abs(wrong.mean().item() - MEAN) > 0.3  # the VE ancestral step applied to an RF x
+
+
+def test_flow_callbacks_report_the_host_frame():
+    ts = torch.tensor([1.0, 0.6, 0.3, 0.0])
+    x = torch.randn(8, 1, generator=torch.Generator().manual_seed(2))
+    seen = []
+    host_sampler(kdpp.sample_euler_distpp)(rf_gaussian_x0, x, ts, callback=seen.append, disable=True, flow=True)
+    assert [float(s["sigma"]) for s in seen] == pytest.approx([1.0, 0.6, 0.3])
+    torch.testing.assert_close(seen[0]["x"], x)
+    assert all(s["x"].dtype == x.dtype and s["denoised"].dtype == x.dtype for s in seen)
+
+
+def test_plain_callables_are_not_flow_models():
+    assert not is_flow_model(rf_gaussian_x0) and not is_flow_model(object())
