@@ -7,11 +7,12 @@ The student is an SDXL-architecture UNet (random weights, diffusers config) carr
 PEFT LoRA (rank 64 on the attention and feed-forward projections, as LCM-LoRA SDXL); the
 teacher is its base. "shared": one UNet, student = adapters on, teacher = adapters off
 (:class:`kdpp.diffusers.lora.SharedLoRAModel`). "separate": the student UNet with its LoRA plus a
-second copy of the base as the teacher (what loading two pipelines gives). Each case runs one
+second copy of the base as the teacher (what loading two pipelines gives). Each case runs a
 guided ``generate`` (LCM-LoRA preset, 4 steps, k = 1, the preset's lam, batch 1) and reports its
 peak memory (CPU: the process's peak RSS, ``ru_maxrss``, building the fp32 models included;
-CUDA: ``max_memory_allocated`` during the run, the resident models included), the memory before
-the models were built, and the wall time. The printed ratio is shared / separate
+CUDA: ``max_memory_allocated`` during three timed runs after an untimed warm-up, the resident
+models included), the memory before the models were built, and the wall time (CUDA: the median
+of the three). The printed ratio is shared / separate
 of the peak above that baseline.
 
 Sizes: ``--size small`` (CPU default: SDXL layout at 2/5 of the channels, 4 of its 10 deepest transformer blocks, 256 px) or
@@ -26,6 +27,7 @@ import gc
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -76,8 +78,11 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def run_case(case: str, size: str, device: str, px: int) -> dict:
-    """Build the pair for ``case``, run one guided generate, return its memory and time."""
+def run_case(case: str, size: str, device: str, px: int, repeats: int = 1) -> dict:
+    """Build the pair for ``case``, run guided generates, return the peak memory and the median time.
+
+    On CUDA an untimed warm-up run comes first, so neither case pays for initialisation.
+    """
     from kdpp.diffusers.lora import SharedLoRAModel
     from kdpp.diffusers.presets import lcm_lora
     from kdpp.diffusers.sdxl import SDXLConditioning, generate
@@ -102,19 +107,26 @@ def run_case(case: str, size: str, device: str, px: int) -> dict:
     gen = torch.Generator().manual_seed(2)
     cond = SDXLConditioning(torch.randn(1, 77, 2048, generator=gen), torch.randn(1, 77, 2048, generator=gen),
                             torch.randn(1, 1280, generator=gen), torch.randn(1, 1280, generator=gen))
-    if cuda:  # the run's peak (resident models included), not the fp32 -> fp16 build's
+    def sample() -> bool:
+        try:
+            generate(student_model, teacher_model, cond, lcm_lora(4), seeds=[0], height=px, width=px, k=1,
+                     dtype=dtype, device=device, disable=True)
+            return True
+        except FloatingPointError:  # random weights may overflow fp16; the memory is measured all the same
+            return False
+
+    if cuda:  # warm up (CUDA context, kernels, cuBLAS workspaces), then the run's peak, resident models included
+        sample()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    finite = True
-    try:
-        generate(student_model, teacher_model, cond, lcm_lora(4), seeds=[0], height=px, width=px, k=1, dtype=dtype,
-                 device=device, disable=True)
-    except FloatingPointError:  # random weights may overflow fp16; the memory is measured all the same
-        finite = False
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        finite = sample()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"case": case, "device": device, "size": size, "px": px, "baseline_mib": round(before, 1),
             "peak_mib": round(peak, 1), "peak_above_baseline_mib": round(peak - before, 1),
@@ -141,7 +153,7 @@ def main(argv=None) -> int:
     rows = []
     for case in ("shared", "separate"):
         if args.device == "cuda":  # the allocator's peak is reset per case: one process is enough
-            rows.append(run_case(case, size, "cuda", px))
+            rows.append(run_case(case, size, "cuda", px, repeats=3))
         else:  # peak RSS never goes down: a fresh process per case
             cmd = [sys.executable, __file__, "--device", "cpu", "--size", size, "--px", str(px), "--case", case]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
