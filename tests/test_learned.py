@@ -1,0 +1,155 @@
+"""kdpp.learned: the shipped digits nets, the metrics, the benchmark's smoke run and the placement option."""
+import copy
+import importlib.util
+import math
+import pathlib
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+import kdpp  # noqa: E402
+from kdpp.learned import (NULL_CLASS, STUDENTS, TEACHER_CFG, WEIGHTS, DigitsMetrics, class_accuracy,  # noqa: E402
+                          conditioning, frechet_distance, guided_teacher, load_digits, load_nets, provenance,
+                          sample_teacher)
+from kdpp.schedules import timestep_sigmas, trailing_timesteps  # noqa: E402
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return load_nets()
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_weights_are_small_fp16_with_provenance():
+    blobs = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+    assert set(blobs) == {"teacher", "classifier", *STUDENTS}
+    assert all(v.dtype == torch.float16 for blob in blobs.values() for v in blob["state_dict"].values())
+    assert WEIGHTS.stat().st_size < 6e6
+    prov = provenance()
+    for key in ("script", "seed", "git_revision", "torch", "threads", "seconds", "teacher_40step_accuracy",
+                "classifier_test_accuracy"):
+        assert key in prov, key
+    assert prov["script"] == "benchmarks/train_learned.py"
+
+
+def test_classifier_recognises_held_out_digits(nets):
+    x, y = load_digits()
+    from kdpp.learned import split
+
+    _, test = split(len(x), seed=provenance()["seed"])
+    acc = class_accuracy(nets["classifier"], x[test], y[test])
+    assert acc == pytest.approx(provenance()["classifier_test_accuracy"], abs=2e-3)  # fp16 rounding only
+    assert acc > 0.95
+
+
+def test_forty_step_teacher_is_recognised_at_its_documented_accuracy(nets):
+    documented = provenance()["teacher_40step_accuracy"]  # 1000 samples, seed 0 (docs/learned.md)
+    labels = torch.arange(200) % 10
+    acc = class_accuracy(nets["classifier"], sample_teacher(nets["teacher"], labels, steps=40, seed=1), labels)
+    # 200 fresh samples: binomial standard error at most 0.035; allow 3 of them
+    tol = 3 * math.sqrt(max(documented * (1 - documented), 0.01) / 200)
+    assert acc >= documented - tol, (acc, documented)
+    # and the unguided (null-label) teacher is not class-aligned: the labels matter
+    uncond = sample_teacher(nets["teacher"], None, steps=40, seed=1, n=200)
+    assert class_accuracy(nets["classifier"], uncond, labels) < 0.5
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_students_sample_in_every_setting(nets, name):
+    labels = torch.arange(50) % 10
+    sigmas = timestep_sigmas(trailing_timesteps(4))
+    for lab in (None, labels):
+        sargs, targs = conditioning(lab, TEACHER_CFG)
+        x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)) * sigmas[0].item()
+        out = kdpp.sample_lcm_distpp(nets[name], guided_teacher(nets["teacher"], lab), x, sigmas, 0.5, 1,
+                                     extra_args=sargs, teacher_extra_args=targs, disable=True, renoise_seed=0)
+        assert out.shape == (50, 64) and bool(torch.isfinite(out).all())
+
+
+def test_null_label_is_the_unconditional_branch(nets):
+    x, s = torch.randn(8, 64), torch.full((8,), 1.0)
+    torch.testing.assert_close(nets["teacher"](x, s), nets["teacher"](x, s, torch.full((8,), NULL_CLASS)))
+    cfg1 = guided_teacher(nets["teacher"], torch.zeros(8, dtype=torch.long), w=1.0)
+    _, targs = conditioning(torch.zeros(8, dtype=torch.long), 1.0)
+    torch.testing.assert_close(cfg1(x, s, **targs), nets["teacher"](x, s, torch.zeros(8, dtype=torch.long)))
+
+
+def test_frechet_distance_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    shift = torch.arange(6, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + shift) == pytest.approx(float((shift**2).sum()), rel=1e-6)
+    # scaling the features by c: tr(C + c^2 C - 2 c C) = (1 - c)^2 tr C, plus the mean shift
+    c = 2.0
+    want = float(((1 - c) ** 2) * (a.mean(0) ** 2).sum() + (1 - c) ** 2 * torch.cov(a.T).trace())
+    assert frechet_distance(a, c * a) == pytest.approx(want, rel=1e-6)
+
+
+def test_metrics_rank_real_digits_above_noise(nets):
+    x, y = load_digits()
+    metrics = DigitsMetrics(nets["classifier"], x, y)
+    floor = metrics.real_floor(x, seed=0)
+    real = metrics(x[:900], y[:900])
+    noise = metrics(torch.randn(900, 64).clamp(-1, 1), y[:900])
+    assert real["acc"] > 0.95 and noise["acc"] < 0.3
+    assert real["fd"] < 3 * floor < noise["fd"]
+    assert real["tv"] < 0.05
+
+
+def test_benchmark_smoke_runs_end_to_end_with_placement(tmp_path):
+    bench = load_script("learned")
+    rows = bench.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "learned_smoke.md").exists() and (tmp_path / "learned_smoke.json").exists()
+    by = {(r["mode"], r["label"]): r for r in rows}
+    # network-evaluation accounting: a CFG teacher call costs 2, an unconditional one 1, plain none
+    assert by[("cond", "plain, 5 steps")]["teacher_nfe"] == 0
+    assert by[("cond", "5 + first step, random/next (paper)")]["teacher_nfe"] == 2
+    assert by[("uncond", "guidance, last step, lam 1")]["teacher_nfe"] == 1
+    assert by[("cond", "guidance, last step, lam 1")]["student_nfe"] == 5
+    assert all("diff" in r for r in rows if r["label"] != "plain, 5 steps" and r["who"] != "teacher")
+
+
+@pytest.mark.parametrize("where", [[0], [2], [-1]])
+def test_placement_guides_exactly_the_chosen_step(nets, where):
+    """The benchmark's placement (``guided_steps``, guidance form): one teacher call, on step ``where``, and
+    the output is the plain run with ``lam * (T(x_i, s_i) - S(x_i, s_i))`` added on that step."""
+    bench = load_script("learned")
+    labels = torch.arange(40) % 10
+    sargs, targs = conditioning(labels, TEACHER_CFG)
+    sigmas = timestep_sigmas(trailing_timesteps(5))
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0].item()
+    student = copy.deepcopy(nets["weakcfg"]).double()
+    teacher = guided_teacher(copy.deepcopy(nets["teacher"]).double(), labels)
+    calls, states = [], {}
+
+    def counted(x_, s_, **kw):
+        calls.append(float(s_[0]))
+        return teacher(x_, s_, **kw)
+
+    def run(guide, callback=None):
+        return kdpp.sample_lcm_distpp(student, counted, x, sigmas, extra_args=sargs, teacher_extra_args=targs,
+                                      noise_sampler=kdpp.seeded_noise_sampler(x, 1), renoise="guidance",
+                                      callback=callback, disable=True, **guide)
+
+    plain = run(bench.first_k(0, 0.0), callback=lambda info: states.setdefault(info["i"], info["x"]))
+    assert calls == []
+    guided = run(bench.placement(where, 0.7))
+    i = where[0] % 5
+    assert calls == [pytest.approx(float(sigmas[i]))]
+    s_in = torch.full((40,), float(sigmas[i]), dtype=torch.float64)
+    correction = 0.7 * (teacher(states[i], s_in, **targs) - student(states[i], s_in, **sargs))
+    if i == 4:  # the last step: the correction is the only difference
+        torch.testing.assert_close(guided, plain + correction)
+    else:  # an earlier step changes the rest of the trajectory
+        assert not torch.allclose(guided, plain)
