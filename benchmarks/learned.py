@@ -159,18 +159,20 @@ def markdown(rows, floor, meta) -> str:
     return "\n".join(out)
 
 
-def figure(rows, path, nets, seed=0):
-    """Sample grids side by side: the first 20 samples of seed 0 of chosen rows."""
+def figure(rows, path):
+    """Sample grids side by side: the first 20 samples of seed 0 of chosen rows (cond: digits 0-9 twice)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [
-        ("cond", "weakcfg", "plain, 5 steps", "weakcfg student (w = 0.3), 5 steps"),
-        ("cond", "weakcfg", "5 + teacher on first step, lam 0.5", "weakcfg + 1 teacher call (first step)"),
-        ("uncond", "small", "plain, 5 steps", "small student, 5 steps (uncond)"),
-        ("uncond", "small", "guidance, last step, lam 1", "small + 1 teacher call (last step)"),
+        ("cond", "weakcfg", "plain, 5 steps", "weakcfg (w = 0.3), 5 steps"),
+        ("cond", "weakcfg", "5 + first step, lam 1.0", "weakcfg + first step, lam 1"),
+        ("cond", "strong", "plain, 5 steps", "strong, 5 steps"),
+        ("cond", "strong", "guidance, last step, lam 0.5", "strong + last step, lam 0.5"),
+        ("uncond", "small", "plain, 5 steps", "small, 5 steps (uncond)"),
+        ("uncond", "small", "guidance, last step, lam 1", "small + last step, lam 1 (uncond)"),
         ("cond", "teacher", "DPM++ 2M, 40 steps (Karras)", "teacher, 40 steps, CFG 4"),
     ]
     found = []
@@ -178,10 +180,10 @@ def figure(rows, path, nets, seed=0):
         match = [r for r in rows if r["mode"] == mode and r["who"] == who and r["label"] == label]
         if match:
             found.append((title, match[0]))
-    fig, axes = plt.subplots(1, len(found), figsize=(2.6 * len(found), 2.9))
+    fig, axes = plt.subplots(1, len(found), figsize=(2.2 * len(found), 2.4))
     for ax, (title, r) in zip(np.atleast_1d(axes), found):
-        imgs = to_images(r["sample"])  # [20, 8, 8]
-        grid = imgs.reshape(4, 5, 8, 8).permute(0, 2, 1, 3).reshape(32, 40)
+        imgs = torch.nn.functional.pad(to_images(r["sample"]), (0, 1, 0, 1))  # [20, 9, 9]: a 1-pixel gap
+        grid = imgs.reshape(4, 5, 9, 9).permute(0, 2, 1, 3).reshape(36, 45)
         ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
         fd = r["mean"]["fd"][0]
         acc = f", acc {r['mean']['acc'][0]:.2f}" if "acc" in r["mean"] else ""
@@ -273,7 +275,7 @@ def main(argv=None) -> list[dict]:
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "sample"}
                                                                         for r in rows]}, indent=1) + "\n")
     if args.figure:
-        figure(rows, args.figure, nets)
+        figure(rows, args.figure)
     print(f"FD floor (real vs real): {fmt(floor)}; wrote {out / stem}.md/.json")
     return rows
 
