@@ -123,6 +123,8 @@ class Bench:
         if baseline is not None:
             r["vs"] = baseline["label"]
             r["diff"] = {k: list(mean_ci(np.subtract(v, baseline["values"][k]))) for k, v in r["values"].items()}
+        if baseline is not None:
+            r["time_ratio"] = r["seconds"] / baseline["seconds"]
         r["sample"] = per_seed[0][0][:20]
         return r
 
@@ -144,17 +146,19 @@ def markdown(rows, floor, meta) -> str:
            f"against the row named in `vs` with its 95% interval (* = excludes 0). FD floor (real vs real, disjoint "
            f"halves): {fmt(floor)}. Nets: `{meta['weights_revision']}` (see kdpp/learned/provenance.json). "
            f"Teacher CFG w = {TEACHER_CFG} in `cond`. Machine: {meta['machine']}, torch {meta['torch']}, "
-           f"{meta['threads']} thread(s).", ""]
+           f"{meta['threads']} thread(s). Time: mean wall time of one run of n samples, and its ratio to the "
+           f"`vs` row's, measured in this run.", ""]
     for table in dict.fromkeys(r["table"] for r in rows):
-        out += [f"### {table}", "", "| setting | net | sampler | NFE (S + T) | FD | ΔFD | acc | Δacc | TV | vs | time ms |",
+        out += [f"### {table}", "", "| setting | net | sampler | NFE (S + T) | FD | ΔFD | acc | Δacc | TV | vs | time ms (x vs) |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["table"] == table):
             acc = fmt(r["mean"]["acc"], 3) if "acc" in r["mean"] else "-"
             dacc = fmt_diff(r["diff"]["acc"], 3) if "diff" in r and "acc" in r["diff"] else "-"
             dfd = fmt_diff(r["diff"]["fd"]) if "diff" in r else "-"
+            ratio = f" ({r['time_ratio']:.2f}x)" if "time_ratio" in r else ""
             out.append(f"| {r['mode']} | {r['who']} | {r['label']} | {r['student_nfe']:.0f} + {r['teacher_nfe']:.0f} | "
                        f"{fmt(r['mean']['fd'])} | {dfd} | {acc} | {dacc} | {fmt(r['mean']['tv'], 3)} | "
-                       f"{r.get('vs', '')} | {r['seconds'] * 1e3:.0f} |")
+                       f"{r.get('vs', '')} | {r['seconds'] * 1e3:.0f}{ratio} |")
         out.append("")
     return "\n".join(out)
 
