@@ -159,10 +159,10 @@ def test_placement_guides_exactly_the_chosen_step(nets, where):
 def test_training_script_writes_loadable_nets_and_provenance(tmp_path):
     train = load_script("train_learned")
     out = tmp_path / "nets.pt"
-    train.main(["--teacher-iters", "30", "--student-iters", "20", "--classifier-iters", "50", "--trajectories", "64",
+    train.main(["--teacher-iters", "100", "--student-iters", "100", "--classifier-iters", "50", "--trajectories", "64",
                 "--teacher-hidden", "64", "--out", str(out)])
     nets = load_nets(out)
     assert set(nets) == {"teacher", "classifier", *STUDENTS}
     prov = provenance(tmp_path / "provenance.json")
-    assert prov["seed"] == 0 and prov["args"]["teacher_iters"] == 30 and prov["git_revision"]
+    assert prov["seed"] == 0 and prov["args"]["teacher_iters"] == 100 and prov["git_revision"]
     assert set(prov["seconds"]) >= {"classifier", "teacher", "trajectories", "total"}
