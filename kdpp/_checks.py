@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
+import sys
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -202,3 +205,12 @@ class OutputChecker:
         if not bool(ok.all()):
             first = int((~ok).nonzero()[0])
             raise FloatingPointError(f"{self.where[first]} returned NaN or inf")
+
+
+def warn_caller(message: str) -> None:
+    """``warnings.warn(message)`` attributed to the first caller outside kdpp (and torch's ``no_grad`` wrapper)."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn_caller
+    while frame is not None and (frame.f_globals.get("__name__", "").split(".")[0] == "kdpp"
+                                 or frame.f_code.co_filename.endswith(os.path.join("torch", "utils", "_contextlib.py"))):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, UserWarning, stacklevel=level)

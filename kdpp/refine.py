@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import OutputChecker, check_callable, check_finite_number, check_kwargs, check_seed, guided_step_indices
+from ._checks import (OutputChecker, check_callable, check_finite_number, check_kwargs, check_seed, guided_step_indices,
+                      warn_caller)
 from ._shape import sigma_batch
 from .noise import NoiseSampler, derived_seed, seeded_noise_sampler
 
@@ -154,6 +155,13 @@ class TeacherRefinement:
             for j, t in enumerate(teachers):
                 check_callable(t, f"teacher{f'[{j}]' if several else ''}", optional=False)
         self.teachers = teachers
+        unreachable = [i for i, step in self.lams.items()
+                       if any(step) and (renoise_sigma == 0 or (renoise_sigma == "next" and sigmas[i + 1] == 0))]
+        if unreachable:
+            warn_caller(
+                f"guided step(s) {unreachable} call no teacher: their renoise level is 0 (renoise_sigma="
+                f"{renoise_sigma!r}{' on the step to sigma 0' if renoise_sigma == 'next' else ''}), where the "
+                "refinement is the identity; renoise='guidance' or renoise_sigma='current' guides them")
 
         if teacher_extra_args is None or isinstance(teacher_extra_args, Mapping):
             targs = [check_kwargs(teacher_extra_args, "teacher_extra_args")] * len(teachers)

@@ -1,6 +1,8 @@
 """``guided_steps``: which steps are guided, not only the first k (issue 14's placement study, issue 11
 item 4). Oracle (lam = 0) and accounting cases live with the other options' in test_kdiffusion_oracle.py
 and test_refinement.py; this file checks the equivalences and the per-step lam forms."""
+import warnings
+
 import pytest
 import torch
 
@@ -91,3 +93,43 @@ def test_hosts_pass_guided_steps_and_a_call_time_placement_replaces_the_bound_on
     fn(nonlinear_denoiser, x0(), SIGMAS, disable=True, k=2)
     fn(nonlinear_denoiser, x0(), SIGMAS, disable=True, guided_steps=[0])
     assert teacher.sigmas == [SIGMAS[4], SIGMAS[1], SIGMAS[2], SIGMAS[1]]
+
+
+@pytest.mark.parametrize("options", [
+    {"sigmas": [14.6, 0.0]},                                          # a one-step student, default k and level
+    {"k": 3},                                                         # k = number of steps
+    {"guided_steps": [-1]},                                           # the last step
+    {"guided_steps": [0], "renoise_sigma": 0.0},                      # a constant level 0
+])
+def test_guided_step_that_cannot_call_the_teacher_warns(options):
+    """A guided step whose renoise level is 0 calls no teacher (R is the identity there): say so, naming the fix."""
+    options = dict(options)
+    sigmas = torch.tensor(options.pop("sigmas", [14.6, 3.0, 0.7, 0.0]), dtype=torch.float64)
+    teacher = Recorder(other_denoiser)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 14.6
+    with pytest.warns(UserWarning, match=r"call no teacher.*renoise='guidance' or renoise_sigma='current'"):
+        kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x, sigmas, 0.5, disable=True, **options)
+
+
+@pytest.mark.parametrize("options", [
+    {"sigmas": [14.6, 0.0], "renoise": "guidance"},
+    {"sigmas": [14.6, 0.0], "renoise_sigma": "current"},
+    {"k": 3, "lam": 0.0},
+    {"guided_steps": [-1], "lam": [0.0]},
+    {"sigmas": [14.6, 3.0, 0.7]},                                     # a stage that stops above 0
+])
+def test_guided_steps_that_call_the_teacher_do_not_warn(options):
+    options = dict(options)
+    sigmas = torch.tensor(options.pop("sigmas", [14.6, 3.0, 0.7, 0.0]), dtype=torch.float64)
+    lam = options.pop("lam", 0.5)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 14.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x, sigmas, lam, disable=True, **options)
+
+
+def test_the_warning_points_at_the_callers_line():
+    x = torch.randn(1, 2, dtype=torch.float64) * 14.6
+    with pytest.warns(UserWarning, match="call no teacher") as record:
+        kdpp.sample_lcm_distpp(nonlinear_denoiser, other_denoiser, x, torch.tensor([14.6, 0.0]), 0.5, disable=True)
+    assert record[0].filename == __file__
