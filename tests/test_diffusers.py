@@ -1,5 +1,6 @@
 """kdpp's VP adapter and presets against diffusers' own schedulers, on a tiny SDXL-architecture UNet."""
 import copy
+import numpy
 import os
 
 import pytest
@@ -539,3 +540,107 @@ def test_epsilon_space_generate_needs_a_float_lam():
         generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, lam=[0.01], dtype=torch.float32, disable=True)
     with pytest.raises(ValueError, match="guidance_space must be one of"):
         generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, guidance_space="eps", dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ a new user's findings (diffusers integration)
+
+
+def cond1(batch=1, width=64, pooled=32):
+    g = torch.Generator().manual_seed(3)
+    return SDXLConditioning(torch.randn(batch, 7, width, generator=g), torch.randn(batch, 7, width, generator=g),
+                            torch.randn(batch, pooled, generator=g), torch.randn(batch, pooled, generator=g))
+
+
+def recording_forward(unet, key):
+    """Record ``key`` of every call to ``unet`` (its forward patched on the instance, as the pipeline calls it)."""
+    seen, forward = [], unet.forward
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get(key))
+        return forward(*args, **kwargs)
+
+    unet.forward = record
+    return seen
+
+
+def run_sdxl_pipeline(unet, vae=None, **kwargs):
+    """diffusers' StableDiffusionXLPipeline (tiny text encoders) around ``unet`` for one step."""
+    pipe = tiny_sdxl_text_pipeline()
+    pipe.unet, pipe.vae, pipe.watermark = unet, vae, None
+    with torch.no_grad():
+        return pipe(["a fox"], num_inference_steps=1, height=64, width=64, **kwargs).images
+
+
+def test_lcm_unet_gets_the_pipelines_guidance_embedding_by_default():
+    """An LCM UNet (time_cond_proj_dim) gets the timestep_cond StableDiffusionXLPipeline gives it by default
+    (the embedding of guidance_scale - 1, guidance_scale 5.0), by default; student_guidance changes it."""
+    unet = tiny_unet(time_cond_proj_dim=8)
+    from_pipeline = recording_forward(unet, "timestep_cond")
+    run_sdxl_pipeline(unet, output_type="latent")
+    want = from_pipeline[0][:1]
+    assert want is not None and want.shape == (1, 8)
+
+    from_kdpp = recording_forward(unet, "timestep_cond")
+    generate(unet, tiny_unet(seed=1), cond1(2), lcm(2), seeds=[0, 1], height=64, width=64, disable=True)
+    assert len(from_kdpp) == 2 and all(torch.equal(c, want.expand(2, -1)) for c in from_kdpp)
+
+    del from_kdpp[:]
+    generate(unet, tiny_unet(seed=1), cond1(), lcm(2), seeds=[0], height=64, width=64, student_guidance=8.5, disable=True)
+    embedding = diffusers.StableDiffusionXLPipeline.get_guidance_scale_embedding(None, torch.tensor([8.5 - 1]), 8)
+    assert all(torch.equal(c, embedding) for c in from_kdpp)
+    with pytest.raises(ValueError, match=r"student_guidance=8.5 .* student_unet has none \(its config.time_cond_proj_dim"):
+        generate(UNET, tiny_unet(seed=1), cond1(), lcm(2), seeds=[0], height=64, width=64, student_guidance=8.5)
+
+
+@pytest.mark.parametrize("height, width, error, message", [
+    (100, 128, ValueError, "height must be a positive multiple of 8"),
+    (128, 130, ValueError, "width must be a positive multiple of 8"),
+    (0, 64, ValueError, "height must be a positive multiple of 8"),
+    (64, -64, ValueError, "width must be a positive multiple of 8"),
+    (64.0, 64, TypeError, "height must be an int"),
+    (64, "64", TypeError, "width must be an int"),
+])
+def test_generate_refuses_image_sizes_the_pipeline_refuses(height, width, error, message):
+    """Sizes that are not positive multiples of 8 are refused, as StableDiffusionXLPipeline refuses them (100 x 130
+    used to sample 96 x 128 latents with time_ids saying 100 x 130)."""
+    if error is ValueError and height > 0 and width > 0:
+        pipe = tiny_sdxl_text_pipeline()
+        with pytest.raises(ValueError, match="have to be divisible by 8"):
+            pipe.check_inputs(["a"], None, height, width, 1)
+    student = RecordingUNet(UNET)
+    with pytest.raises(error, match=message):
+        generate(student, UNET, cond1(), lightning(2), seeds=[0], height=height, width=width, disable=True)
+    assert not student.calls
+
+
+def tiny_vae(**config):
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
+                                   **config).eval()
+
+
+@pytest.mark.parametrize("config, dtype", [
+    ({"force_upcast": True}, torch.float16),
+    ({"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [0.5, 1.5, 1.0, 2.0]}, torch.float32),
+], ids=["force_upcast-fp16", "latents_mean_std"])
+def test_decode_is_the_sdxl_pipelines(config, dtype):
+    """kdpp's decode gives the SDXL pipeline's images for the same final latents: a float16 VAE with force_upcast
+    decodes in float32 (and is float16 again afterwards), latents_mean/latents_std unscale per channel."""
+    from kdpp.diffusers.sampling import decode
+
+    latents = 3 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    vae = tiny_vae(**config).to(dtype)
+    seen, decode_fn = [], vae.decode
+    vae.decode = lambda z, *a, **k: (seen.append((z.dtype, vae.dtype)), decode_fn(z, *a, **k))[1]
+    unet = tiny_unet()
+    unet.forward = lambda sample, *args, **kwargs: (latents.to(sample.dtype),)  # x0 = latents, any input
+    pipe = tiny_sdxl_text_pipeline()
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(**BETAS, prediction_type="sample")  # one step lands on x0
+    pipe.unet, pipe.vae, pipe.watermark = unet, vae, None
+    with torch.no_grad():
+        want = pipe(["a fox"], num_inference_steps=1, height=64, width=64, guidance_scale=1.0, output_type="np").images
+    got = decode(vae, latents)
+    assert seen[0] == seen[1] and vae.dtype == dtype  # the pipeline's decode and kdpp's, the VAE as it was
+    diff = (torch.tensor(want * 255).round() - torch.tensor(numpy.stack([numpy.asarray(im) for im in got]))).abs()
+    assert diff.max() <= 1

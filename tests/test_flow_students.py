@@ -50,8 +50,8 @@ def tiny_sd3(seed=0):
 
 def embeddings(seq, dim, pooled, seed):
     g = torch.Generator().manual_seed(seed)
-    return FlowConditioning(torch.randn(2, seq, dim, generator=g), torch.randn(2, pooled, generator=g),
-                            torch.randn(2, seq, dim, generator=g), torch.randn(2, pooled, generator=g))
+    prompt, pooled_prompt = torch.randn(2, seq, dim, generator=g), torch.randn(2, pooled, generator=g)
+    return FlowConditioning(prompt, torch.randn(2, seq, dim, generator=g), pooled_prompt, torch.randn(2, pooled, generator=g))
 
 
 SCHNELL, DEV, DEV_TEACHER = tiny_flux(0), tiny_flux(1, guidance_embeds=True), tiny_flux(2, guidance_embeds=True)
@@ -351,14 +351,14 @@ def test_latent_space_mismatches_are_refused():
         sd3.generate(SCHNELL, LARGE, SD3_COND, seeds=SEEDS, height=64, width=64)
     with pytest.raises(ValueError, match="latent spaces differ: student_transformer takes 4 latent channels, teacher_transformer 16"):
         flux.generate(SCHNELL, tiny_flux(guidance_embeds=True, in_channels=64), FLUX_COND, schnell, seeds=SEEDS, height=64, width=64)
-    with pytest.raises(ValueError, match="height must be a multiple of 16 for FLUX"):
+    with pytest.raises(ValueError, match=r"height must be a positive multiple of 16 \(FLUX"):
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, schnell, seeds=SEEDS, height=72, width=64)
-    with pytest.raises(ValueError, match="width must be a multiple of 8 for SD3"):
+    with pytest.raises(ValueError, match=r"width must be a positive multiple of 8 \(SD3"):
         sd3.generate(LARGE_TURBO, LARGE, SD3_COND, seeds=SEEDS, height=64, width=60)
     with pytest.raises(ValueError, match="preset 'sd3.5-large-turbo-4step' is a 'sd3' preset"):
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.sd35_large_turbo(), seeds=SEEDS, height=64, width=64)
-    with pytest.raises(ValueError, match="vae has 16 latent channels, the transformers 4"):
-        vae = type("VAE", (), {"config": type("C", (), {"latent_channels": 16})()})()
+    with pytest.raises(ValueError, match="vae has 16 latent channels, the transformers take 4"):
+        vae = type("VAE", (), {"config": type("C", (), {"latent_channels": 16})(), "decode": lambda self, z: z})()
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, schnell, seeds=SEEDS, height=64, width=64, vae=vae)
     model = flux.FluxVelocity(SCHNELL, "student_transformer")
     with pytest.raises(ValueError, match=r"takes latents \[B, 4, h, w\] \(its in_channels 16\), got shape \(2, 16, 16\)"):
@@ -378,8 +378,8 @@ def test_guidance_embedding_mismatches_and_batches_are_refused():
     with pytest.raises(ValueError, match="scheduler_config sets stochastic_sampling .* samples with 'euler'"):
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(2), seeds=SEEDS, height=64, width=64,
                       scheduler_config=stochastic)
-    no_negative = FlowConditioning(SD3_COND.prompt_embeds, SD3_COND.pooled_prompt_embeds)
-    with pytest.raises(ValueError, match="true CFG needs negative_prompt_embeds"):
+    no_negative = FlowConditioning(SD3_COND.prompt_embeds, pooled_prompt_embeds=SD3_COND.pooled_prompt_embeds)
+    with pytest.raises(ValueError, match="teacher_conditioning has no negative_prompt_embeds .* true CFG"):
         sd3.generate(LARGE_TURBO, LARGE, no_negative, seeds=SEEDS, height=64, width=64)
 
 
@@ -397,7 +397,7 @@ def test_presets():
     assert (lora.steps, lora.guidance, lora.teacher.name) == (8, 3.5, "flux.1-dev")
     assert lora.scheduler_config["use_dynamic_shifting"] and not schnell.scheduler_config["use_dynamic_shifting"]
     assert all(p.sampler == "euler" and (p.lam, p.k) == (0.5, 1) for p in (turbo, schnell, lora))
-    with pytest.raises(ValueError, match="FLUX.1-schnell is meant for 1 to 4 steps, got 8"):
+    with pytest.raises(ValueError, match="FLUX.1-schnell is meant for 1 to 4 steps, got steps=8"):
         flow_presets.flux_schnell(8)
     assert set(flow_presets.STUDENTS) == {"sd3.5-large-turbo", "flux.1-schnell", "flux.1-dev-lora"}
 

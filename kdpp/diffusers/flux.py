@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .flow_models import FlowConditioning, FlowTransformer, generate_flow
 from .flow_presets import FlowStudentPreset, flux_schnell
+from .sampling import check_image_size
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -61,9 +62,7 @@ class FluxVelocity(FlowTransformer):
         return int(self.config["in_channels"]) // 4
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        for name, size in (("height", height), ("width", width)):
-            if size % 16:
-                raise ValueError(f"{name} must be a multiple of 16 for FLUX (8x VAE, 2x2 latent packing), got {size}")
+        check_image_size(height, width, 16, "FLUX: 8x VAE, 2x2 latent packing")
         return self.latent_channels, height // 8, width // 8
 
     def image_seq_len(self, h: int, w: int) -> int:
