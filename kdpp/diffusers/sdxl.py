@@ -238,9 +238,9 @@ def generate(
     check_type(teacher, TeacherPreset, "teacher")
     seeds = check_seeds(seeds)
     check_image_size(height, width, 8, "SDXL's VAE downsamples 8x, as StableDiffusionXLPipeline requires")
-    check_shared_latent_space(student_unet, teacher_unet)
     check_sdxl_unet(student_unet, "student_unet", conditioning)
     check_sdxl_unet(teacher_unet, "teacher_unet", conditioning)
+    check_shared_latent_space(student_unet, teacher_unet)
     channels = _config(student_unet, "out_channels", 4)
     if vae is not None:
         check_vae(vae, channels, "the UNets take")
