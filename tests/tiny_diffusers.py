@@ -60,6 +60,25 @@ def tiny_sd3_text_pipeline(transformer):
         text_encoder_3=None, tokenizer_3=None)
 
 
+def tiny_flux_text_pipeline(transformer):
+    """A FluxPipeline with a tiny CLIP encoder and a tiny T5 encoder (d_model 32) whose character-level tokenizer is
+    built in memory (no download): enough for the real ``encode_prompt``."""
+    import diffusers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}}
+    t5_tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t5_tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    clip_tokenizer, config = tiny_clip()
+    torch.manual_seed(0)
+    return diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=CLIPTextModel(config).eval(),
+        tokenizer=clip_tokenizer, transformer=transformer,
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval(),
+        tokenizer_2=PreTrainedTokenizerFast(tokenizer_object=t5_tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"))
+
+
 def add_lora(model, name="default", rank=4, seed=100, targets=("to_q", "to_k", "to_v", "to_out.0")):
     """A random (non-zero) PEFT LoRA adapter on the attention projections, via diffusers' ``add_adapter``."""
     from peft import LoraConfig
