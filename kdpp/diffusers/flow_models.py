@@ -26,7 +26,8 @@ from ..cfg import CFGDenoiser
 from ..flow import FlowDenoiser, flow_sigmas, initial_noise_scale
 from ..refine import RenoiseSigma
 from .flow_presets import FlowStudentPreset, FlowTeacherPreset
-from .sampling import calls_teacher, check_image_size, check_seeds, check_type, check_vae, decode, sample_batch
+from .sampling import (calls_teacher, check_embeddings, check_image_size, check_seeds, check_type, check_vae, decode,
+                       sample_batch)
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -55,30 +56,9 @@ class FlowConditioning:
     negative_pooled_prompt_embeds: Tensor | None = None
 
     def __post_init__(self):
-        order = ("in StableDiffusion3Pipeline.encode_prompt's order: prompt_embeds, negative_prompt_embeds, "
-                 "pooled_prompt_embeds, negative_pooled_prompt_embeds; FLUX: FlowConditioning.from_flux("
-                 "*FluxPipeline.encode_prompt(...)) or keywords")
-        for name, ndim, what, required in (
-                ("prompt_embeds", 3, "[batch, tokens, dim]", True), ("negative_prompt_embeds", 3, "[batch, tokens, dim]", False),
-                ("pooled_prompt_embeds", 2, "[batch, dim]", True), ("negative_pooled_prompt_embeds", 2, "[batch, dim]", False)):
-            value = getattr(self, name)
-            if value is None and not required:
-                continue
-            if not isinstance(value, Tensor):
-                raise TypeError(f"FlowConditioning.{name} must be a tensor {what}, got {type(value).__name__} ({order})")
-            if value.ndim != ndim:
-                raise ValueError(f"FlowConditioning.{name} must be {what}, got shape {tuple(value.shape)} ({order})")
-        if (self.negative_prompt_embeds is None) != (self.negative_pooled_prompt_embeds is None):
-            raise ValueError("FlowConditioning needs both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
-        if self.negative_prompt_embeds is not None:
-            for neg, pos in (("negative_prompt_embeds", "prompt_embeds"),
-                             ("negative_pooled_prompt_embeds", "pooled_prompt_embeds")):
-                if getattr(self, neg).shape != getattr(self, pos).shape:
-                    raise ValueError(f"FlowConditioning.{neg} has shape {tuple(getattr(self, neg).shape)}, "
-                                     f"{pos} {tuple(getattr(self, pos).shape)}; they must match ({order})")
-        if self.pooled_prompt_embeds.shape[0] != self.prompt_embeds.shape[0]:
-            raise ValueError(f"FlowConditioning.pooled_prompt_embeds has batch {self.pooled_prompt_embeds.shape[0]}, "
-                             f"prompt_embeds {self.prompt_embeds.shape[0]}")
+        check_embeddings(self, "in StableDiffusion3Pipeline.encode_prompt's order: prompt_embeds, negative_prompt_embeds, "
+                               "pooled_prompt_embeds, negative_pooled_prompt_embeds; FLUX: FlowConditioning.from_flux("
+                               "*FluxPipeline.encode_prompt(...)) or keywords", negatives_optional=True)
 
     @classmethod
     def from_flux(cls, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor, text_ids: Tensor | None = None) -> "FlowConditioning":

@@ -49,6 +49,40 @@ def check_seeds(seeds: Any) -> list[int]:
     return out
 
 
+#: the text-embedding fields both families' conditioning share: (name, ndim, shape)
+EMBEDDINGS = (("prompt_embeds", 3, "[batch, tokens, dim]"), ("negative_prompt_embeds", 3, "[batch, tokens, dim]"),
+              ("pooled_prompt_embeds", 2, "[batch, dim]"), ("negative_pooled_prompt_embeds", 2, "[batch, dim]"))
+
+
+def check_embeddings(conditioning: Any, hint: str, negatives_optional: bool = False) -> None:
+    """Shape checks of a conditioning dataclass with the :data:`EMBEDDINGS` fields; errors name the field and ``hint``.
+
+    Token embeddings ``[B, L, D]``, pooled ones ``[B, P]``, negatives shaped as the prompts (both
+    absent allowed with ``negatives_optional``), one batch size.
+    """
+    cls = type(conditioning).__name__
+    negatives = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+    for name, ndim, what in EMBEDDINGS:
+        value = getattr(conditioning, name)
+        if value is None and negatives_optional and name in negatives:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{cls}.{name} must be a tensor {what}, got {type(value).__name__} ({hint})")
+        if value.ndim != ndim:
+            raise ValueError(f"{cls}.{name} must be {what}, got shape {tuple(value.shape)} ({hint})")
+    present = [getattr(conditioning, name) is not None for name in negatives]
+    if any(present) and not all(present):
+        raise ValueError(f"{cls} needs both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+    if all(present):
+        for neg, pos in zip(negatives, ("prompt_embeds", "pooled_prompt_embeds")):
+            if getattr(conditioning, neg).shape != getattr(conditioning, pos).shape:
+                raise ValueError(f"{cls}.{neg} has shape {tuple(getattr(conditioning, neg).shape)}, "
+                                 f"{pos} {tuple(getattr(conditioning, pos).shape)}; they must match ({hint})")
+    if conditioning.pooled_prompt_embeds.shape[0] != conditioning.prompt_embeds.shape[0]:
+        raise ValueError(f"{cls}.pooled_prompt_embeds has batch {conditioning.pooled_prompt_embeds.shape[0]}, "
+                         f"prompt_embeds {conditioning.prompt_embeds.shape[0]}")
+
+
 def check_image_size(height: Any, width: Any, multiple: int, why: str) -> None:
     """``height`` and ``width`` must be positive ints and multiples of ``multiple`` (``why`` says whose rule)."""
     for name, size in (("height", height), ("width", width)):
@@ -88,9 +122,9 @@ def no_teacher_call_warning(sigmas: Tensor, lam: Any, k: int | None, guided_step
     if renoise_sigma not in (None, "next") or float(sigmas[-1]) != 0:
         return
     last = len(sigmas) - 2
-    if last in guided_step_indices(k, guided_steps, last + 1):
-        only = " (the only guided step: the teacher is never called)" if guided_step_indices(
-            k, guided_steps, last + 1) == [last] else ""
+    guided = guided_step_indices(k, guided_steps, last + 1)
+    if last in guided:
+        only = " (the only guided step: the teacher is never called)" if guided == [last] else ""
         warnings.warn(f"{name}: guided step {last} is the last one, which renoises to the next level, 0, where no "
                       f"teacher can be called{only}; pass renoise='guidance' or renoise_sigma='current' to guide it "
                       "at the current level", stacklevel=3)

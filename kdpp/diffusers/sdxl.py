@@ -18,7 +18,8 @@ from ..cfg import CFGDenoiser
 from ..refine import RenoiseSigma
 from ..schedules import scaled_linear_alphas_cumprod
 from .presets import GUIDANCE_SPACES, StudentPreset, TeacherPreset
-from .sampling import calls_teacher, check_image_size, check_seeds, check_type, check_vae, decode, sample_batch
+from .sampling import (calls_teacher, check_embeddings, check_image_size, check_seeds, check_type, check_vae, decode,
+                       sample_batch)
 from .vp import EpsilonSpaceGuidance, VPDenoiser, guidance_scale_embedding
 
 
@@ -38,23 +39,9 @@ class SDXLConditioning:
     negative_pooled_prompt_embeds: Tensor  #: [B, 1280]
 
     def __post_init__(self):
-        order = ("in encode_prompt's order: prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, "
-                 "negative_pooled_prompt_embeds")
-        hint = "pass negative_prompt_embeds too, i.e. encode_prompt(..., do_classifier_free_guidance=True)"
-        for name, ndim, what in (("prompt_embeds", 3, "[batch, tokens, dim]"), ("negative_prompt_embeds", 3, "[batch, tokens, dim]"),
-                                 ("pooled_prompt_embeds", 2, "[batch, dim]"), ("negative_pooled_prompt_embeds", 2, "[batch, dim]")):
-            value = getattr(self, name)
-            if not isinstance(value, Tensor):
-                raise TypeError(f"SDXLConditioning.{name} must be a tensor {what}, got {type(value).__name__} ({order}; {hint})")
-            if value.ndim != ndim:
-                raise ValueError(f"SDXLConditioning.{name} must be {what}, got shape {tuple(value.shape)} ({order}; {hint})")
-        for neg, pos in (("negative_prompt_embeds", "prompt_embeds"), ("negative_pooled_prompt_embeds", "pooled_prompt_embeds")):
-            if getattr(self, neg).shape != getattr(self, pos).shape:
-                raise ValueError(f"SDXLConditioning.{neg} has shape {tuple(getattr(self, neg).shape)}, "
-                                 f"{pos} {tuple(getattr(self, pos).shape)}; they must match ({order})")
-        if self.pooled_prompt_embeds.shape[0] != self.prompt_embeds.shape[0]:
-            raise ValueError(f"SDXLConditioning.pooled_prompt_embeds has batch {self.pooled_prompt_embeds.shape[0]}, "
-                             f"prompt_embeds {self.prompt_embeds.shape[0]}")
+        check_embeddings(self, "in encode_prompt's order: prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, "
+                         "negative_pooled_prompt_embeds; pass negative_prompt_embeds too, i.e. "
+                         "encode_prompt(..., do_classifier_free_guidance=True)")
 
     @property
     def batch(self) -> int:
