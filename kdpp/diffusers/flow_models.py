@@ -61,7 +61,8 @@ class FlowConditioning:
                                "*FluxPipeline.encode_prompt(...)) or keywords", negatives_optional=True)
 
     @classmethod
-    def from_flux(cls, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor, text_ids: Tensor | None = None) -> "FlowConditioning":
+    def from_flux(cls, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor,
+                  text_ids: Tensor | None = None) -> "FlowConditioning":
         """From ``FluxPipeline.encode_prompt``'s ``(prompt_embeds, pooled_prompt_embeds, text_ids)``.
 
         FLUX's text ids are zeros (the adapter builds them); other ones are refused.

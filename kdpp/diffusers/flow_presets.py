@@ -9,8 +9,9 @@ teacher. ``generate`` computes the schedule from the config as the family's pipe
 
 **Distillation++ starting points, not tuned values.** ``lam = 0.5`` on the first step only
 (``k = 1``, the paper's setting in all its quantitative results), the teacher renoised to the
-student's next noise level; the paper evaluates no flow students (it names them as future work),
-so sweep ``lam`` (and ``k``) for your prompts.
+student's next noise level (one-step presets: ``renoise="guidance"``, at the current level, as the
+SDXL ones: the next level of a one-step schedule is 0); the paper evaluates no flow students (it
+names them as future work), so sweep ``lam`` (and ``k``) for your prompts.
 """
 from __future__ import annotations
 
@@ -74,15 +75,15 @@ class FlowStudentPreset:
 def sd35_large_turbo(steps: int = 4) -> FlowStudentPreset:
     """SD3.5 Large Turbo (LADD-distilled SD3.5 Large): Euler, shift 3, no CFG; teacher SD3.5 Large with CFG 3.5."""
     steps = check_steps(steps, range(1, 9), "SD3.5 Large Turbo", "is meant for about 4 steps (1 to 8)")
-    return FlowStudentPreset(f"sd3.5-large-turbo-{steps}step", "sd3", steps, SD35_SCHEDULER, SD35_LARGE, **one_step_defaults(steps),
-                             notes="model card: 4 steps, guidance_scale 0.0 (no CFG)")
+    return FlowStudentPreset(f"sd3.5-large-turbo-{steps}step", "sd3", steps, SD35_SCHEDULER, SD35_LARGE,
+                             **one_step_defaults(steps), notes="model card: 4 steps, guidance_scale 0.0 (no CFG)")
 
 
 def flux_schnell(steps: int = 4) -> FlowStudentPreset:
     """FLUX.1-schnell: Euler, no shift, no guidance embedding; teacher FLUX.1-dev with guidance 3.5."""
     steps = check_steps(steps, range(1, 5), "FLUX.1-schnell", "is meant for 1 to 4 steps")
-    return FlowStudentPreset(f"flux.1-schnell-{steps}step", "flux", steps, FLUX_SCHNELL_SCHEDULER, FLUX_DEV, **one_step_defaults(steps),
-                             notes="model card: 4 steps, guidance_scale 0.0, max_sequence_length 256")
+    return FlowStudentPreset(f"flux.1-schnell-{steps}step", "flux", steps, FLUX_SCHNELL_SCHEDULER, FLUX_DEV,
+                             **one_step_defaults(steps), notes="model card: 4 steps, guidance_scale 0.0, max_sequence_length 256")
 
 
 def flux_dev_lora(steps: int = 8, guidance: float = 3.5) -> FlowStudentPreset:
@@ -91,7 +92,8 @@ def flux_dev_lora(steps: int = 8, guidance: float = 3.5) -> FlowStudentPreset:
     steps = check_steps(steps, range(1, 17), "step-distilled FLUX.1-dev LoRAs",
                         "come in 8 and 16 steps (1 to 16 allowed)")
     return FlowStudentPreset(f"flux.1-dev-lora-{steps}step", "flux", steps, FLUX_DEV_SCHEDULER, FLUX_DEV,
-                             guidance=guidance, **one_step_defaults(steps), notes="the LoRA on FLUX.1-dev's scheduler; guidance 3.5 as the base")
+                             guidance=guidance, **one_step_defaults(steps),
+                             notes="the LoRA on FLUX.1-dev's scheduler; guidance 3.5 as the base")
 
 
 STUDENTS = {"sd3.5-large-turbo": sd35_large_turbo, "flux.1-schnell": flux_schnell, "flux.1-dev-lora": flux_dev_lora}

@@ -144,7 +144,8 @@ def check_alphas_cumprod(alphas_cumprod: Tensor | None, preset: StudentPreset) -
                          f"of shape {tuple(a.shape)}")
     if len(a) <= max(preset.timesteps):
         raise ValueError(f"alphas_cumprod has {len(a)} entries, preset {preset.name!r} samples timestep "
-                         f"{max(preset.timesteps)}: pass the schedule the model was trained with (e.g. scheduler.alphas_cumprod)")
+                         f"{max(preset.timesteps)}: pass the schedule the model was trained with "
+                         "(e.g. scheduler.alphas_cumprod)")
     if not bool(((a > 0) & (a <= 1)).all()):
         raise ValueError("alphas_cumprod must lie in (0, 1]")
     return a
