@@ -94,8 +94,8 @@ def generate(student_transformer: Any, teacher_transformer: Any, conditioning: F
     """Sample a batch with a FLUX student (default: FLUX.1-schnell, 4 steps) and the FLUX.1-dev teacher.
 
     ``conditioning`` holds ``FluxPipeline.encode_prompt``'s ``prompt_embeds`` and
-    ``pooled_prompt_embeds`` (pass ``teacher_conditioning`` for the teacher's 512-token T5
-    embeddings when the student's are 256). The keyword options (``seeds``, ``height``, ``width``,
+    ``pooled_prompt_embeds``: ``FlowConditioning.from_flux(*pipe.encode_prompt(...))`` (pass
+    ``teacher_conditioning`` for the teacher's 512-token T5 embeddings when the student's are 256). The keyword options (``seeds``, ``height``, ``width``,
     ``lam``, ``k``, ``teacher``, ``scheduler_config``, ``vae``, ...) are those of
     :func:`kdpp.diffusers.flow_models.generate_flow`.
     """

@@ -56,8 +56,8 @@ def generate(student_transformer: Any, teacher_transformer: Any, conditioning: F
              preset: FlowStudentPreset | None = None, **options: Any) -> Any:
     """Sample a batch with an SD3 student (default: SD3.5 Large Turbo, 4 steps) and the SD3.5 Large teacher.
 
-    ``conditioning`` holds ``StableDiffusion3Pipeline.encode_prompt``'s four tensors (the negative
-    ones feed the teacher's CFG). The keyword options (``seeds``, ``height``, ``width``, ``lam``,
+    ``conditioning`` holds ``StableDiffusion3Pipeline.encode_prompt``'s four tensors, in its order:
+    ``FlowConditioning(*pipe.encode_prompt(...))`` (the negative ones feed the teacher's CFG). The keyword options (``seeds``, ``height``, ``width``, ``lam``,
     ``k``, ``teacher``, ``scheduler_config``, ``vae``, ...) are those of
     :func:`kdpp.diffusers.flow_models.generate_flow`.
     """
