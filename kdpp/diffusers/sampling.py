@@ -29,7 +29,8 @@ def check_type(value: Any, expected: type | tuple[type, ...], name: str) -> None
     """``TypeError`` naming the argument ``name`` unless ``value`` is an ``expected`` instance."""
     if not isinstance(value, expected):
         names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-        raise TypeError(f"{name} must be a {names}, got {type(value).__name__} ({value!r:.80})")
+        shown = f" {value!r}" if isinstance(value, (str, numbers.Number)) else ""
+        raise TypeError(f"{name} must be a {names}, got {type(value).__name__}{shown}")
 
 
 def check_seeds(seeds: Any) -> list[int]:
