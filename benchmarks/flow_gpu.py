@@ -73,8 +73,8 @@ def run(tiny: bool = False, size: int = 1024, repeats: int = 3, out: Path | None
     params = sum(p.numel() for p in student.parameters())
     g = torch.Generator().manual_seed(2)
     width, pooled = config["joint_attention_dim"], config["pooled_projection_dim"]
-    student_cond = FlowConditioning(torch.randn(1, 256, width, generator=g), torch.randn(1, pooled, generator=g))
-    teacher_cond = FlowConditioning(torch.randn(1, 512, width, generator=g), student_cond.pooled_prompt_embeds)
+    student_cond = FlowConditioning(torch.randn(1, 256, width, generator=g), pooled_prompt_embeds=torch.randn(1, pooled, generator=g))
+    teacher_cond = FlowConditioning(torch.randn(1, 512, width, generator=g), pooled_prompt_embeds=student_cond.pooled_prompt_embeds)
     preset = flow_presets.flux_schnell(4)
     teacher_calls = []
     hook = teacher.register_forward_pre_hook(lambda module, args: teacher_calls.append(1))

@@ -1,6 +1,8 @@
 """kdpp's VP adapter and presets against diffusers' own schedulers, on a tiny SDXL-architecture UNet."""
 import copy
+import numpy
 import os
+import warnings
 
 import pytest
 import torch
@@ -539,3 +541,231 @@ def test_epsilon_space_generate_needs_a_float_lam():
         generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, lam=[0.01], dtype=torch.float32, disable=True)
     with pytest.raises(ValueError, match="guidance_space must be one of"):
         generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, guidance_space="eps", dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ a new user's findings (diffusers integration)
+
+
+def cond1(batch=1, width=64, pooled=32):
+    g = torch.Generator().manual_seed(3)
+    return SDXLConditioning(torch.randn(batch, 7, width, generator=g), torch.randn(batch, 7, width, generator=g),
+                            torch.randn(batch, pooled, generator=g), torch.randn(batch, pooled, generator=g))
+
+
+def recording_forward(unet, key):
+    """Record ``key`` of every call to ``unet`` (its forward patched on the instance, as the pipeline calls it)."""
+    seen, forward = [], unet.forward
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get(key))
+        return forward(*args, **kwargs)
+
+    unet.forward = record
+    return seen
+
+
+def run_sdxl_pipeline(unet, vae=None, **kwargs):
+    """diffusers' StableDiffusionXLPipeline (tiny text encoders) around ``unet`` for one step."""
+    pipe = tiny_sdxl_text_pipeline()
+    pipe.unet, pipe.vae, pipe.watermark = unet, vae, None
+    with torch.no_grad():
+        return pipe(["a fox"], num_inference_steps=1, height=64, width=64, **kwargs).images
+
+
+def test_lcm_unet_gets_the_pipelines_guidance_embedding_by_default():
+    """An LCM UNet (time_cond_proj_dim) gets the timestep_cond StableDiffusionXLPipeline gives it by default
+    (the embedding of guidance_scale - 1, guidance_scale 5.0), by default; student_guidance changes it."""
+    unet = tiny_unet(time_cond_proj_dim=8)
+    from_pipeline = recording_forward(unet, "timestep_cond")
+    run_sdxl_pipeline(unet, output_type="latent")
+    want = from_pipeline[0][:1]
+    assert want is not None and want.shape == (1, 8)
+
+    from_kdpp = recording_forward(unet, "timestep_cond")
+    generate(unet, tiny_unet(seed=1), cond1(2), lcm(2), seeds=[0, 1], height=64, width=64, disable=True)
+    assert len(from_kdpp) == 2 and all(torch.equal(c, want.expand(2, -1)) for c in from_kdpp)
+
+    del from_kdpp[:]
+    generate(unet, tiny_unet(seed=1), cond1(), lcm(2), seeds=[0], height=64, width=64, student_guidance=8.5, disable=True)
+    embedding = diffusers.StableDiffusionXLPipeline.get_guidance_scale_embedding(None, torch.tensor([8.5 - 1]), 8)
+    assert all(torch.equal(c, embedding) for c in from_kdpp)
+    with pytest.raises(ValueError, match=r"student_guidance=8.5 .* student_unet has none \(its config.time_cond_proj_dim"):
+        generate(UNET, tiny_unet(seed=1), cond1(), lcm(2), seeds=[0], height=64, width=64, student_guidance=8.5)
+
+
+@pytest.mark.parametrize("height, width, error, message", [
+    (100, 128, ValueError, "height must be a positive multiple of 8"),
+    (128, 130, ValueError, "width must be a positive multiple of 8"),
+    (0, 64, ValueError, "height must be a positive multiple of 8"),
+    (64, -64, ValueError, "width must be a positive multiple of 8"),
+    (64.0, 64, TypeError, "height must be an int"),
+    (64, "64", TypeError, "width must be an int"),
+])
+def test_generate_refuses_image_sizes_the_pipeline_refuses(height, width, error, message):
+    """Sizes that are not positive multiples of 8 are refused, as StableDiffusionXLPipeline refuses them (100 x 130
+    used to sample 96 x 128 latents with time_ids saying 100 x 130)."""
+    if error is ValueError and height > 0 and width > 0:
+        pipe = tiny_sdxl_text_pipeline()
+        with pytest.raises(ValueError, match="have to be divisible by 8"):
+            pipe.check_inputs(["a"], None, height, width, 1)
+    student = RecordingUNet(UNET)
+    with pytest.raises(error, match=message):
+        generate(student, UNET, cond1(), lightning(2), seeds=[0], height=height, width=width, disable=True)
+    assert not student.calls
+
+
+def tiny_vae(**config):
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32,
+                                   **config).eval()
+
+
+@pytest.mark.parametrize("config, dtype", [
+    ({"force_upcast": True}, torch.float16),
+    ({"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [0.5, 1.5, 1.0, 2.0]}, torch.float32),
+], ids=["force_upcast-fp16", "latents_mean_std"])
+def test_decode_is_the_sdxl_pipelines(config, dtype):
+    """kdpp's decode gives the SDXL pipeline's images for the same final latents: a float16 VAE with force_upcast
+    decodes in float32 (and is float16 again afterwards), latents_mean/latents_std unscale per channel."""
+    from kdpp.diffusers.sampling import decode
+
+    latents = 3 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    vae = tiny_vae(**config).to(dtype)
+    seen, decode_fn = [], vae.decode
+    vae.decode = lambda z, *a, **k: (seen.append((z.dtype, vae.dtype)), decode_fn(z, *a, **k))[1]
+    unet = tiny_unet()
+    unet.forward = lambda sample, *args, **kwargs: (latents.to(sample.dtype),)  # x0 = latents, any input
+    pipe = tiny_sdxl_text_pipeline()
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(**BETAS, prediction_type="sample")  # one step lands on x0
+    pipe.unet, pipe.vae, pipe.watermark = unet, vae, None
+    with torch.no_grad():
+        want = pipe(["a fox"], num_inference_steps=1, height=64, width=64, guidance_scale=1.0, output_type="np").images
+    got = decode(vae, latents)
+    assert seen[0] == seen[1] and vae.dtype == dtype  # the pipeline's decode and kdpp's, the VAE as it was
+    diff = (torch.tensor(want * 255).round() - torch.tensor(numpy.stack([numpy.asarray(im) for im in got]))).abs()
+    assert diff.max() <= 1
+
+
+def test_sdxl_guided_last_step_warns_and_renoise_sigma_current_guides_it():
+    """k == steps (or guided_steps=[-1]) guides the last step, whose next level is 0: a warning names the fix;
+    renoise_sigma='current' (now a generate option, as guided_steps) calls the teacher there."""
+    teacher = RecordingUNet(tiny_unet(seed=1))
+    options = dict(seeds=[0], height=64, width=64, disable=True)
+    with pytest.warns(UserWarning, match=r"guided step 1 is the last one.*renoise='guidance' or renoise_sigma='current'"):
+        generate(UNET, teacher, cond1(), lightning(2), k=2, **options)
+    assert len(teacher.calls) == 1  # step 0 only
+    with pytest.warns(UserWarning, match="the teacher is never called"):
+        generate(UNET, teacher, cond1(), lightning(2), guided_steps=[-1], **options)
+    assert len(teacher.calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(UNET, teacher, cond1(), lightning(2), guided_steps=[-1], renoise_sigma="current", **options)
+    assert len(teacher.calls) == 2 and teacher.timesteps()[-1] == [lightning(2).timesteps[1]]
+
+
+def test_generate_signatures_agree_across_families():
+    """sdxl.generate and the flow generate take the same sampling options with the same defaults
+    (renoise=None: the preset's)."""
+    import inspect
+
+    from kdpp.diffusers.flow_models import generate_flow
+
+    sdxl_params, flow_params = inspect.signature(generate).parameters, inspect.signature(generate_flow).parameters
+    for name in ("seeds", "height", "width", "lam", "k", "guided_steps", "renoise", "renoise_sigma", "vae", "device",
+                 "disable", "callback"):
+        assert sdxl_params[name].default == flow_params[name].default, name
+    assert sdxl_params["renoise"].default is None
+
+
+def test_unets_in_other_dtypes_than_the_sampler_state():
+    """Each UNet gets its inputs in its own dtype (as the flow adapters): fp32 UNets with the default dtype, and a
+    bf16 teacher with an fp32 student, call the models at the fp32 run's timesteps."""
+    student, teacher = RecordingUNet(UNET), RecordingUNet(tiny_unet(seed=1))
+    ref = generate(student, teacher, cond1(), lightning(4), seeds=[0], height=64, width=64, disable=True)
+    assert ref.dtype == torch.float32  # the default dtype: the student's
+    half_teacher = RecordingUNet(HALF_UNETS[torch.bfloat16][1])
+    seen = []
+    half_teacher.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (args[0].dtype, kwargs["encoder_hidden_states"].dtype)), with_kwargs=True)
+    mixed = generate(student, half_teacher, cond1(), lightning(4), seeds=[0], height=64, width=64, disable=True)
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and half_teacher.timesteps() == teacher.timesteps()
+    assert mixed.dtype == torch.float32 and (mixed - ref).abs().max() < 0.1 * ref.abs().max()
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        generate(UNET, UNET, cond1(), lightning(2), seeds=[0], height=64, width=64, dtype="float16")
+
+
+@pytest.mark.parametrize("seeds, error, message", [
+    (3, TypeError, r"seeds must be a sequence of ints, one per image, got the int 3 \(pass \[3\]"),
+    ([0.5], TypeError, r"seeds\[0\] must be an int, got 0.5"),
+    ("ab", TypeError, "seeds must be a sequence of ints"),
+    ([2**70], ValueError, r"seeds\[0\] = .* out of torch.Generator's range"),
+    ([], ValueError, "seeds must name at least one image"),
+])
+def test_generate_refuses_bad_seeds(seeds, error, message):
+    with pytest.raises(error, match=message):
+        generate(UNET, UNET, cond1(), lightning(2), seeds=seeds, height=64, width=64, disable=True)
+
+
+def test_numpy_seeds_are_ints():
+    options = dict(height=64, width=64, disable=True)
+    torch.testing.assert_close(generate(UNET, UNET, cond1(), lightning(2), seeds=numpy.array([7]), **options),
+                               generate(UNET, UNET, cond1(), lightning(2), seeds=[7], **options), rtol=0, atol=0)
+
+
+def test_wrong_object_types_are_refused_by_name():
+    from kdpp.diffusers import flow_presets
+    from kdpp.diffusers.presets import StudentPreset, TeacherPreset
+
+    options = dict(seeds=[0], height=64, width=64)
+    with pytest.raises(TypeError, match="preset must be a StudentPreset, got FlowStudentPreset"):
+        generate(UNET, UNET, cond1(), flow_presets.flux_schnell(), **options)
+    with pytest.raises(TypeError, match="preset must be a StudentPreset, got str"):
+        generate(UNET, UNET, cond1(), "sdxl-lightning", **options)
+    with pytest.raises(TypeError, match="preset must be a StudentPreset, got TeacherPreset"):
+        generate(UNET, UNET, cond1(), TeacherPreset(), teacher=lightning(2), **options)
+    with pytest.raises(TypeError, match="conditioning must be a SDXLConditioning, got dict"):
+        generate(UNET, UNET, KW, lightning(2), **options)
+    with pytest.raises(ValueError, match=r"StudentPreset.sampler must be one of kdpp.SAMPLERS .* got 'eular'"):
+        StudentPreset("x", "eular", (999,))
+    with pytest.raises(ValueError, match="sampler must be one of kdpp.SAMPLERS"):
+        sdxl_teacher("bogus")
+
+
+def test_sdxl_mismatches_are_refused_before_any_call():
+    """A non-SDXL teacher, a VAE of another latent space, embeddings of other widths: clear errors, no model call."""
+    from diffusers import SD3Transformer2DModel
+
+    sd3 = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                pooled_projection_dim=64, out_channels=4, pos_embed_max_size=96)
+    student = RecordingUNet(UNET)
+    options = dict(seeds=[0], height=64, width=64, disable=True)
+    with pytest.raises(ValueError, match="teacher_unet is not an SDXL UNet .* got SD3Transformer2DModel"):
+        generate(student, sd3, cond1(), lightning(2), **options)
+    with pytest.raises(ValueError, match="vae has 8 latent channels, the UNets take 4"):
+        generate(student, UNET, cond1(), lightning(2), vae=diffusers.AutoencoderKL(
+            block_out_channels=(32,), latent_channels=8, norm_num_groups=32), **options)
+    with pytest.raises(ValueError, match=r"conditioning.prompt_embeds has width 32, student_unet takes 64 \(its config.cross_attention_dim\)"):
+        generate(student, UNET, cond1(width=32), lightning(2), **options)
+    with pytest.raises(ValueError, match=r"conditioning.pooled_prompt_embeds has width 16, student_unet takes 32"):
+        generate(student, UNET, cond1(pooled=16), lightning(2), **options)
+    assert not student.calls
+
+
+def test_sdxl_conditioning_from_encode_prompt_without_cfg_says_how_to_fix_it():
+    pipe = tiny_sdxl_text_pipeline()
+    with torch.no_grad():
+        out = pipe.encode_prompt(["a cat"], device="cpu", do_classifier_free_guidance=False)
+    with pytest.raises(TypeError, match=r"negative_prompt_embeds must be a tensor .*do_classifier_free_guidance=True"):
+        SDXLConditioning(*out)
+    cond = SDXLConditioning(*pipe.encode_prompt(["a cat"], device="cpu", do_classifier_free_guidance=True))
+    assert cond.to("cpu").prompt_embeds.dtype == torch.float32  # device only: the dtype stays
+
+
+def test_alphas_cumprod_must_cover_the_preset_timesteps():
+    a = kdpp.schedules.scaled_linear_alphas_cumprod()
+    with pytest.raises(ValueError, match=r"alphas_cumprod has 500 entries, preset 'sdxl-lightning-2step' samples timestep 999"):
+        generate(UNET, UNET, cond1(), lightning(2), seeds=[0], height=64, width=64, alphas_cumprod=a[:500])
+    with pytest.raises(ValueError, match="alphas_cumprod must be a 1-D float tensor"):
+        generate(UNET, UNET, cond1(), lightning(2), seeds=[0], height=64, width=64, alphas_cumprod=a[None])

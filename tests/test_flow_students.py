@@ -50,8 +50,8 @@ def tiny_sd3(seed=0):
 
 def embeddings(seq, dim, pooled, seed):
     g = torch.Generator().manual_seed(seed)
-    return FlowConditioning(torch.randn(2, seq, dim, generator=g), torch.randn(2, pooled, generator=g),
-                            torch.randn(2, seq, dim, generator=g), torch.randn(2, pooled, generator=g))
+    prompt, pooled_prompt = torch.randn(2, seq, dim, generator=g), torch.randn(2, pooled, generator=g)
+    return FlowConditioning(prompt, torch.randn(2, seq, dim, generator=g), pooled_prompt, torch.randn(2, pooled, generator=g))
 
 
 SCHNELL, DEV, DEV_TEACHER = tiny_flux(0), tiny_flux(1, guidance_embeds=True), tiny_flux(2, guidance_embeds=True)
@@ -351,14 +351,14 @@ def test_latent_space_mismatches_are_refused():
         sd3.generate(SCHNELL, LARGE, SD3_COND, seeds=SEEDS, height=64, width=64)
     with pytest.raises(ValueError, match="latent spaces differ: student_transformer takes 4 latent channels, teacher_transformer 16"):
         flux.generate(SCHNELL, tiny_flux(guidance_embeds=True, in_channels=64), FLUX_COND, schnell, seeds=SEEDS, height=64, width=64)
-    with pytest.raises(ValueError, match="height must be a multiple of 16 for FLUX"):
+    with pytest.raises(ValueError, match=r"height must be a positive multiple of 16 \(FLUX"):
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, schnell, seeds=SEEDS, height=72, width=64)
-    with pytest.raises(ValueError, match="width must be a multiple of 8 for SD3"):
+    with pytest.raises(ValueError, match=r"width must be a positive multiple of 8 \(SD3"):
         sd3.generate(LARGE_TURBO, LARGE, SD3_COND, seeds=SEEDS, height=64, width=60)
     with pytest.raises(ValueError, match="preset 'sd3.5-large-turbo-4step' is a 'sd3' preset"):
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.sd35_large_turbo(), seeds=SEEDS, height=64, width=64)
-    with pytest.raises(ValueError, match="vae has 16 latent channels, the transformers 4"):
-        vae = type("VAE", (), {"config": type("C", (), {"latent_channels": 16})()})()
+    with pytest.raises(ValueError, match="vae has 16 latent channels, the transformers take 4"):
+        vae = type("VAE", (), {"config": type("C", (), {"latent_channels": 16})(), "decode": lambda self, z: z})()
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, schnell, seeds=SEEDS, height=64, width=64, vae=vae)
     model = flux.FluxVelocity(SCHNELL, "student_transformer")
     with pytest.raises(ValueError, match=r"takes latents \[B, 4, h, w\] \(its in_channels 16\), got shape \(2, 16, 16\)"):
@@ -378,8 +378,8 @@ def test_guidance_embedding_mismatches_and_batches_are_refused():
     with pytest.raises(ValueError, match="scheduler_config sets stochastic_sampling .* samples with 'euler'"):
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(2), seeds=SEEDS, height=64, width=64,
                       scheduler_config=stochastic)
-    no_negative = FlowConditioning(SD3_COND.prompt_embeds, SD3_COND.pooled_prompt_embeds)
-    with pytest.raises(ValueError, match="true CFG needs negative_prompt_embeds"):
+    no_negative = FlowConditioning(SD3_COND.prompt_embeds, pooled_prompt_embeds=SD3_COND.pooled_prompt_embeds)
+    with pytest.raises(ValueError, match="teacher_conditioning has no negative_prompt_embeds .* true CFG"):
         sd3.generate(LARGE_TURBO, LARGE, no_negative, seeds=SEEDS, height=64, width=64)
 
 
@@ -397,7 +397,7 @@ def test_presets():
     assert (lora.steps, lora.guidance, lora.teacher.name) == (8, 3.5, "flux.1-dev")
     assert lora.scheduler_config["use_dynamic_shifting"] and not schnell.scheduler_config["use_dynamic_shifting"]
     assert all(p.sampler == "euler" and (p.lam, p.k) == (0.5, 1) for p in (turbo, schnell, lora))
-    with pytest.raises(ValueError, match="FLUX.1-schnell is meant for 1 to 4 steps, got 8"):
+    with pytest.raises(ValueError, match="FLUX.1-schnell is meant for 1 to 4 steps, got steps=8"):
         flow_presets.flux_schnell(8)
     assert set(flow_presets.STUDENTS) == {"sd3.5-large-turbo", "flux.1-schnell", "flux.1-dev-lora"}
 
@@ -456,3 +456,151 @@ def test_flux_dev_lora_student_on_the_teachers_own_transformer():
     torch.testing.assert_close(steps[0]["teacher_denoised"], x_rf - t * FluxPipeline._unpack_latents(v_base, 64, 64, 8),
                                rtol=1e-5, atol=1e-5)
     assert rel(v_lora, v_base) > 1e-3  # the adapters matter
+
+
+# ------------------------------------------------------------------ a new user's findings
+
+
+def test_flow_conditioning_takes_the_pipelines_encode_prompt_returns():
+    """FlowConditioning(*StableDiffusion3Pipeline.encode_prompt(...)) and FlowConditioning.from_flux(
+    *FluxPipeline.encode_prompt(...)), with diffusers' real encode_prompt on tiny text encoders."""
+    from tiny_diffusers import tiny_flux_text_pipeline, tiny_sd3_text_pipeline
+
+    with torch.no_grad():
+        out = tiny_sd3_text_pipeline(LARGE).encode_prompt(["a fox", "a cat"], None, None, do_classifier_free_guidance=True,
+                                                          max_sequence_length=9)
+    cond = FlowConditioning(*out)
+    assert (cond.prompt_embeds, cond.negative_prompt_embeds, cond.pooled_prompt_embeds,
+            cond.negative_pooled_prompt_embeds) == out
+    latents = sd3.generate(LARGE_TURBO, LARGE, cond, flow_presets.sd35_large_turbo(2), seeds=SEEDS, height=32, width=32,
+                           disable=True)
+    assert latents.shape == (2, 4, 4, 4) and torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match=r"FlowConditioning.negative_prompt_embeds must be \[batch, tokens, dim\], got shape \(2, 64\)"):
+        FlowConditioning(out[0], out[2], out[1], out[3])  # the pre-fix field order
+
+    with torch.no_grad():
+        flux_out = tiny_flux_text_pipeline(SCHNELL).encode_prompt(["a fox", "a cat"], None, max_sequence_length=12)
+    assert len(flux_out) == 3 and flux_out[2].shape == (12, 3)
+    cond = FlowConditioning.from_flux(*flux_out)
+    assert cond.prompt_embeds is flux_out[0] and cond.pooled_prompt_embeds is flux_out[1] and not cond.has_negative
+    latents = flux.generate(SCHNELL, DEV_TEACHER, cond, flow_presets.flux_schnell(2), seeds=SEEDS, height=32, width=32,
+                            disable=True)
+    assert latents.shape == (2, 4, 4, 4)
+    with pytest.raises(ValueError, match="text_ids must be FluxPipeline.encode_prompt's zero"):
+        FlowConditioning.from_flux(flux_out[0], flux_out[1], torch.ones(12, 3))
+
+
+def test_flow_conditioning_shape_errors():
+    e, p = torch.randn(2, 7, 32), torch.randn(2, 32)
+    with pytest.raises(ValueError, match=r"FlowConditioning.pooled_prompt_embeds must be \[batch, dim\]"):
+        FlowConditioning(e, pooled_prompt_embeds=e)
+    with pytest.raises(TypeError, match="FlowConditioning.pooled_prompt_embeds must be a tensor"):
+        FlowConditioning(e)
+    with pytest.raises(ValueError, match="both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither"):
+        FlowConditioning(e, e, p)
+    with pytest.raises(ValueError, match="negative_prompt_embeds has shape"):
+        FlowConditioning(e, e[:, :3], p, p)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds has batch 1, prompt_embeds 2"):
+        FlowConditioning(e, pooled_prompt_embeds=p[:1])
+    wide = FlowConditioning(torch.randn(2, 7, 16), pooled_prompt_embeds=p)
+    with pytest.raises(ValueError, match=r"conditioning.prompt_embeds has width 16, student_transformer takes 32 \(its config.joint_attention_dim\)"):
+        flux.generate(SCHNELL, DEV_TEACHER, wide, seeds=SEEDS, height=32, width=32)
+
+
+class TransformerCalls:
+    """Counts a transformer's forward calls while in a ``with`` block."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __enter__(self):
+        self.handle = self.model.register_forward_pre_hook(lambda m, args: setattr(self, "calls", self.calls + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("make, family", [
+    (lambda: flow_presets.flux_schnell(1), "flux"), (lambda: flow_presets.sd35_large_turbo(1), "sd3"),
+    (lambda: flow_presets.flux_dev_lora(1), "flux")], ids=["flux_schnell", "sd35_large_turbo", "flux_dev_lora"])
+def test_one_step_flow_presets_call_the_teacher(make, family):
+    """One-step flow presets guide at the current level (renoise='guidance'), as the SDXL ones: one teacher call;
+    renoise='random' renoises to the next level, 0, and warns."""
+    preset = make()
+    generate, student, teacher, cond = ((flux.generate, DEV if preset.guidance else SCHNELL, DEV_TEACHER, FLUX_COND)
+                                        if family == "flux" else (sd3.generate, LARGE_TURBO, LARGE, SD3_COND))
+    assert preset.renoise == "guidance"
+    options = dict(seeds=SEEDS, height=32, width=32, disable=True)
+    with TransformerCalls(teacher) as calls:
+        plain = generate(student, teacher, cond, preset, lam=0.0, **options)
+        assert calls.calls == 0
+        guided = generate(student, teacher, cond, preset, **options)
+        assert calls.calls == 1 and rel(plain, guided) > 1e-3
+        with pytest.warns(UserWarning, match=r"the teacher is never called.*renoise='guidance' or renoise_sigma='current'"):
+            generate(student, teacher, cond, preset, renoise="random", **options)
+        assert calls.calls == 1
+
+
+def test_guiding_the_last_flow_step_warns_unless_renoise_sigma_is_current():
+    options = dict(seeds=SEEDS, height=32, width=32, disable=True)
+    preset = flow_presets.flux_schnell(4)
+    with TransformerCalls(DEV_TEACHER) as calls:
+        with pytest.warns(UserWarning, match="guided step 3 is the last one"):
+            flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, guided_steps=[-1], **options)
+        with pytest.warns(UserWarning, match="guided step 3 is the last one"):
+            flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, k=4, **options)
+        assert calls.calls == 3
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, guided_steps=[-1], renoise_sigma="current", **options)
+        assert calls.calls == 4
+
+
+@pytest.mark.parametrize("height, width, error, message", [
+    (0, 32, ValueError, "height must be a positive multiple of 16"), (32, -16, ValueError, "width must be a positive"),
+    (32.0, 32, TypeError, "height must be an int"), (40, 32, ValueError, "height must be a positive multiple of 16")])
+def test_flux_refuses_bad_image_sizes(height, width, error, message):
+    with pytest.raises(error, match=message):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, seeds=SEEDS, height=height, width=width)
+
+
+@pytest.mark.parametrize("seeds, error, message", [
+    (11, TypeError, r"got the int 11 \(pass \[11\]"), ([11.5, 12], TypeError, r"seeds\[0\] must be an int"),
+    ("ab", TypeError, "seeds must be a sequence of ints"), ([2**70, 1], ValueError, "out of torch.Generator's range")])
+def test_flow_generate_refuses_bad_seeds(seeds, error, message):
+    with pytest.raises(error, match=message):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, seeds=seeds, height=32, width=32)
+
+
+def test_flow_presets_and_arguments_are_type_checked():
+    for bad in (2.5, "4", True):
+        with pytest.raises(TypeError, match="steps must be an int"):
+            flow_presets.flux_schnell(bad)
+    with pytest.raises(TypeError, match="steps must be an int"):
+        flow_presets.sd35_large_turbo(4.0)
+    with pytest.raises(ValueError, match=r"FlowStudentPreset.sampler must be one of kdpp.SAMPLERS .* got 'eular'"):
+        dataclasses.replace(flow_presets.flux_schnell(), sampler="eular")
+    from kdpp.diffusers.presets import lightning
+    from kdpp.diffusers.sdxl import SDXLConditioning
+
+    options = dict(seeds=SEEDS, height=32, width=32)
+    with pytest.raises(TypeError, match="preset must be a FlowStudentPreset, got StudentPreset"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, lightning(4), **options)
+    with pytest.raises(TypeError, match="preset must be a FlowStudentPreset, got str"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, "flux.1-schnell", **options)
+    with pytest.raises(TypeError, match="preset must be a FlowStudentPreset, got FlowTeacherPreset"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.FLUX_DEV, teacher=flow_presets.flux_schnell(), **options)
+    with pytest.raises(TypeError, match="teacher must be a FlowTeacherPreset, got FlowStudentPreset"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(), teacher=flow_presets.flux_schnell(),
+                      **options)
+    sdxl_cond = SDXLConditioning(torch.randn(2, 7, 32), torch.randn(2, 7, 32), torch.randn(2, 32), torch.randn(2, 32))
+    with pytest.raises(TypeError, match="conditioning must be a FlowConditioning, got SDXLConditioning"):
+        flux.generate(SCHNELL, DEV_TEACHER, sdxl_cond, **options)
+
+
+def test_sd3_needs_negatives_only_when_the_cfg_teacher_is_called():
+    no_negative = FlowConditioning(SD3_COND.prompt_embeds, pooled_prompt_embeds=SD3_COND.pooled_prompt_embeds)
+    options = dict(seeds=SEEDS, height=32, width=32, disable=True)
+    for unguided in ({"lam": 0.0}, {"k": 0}, {"guided_steps": []}):
+        sd3.generate(LARGE_TURBO, LARGE, no_negative, **unguided, **options)
+    with pytest.raises(ValueError, match=r"teacher_conditioning has no negative_prompt_embeds .* teacher_transformer .*cfg_scale 3.5"):
+        sd3.generate(LARGE_TURBO, LARGE, no_negative, **options)

@@ -175,3 +175,19 @@ def test_a_lora_loaded_with_diffusers_loader(tmp_path):
     shared = SharedLoRAModel(unet)
     assert torch.equal(call(shared.student), call(original))
     torch.testing.assert_close(call(shared.teacher), call(tiny_unet(seed=0)), rtol=0, atol=1e-6)
+
+
+def guidance_embedding_of(scale):
+    """The SDXL pipeline's own timestep_cond for guidance_scale ``scale`` (time_cond_proj_dim 8)."""
+    return diffusers.StableDiffusionXLPipeline.get_guidance_scale_embedding(None, torch.tensor([scale - 1]), 8)
+
+
+def test_lora_vp_denoisers_take_student_guidance_as_generate():
+    """lora_vp_denoisers' student_guidance is generate's: the pipeline's default embedding (guidance_scale 5.0)
+    for a UNet with time_cond_proj_dim, an error for one without (SDXL base, LCM-LoRA's)."""
+    student, _ = lora_vp_denoisers(add_lora(tiny_unet(seed=0, time_cond_proj_dim=8)), lcm_lora(4))
+    torch.testing.assert_close(student.timestep_cond, guidance_embedding_of(5.0), rtol=0, atol=0)
+    student, _ = lora_vp_denoisers(add_lora(tiny_unet(seed=0, time_cond_proj_dim=8)), lcm_lora(4), student_guidance=2.0)
+    torch.testing.assert_close(student.timestep_cond, guidance_embedding_of(2.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="student_guidance=2.0 .* student_unet has none"):
+        lora_vp_denoisers(add_lora(tiny_unet(seed=0)), lcm_lora(4), student_guidance=2.0)

@@ -9,14 +9,17 @@ teacher. ``generate`` computes the schedule from the config as the family's pipe
 
 **Distillation++ starting points, not tuned values.** ``lam = 0.5`` on the first step only
 (``k = 1``, the paper's setting in all its quantitative results), the teacher renoised to the
-student's next noise level; the paper evaluates no flow students (it names them as future work),
-so sweep ``lam`` (and ``k``) for your prompts.
+student's next noise level (one-step presets: ``renoise="guidance"``, at the current level, as the
+SDXL ones: the next level of a one-step schedule is 0); the paper evaluates no flow students (it
+names them as future work), so sweep ``lam`` (and ``k``) for your prompts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
+
+from .presets import check_sampler, check_steps, one_step_defaults
 
 #: ``scheduler/scheduler_config.json`` of stabilityai/stable-diffusion-3.5-large and -large-turbo
 SD35_SCHEDULER = MappingProxyType({"num_train_timesteps": 1000, "shift": 3.0})
@@ -60,32 +63,37 @@ class FlowStudentPreset:
     guidance: float | None = None  #: the student's guidance-embedding input (FLUX.1-dev LoRAs); None without one
     lam: float = 0.5
     k: int = 1
+    renoise: str = "random"  #: the default renoising noise (one-step presets: "guidance")
     notes: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        check_sampler(self.sampler, "FlowStudentPreset.sampler")
+        if not isinstance(self.teacher, FlowTeacherPreset):
+            raise TypeError(f"FlowStudentPreset.teacher must be a FlowTeacherPreset, got {type(self.teacher).__name__}")
 
 
 def sd35_large_turbo(steps: int = 4) -> FlowStudentPreset:
     """SD3.5 Large Turbo (LADD-distilled SD3.5 Large): Euler, shift 3, no CFG; teacher SD3.5 Large with CFG 3.5."""
-    if not 1 <= steps <= 8:
-        raise ValueError(f"SD3.5 Large Turbo is meant for about 4 steps (1 to 8), got {steps}")
+    steps = check_steps(steps, range(1, 9), "SD3.5 Large Turbo", "is meant for about 4 steps (1 to 8)")
     return FlowStudentPreset(f"sd3.5-large-turbo-{steps}step", "sd3", steps, SD35_SCHEDULER, SD35_LARGE,
-                             notes="model card: 4 steps, guidance_scale 0.0 (no CFG)")
+                             **one_step_defaults(steps), notes="model card: 4 steps, guidance_scale 0.0 (no CFG)")
 
 
 def flux_schnell(steps: int = 4) -> FlowStudentPreset:
     """FLUX.1-schnell: Euler, no shift, no guidance embedding; teacher FLUX.1-dev with guidance 3.5."""
-    if not 1 <= steps <= 4:
-        raise ValueError(f"FLUX.1-schnell is meant for 1 to 4 steps, got {steps}")
+    steps = check_steps(steps, range(1, 5), "FLUX.1-schnell", "is meant for 1 to 4 steps")
     return FlowStudentPreset(f"flux.1-schnell-{steps}step", "flux", steps, FLUX_SCHNELL_SCHEDULER, FLUX_DEV,
-                             notes="model card: 4 steps, guidance_scale 0.0, max_sequence_length 256")
+                             **one_step_defaults(steps), notes="model card: 4 steps, guidance_scale 0.0, max_sequence_length 256")
 
 
 def flux_dev_lora(steps: int = 8, guidance: float = 3.5) -> FlowStudentPreset:
     """A step-distilled LoRA of FLUX.1-dev (Hyper-SD, FLUX.1-Turbo-Alpha style): FLUX.1-dev's dynamic shift and
     guidance embedding at few steps; the teacher is FLUX.1-dev itself (the base model without the LoRA)."""
-    if not 1 <= steps <= 16:
-        raise ValueError(f"step-distilled FLUX.1-dev LoRAs come in 8 and 16 steps (1 to 16 allowed), got {steps}")
+    steps = check_steps(steps, range(1, 17), "step-distilled FLUX.1-dev LoRAs",
+                        "come in 8 and 16 steps (1 to 16 allowed)")
     return FlowStudentPreset(f"flux.1-dev-lora-{steps}step", "flux", steps, FLUX_DEV_SCHEDULER, FLUX_DEV,
-                             guidance=guidance, notes="the LoRA on FLUX.1-dev's scheduler; guidance 3.5 as the base")
+                             guidance=guidance, **one_step_defaults(steps),
+                             notes="the LoRA on FLUX.1-dev's scheduler; guidance 3.5 as the base")
 
 
 STUDENTS = {"sd3.5-large-turbo": sd35_large_turbo, "flux.1-schnell": flux_schnell, "flux.1-dev-lora": flux_dev_lora}

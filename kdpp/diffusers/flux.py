@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .flow_models import FlowConditioning, FlowTransformer, generate_flow
 from .flow_presets import FlowStudentPreset, flux_schnell
+from .sampling import check_image_size
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -61,9 +62,7 @@ class FluxVelocity(FlowTransformer):
         return int(self.config["in_channels"]) // 4
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        for name, size in (("height", height), ("width", width)):
-            if size % 16:
-                raise ValueError(f"{name} must be a multiple of 16 for FLUX (8x VAE, 2x2 latent packing), got {size}")
+        check_image_size(height, width, 16, "FLUX: 8x VAE, 2x2 latent packing")
         return self.latent_channels, height // 8, width // 8
 
     def image_seq_len(self, h: int, w: int) -> int:
@@ -95,8 +94,8 @@ def generate(student_transformer: Any, teacher_transformer: Any, conditioning: F
     """Sample a batch with a FLUX student (default: FLUX.1-schnell, 4 steps) and the FLUX.1-dev teacher.
 
     ``conditioning`` holds ``FluxPipeline.encode_prompt``'s ``prompt_embeds`` and
-    ``pooled_prompt_embeds`` (pass ``teacher_conditioning`` for the teacher's 512-token T5
-    embeddings when the student's are 256). The keyword options (``seeds``, ``height``, ``width``,
+    ``pooled_prompt_embeds``: ``FlowConditioning.from_flux(*pipe.encode_prompt(...))`` (pass
+    ``teacher_conditioning`` for the teacher's 512-token T5 embeddings when the student's are 256). The keyword options (``seeds``, ``height``, ``width``,
     ``lam``, ``k``, ``teacher``, ``scheduler_config``, ``vae``, ...) are those of
     :func:`kdpp.diffusers.flow_models.generate_flow`.
     """

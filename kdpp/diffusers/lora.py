@@ -146,16 +146,18 @@ class AdapterView:
 def lora_vp_denoisers(
     unet: torch.nn.Module, preset: StudentPreset, teacher: TeacherPreset = TeacherPreset(), *,
     adapter_names: str | Sequence[str] | None = None, adapter_weights: float | Sequence[float] | None = None,
-    alphas_cumprod: Tensor | None = None,
+    alphas_cumprod: Tensor | None = None, student_guidance: float | None = None,
 ) -> tuple[Any, Any]:
     """The student and teacher VE denoisers of one LoRA-carrying UNet, for any kdpp sampler.
 
     The student is the UNet with its adapters (``preset``'s parametrization, e.g. LCM's
     boundary condition); the teacher the same UNet with adapters off, with CFG at
-    ``teacher.cfg_scale`` (:func:`kdpp.diffusers.sdxl.vp_denoisers`).
+    ``teacher.cfg_scale`` (:func:`kdpp.diffusers.sdxl.vp_denoisers`). ``student_guidance`` is
+    ``generate``'s: the guidance-scale embedding input of a UNet with ``time_cond_proj_dim``
+    (default 5.0 as the pipeline), an error for one without (SDXL base, LCM-LoRA's).
     """
     shared = SharedLoRAModel(unet, adapter_names, adapter_weights)
-    return vp_denoisers(shared.student, shared.teacher, preset, teacher, alphas_cumprod)
+    return vp_denoisers(shared.student, shared.teacher, preset, teacher, alphas_cumprod, student_guidance)
 
 
 def generate_sdxl(

@@ -26,6 +26,7 @@ from typing import Collection
 from torch import Tensor
 
 from ..schedules import timestep_sigmas, trailing_timesteps
+from ..solvers import SAMPLERS
 
 GUIDANCE_SPACES = ("x0", "epsilon")
 
@@ -48,6 +49,7 @@ class StudentPreset:
     notes: str = ""
 
     def __post_init__(self):
+        check_sampler(self.sampler, "StudentPreset.sampler")
         if self.guidance_space not in GUIDANCE_SPACES:
             raise ValueError(f"guidance_space must be one of {GUIDANCE_SPACES}, got {self.guidance_space!r}")
 
@@ -61,7 +63,13 @@ class StudentPreset:
         return math.sqrt(1 + sigma_0**2) if self.noise_scale == "vp" else sigma_0
 
 
-def _check_steps(steps: int, allowed: Collection[int], family: str, what: str) -> int:
+def check_sampler(sampler: str, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``sampler`` is a key of :data:`kdpp.SAMPLERS`."""
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise ValueError(f"{name} must be one of kdpp.SAMPLERS {sorted(SAMPLERS)}, got {sampler!r}")
+
+
+def check_steps(steps: int, allowed: Collection[int], family: str, what: str) -> int:
     """``steps`` as an int if ``allowed`` holds it, else a ``ValueError`` naming the count."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, got {steps!r}")
@@ -70,38 +78,38 @@ def _check_steps(steps: int, allowed: Collection[int], family: str, what: str) -
     return int(steps)
 
 
-def _one_step(steps: int) -> dict:
+def one_step_defaults(steps: int) -> dict:
     """One-step students are guided at the current level: the next one is 0."""
     return {"renoise": "guidance"} if steps == 1 else {}
 
 
 def lightning(steps: int = 4) -> StudentPreset:
     """SDXL-Lightning (and its LoRA): Euler, trailing timesteps; the 1-step UNet predicts x0."""
-    steps = _check_steps(steps, (1, 2, 4, 8), "SDXL-Lightning", "comes in 1, 2, 4 and 8 steps")
+    steps = check_steps(steps, (1, 2, 4, 8), "SDXL-Lightning", "comes in 1, 2, 4 and 8 steps")
     return StudentPreset(f"sdxl-lightning-{steps}step", "euler", tuple(trailing_timesteps(steps)),
-                         prediction="sample" if steps == 1 else "epsilon", **_one_step(steps),
+                         prediction="sample" if steps == 1 else "epsilon", **one_step_defaults(steps),
                          notes="EulerDiscreteScheduler(timestep_spacing='trailing'); no CFG")
 
 
 def turbo(steps: int = 4) -> StudentPreset:
     """SDXL-Turbo: Euler ancestral at trailing timesteps, trained at 512 px (the paper used DPM++ 2S a)."""
-    steps = _check_steps(steps, range(1, 5), "SDXL-Turbo", "is meant for 1 to 4 steps")
+    steps = check_steps(steps, range(1, 5), "SDXL-Turbo", "is meant for 1 to 4 steps")
     return StudentPreset(f"sdxl-turbo-{steps}step", "euler_ancestral", tuple(trailing_timesteps(steps)),
-                         resolution=512, **_one_step(steps),
+                         resolution=512, **one_step_defaults(steps),
                          notes="EulerAncestralDiscreteScheduler(timestep_spacing='trailing'); no CFG")
 
 
 def dmd2(steps: int = 4) -> StudentPreset:
     """DMD2: multistep consistency at t = 999, 749, 499, 249 (4 steps) or one step at t = 399."""
-    steps = _check_steps(steps, (1, 4), "DMD2 SDXL", "comes in 1 and 4 steps")
+    steps = check_steps(steps, (1, 4), "DMD2 SDXL", "comes in 1 and 4 steps")
     timesteps = (399,) if steps == 1 else tuple(trailing_timesteps(4))
     return StudentPreset(f"dmd2-{steps}step", "lcm", timesteps, noise_scale="vp", lam=0.01, guidance_space="epsilon",
-                         **_one_step(steps), notes="LCMScheduler-style denoise / renoise; no CFG")
+                         **one_step_defaults(steps), notes="LCMScheduler-style denoise / renoise; no CFG")
 
 
 def lcm_timesteps(steps: int, original_inference_steps: int = 50, num_train_timesteps: int = 1000) -> tuple[int, ...]:
     """LCMScheduler's timesteps: ``steps`` picks evenly (floor) from its 50-step origin schedule."""
-    steps = _check_steps(steps, range(1, original_inference_steps + 1), "LCM",
+    steps = check_steps(steps, range(1, original_inference_steps + 1), "LCM",
                          f"samples 1 to original_inference_steps = {original_inference_steps} steps")
     c = num_train_timesteps // original_inference_steps
     origin = [i * c - 1 for i in range(1, original_inference_steps + 1)][::-1]
@@ -112,7 +120,7 @@ def lcm(steps: int = 4) -> StudentPreset:
     """LCM / LCM-LoRA: multistep consistency at LCMScheduler's timesteps (1 to 50) with its boundary condition."""
     timesteps = lcm_timesteps(steps)
     return StudentPreset(f"lcm-{len(timesteps)}step", "lcm", timesteps, lcm_boundary=True, noise_scale="vp", lam=0.01,
-                         guidance_space="epsilon", **_one_step(len(timesteps)),
+                         guidance_space="epsilon", **one_step_defaults(len(timesteps)),
                          notes="boundary condition timestep_scaling 10, sigma_data 0.5; guidance embedding for LCM")
 
 
@@ -132,7 +140,7 @@ def lightning_lora(steps: int = 4) -> StudentPreset:
     The student is SDXL base plus the LoRA, so the teacher is the same UNet with the adapter
     off: :mod:`kdpp.diffusers.lora` samples the pair from one model.
     """
-    steps = _check_steps(steps, (2, 4, 8), "SDXL-Lightning LoRA", "comes in 2, 4 and 8 steps")
+    steps = check_steps(steps, (2, 4, 8), "SDXL-Lightning LoRA", "comes in 2, 4 and 8 steps")
     return replace(lightning(steps), name=f"sdxl-lightning-lora-{steps}step",
                    notes="LoRA of SDXL base (kdpp.diffusers.lora: one UNet); EulerDiscreteScheduler(timestep_spacing='trailing')")
 
@@ -148,6 +156,7 @@ class TeacherPreset:
 
 def sdxl_teacher(sampler: str = "euler") -> TeacherPreset:
     """SDXL base with CFG 7.5, or 6.0 when the student samples with DPM++ 2S ancestral (the paper's choices)."""
+    check_sampler(sampler, "sampler")
     return TeacherPreset(cfg_scale=6.0 if sampler.startswith("dpmpp_2s_ancestral") else 7.5)
 
 

@@ -1,53 +1,173 @@
-"""What every diffusers family's ``generate`` shares: per-image seeds, the preset's sampler, images.
+"""What every diffusers family's ``generate`` shares: argument checks, per-image seeds, the preset's sampler, images.
 
 A family module (:mod:`kdpp.diffusers.sdxl`, ...) turns its models and conditioning into a
 student and a teacher VE denoiser plus their keyword arguments; :func:`sample_batch` draws the
 initial noise and runs the preset's kdpp sampler; :func:`decode` turns latents into PIL images
-through the family's VAE. Nothing here imports diffusers.
+through the family's VAE, as diffusers' pipelines decode. The checks of what every ``generate``
+takes (:func:`check_seeds`, :func:`check_image_size`, :func:`check_type`, :func:`check_vae`) live
+here too. Nothing here imports diffusers.
 """
 from __future__ import annotations
 
+import numbers
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .._checks import _index, _ints, guided_step_indices
 from ..noise import seeded_noise_sampler, stream_seed
-from ..refine import Denoiser
+from ..refine import Denoiser, RenoiseSigma
 from ..solvers import SAMPLERS
+
+#: torch.Generator.manual_seed takes seeds in [-2**63, 2**64)
+_SEED_RANGE = (-(2**63), 2**64)
+
+
+def check_type(value: Any, expected: type | tuple[type, ...], name: str) -> None:
+    """``TypeError`` naming the argument ``name`` unless ``value`` is an ``expected`` instance."""
+    if not isinstance(value, expected):
+        names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+        shown = f" {value!r}" if isinstance(value, (str, numbers.Number)) else ""
+        raise TypeError(f"{name} must be a {names}, got {type(value).__name__}{shown}")
+
+
+def check_seeds(seeds: Any) -> list[int]:
+    """``seeds`` as a list of ints, one per image (Python or NumPy ints); errors name ``seeds``.
+
+    A single int is refused (``[seed]`` samples one image): a batch takes one seed per image.
+    """
+    if _index(seeds) is not None:
+        raise TypeError(f"seeds must be a sequence of ints, one per image, got the int {seeds!r} "
+                        f"(pass [{seeds!r}] for one image)")
+    out = _ints(seeds, "seeds", "a sequence of ints, one per image")
+    if not out:
+        raise ValueError("seeds must name at least one image")
+    for j, seed in enumerate(out):
+        if not _SEED_RANGE[0] <= seed < _SEED_RANGE[1]:
+            raise ValueError(f"seeds[{j}] = {seed} is out of torch.Generator's range [-2**63, 2**64)")
+    return out
+
+
+#: the text-embedding fields both families' conditioning share: (name, ndim, shape)
+EMBEDDINGS = (("prompt_embeds", 3, "[batch, tokens, dim]"), ("negative_prompt_embeds", 3, "[batch, tokens, dim]"),
+              ("pooled_prompt_embeds", 2, "[batch, dim]"), ("negative_pooled_prompt_embeds", 2, "[batch, dim]"))
+
+
+def check_embeddings(conditioning: Any, hint: str, negatives_optional: bool = False) -> None:
+    """Shape checks of a conditioning dataclass with the :data:`EMBEDDINGS` fields; errors name the field and ``hint``.
+
+    Token embeddings ``[B, L, D]``, pooled ones ``[B, P]``, negatives shaped as the prompts (both
+    absent allowed with ``negatives_optional``), one batch size.
+    """
+    cls = type(conditioning).__name__
+    negatives = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+    for name, ndim, what in EMBEDDINGS:
+        value = getattr(conditioning, name)
+        if value is None and negatives_optional and name in negatives:
+            continue
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{cls}.{name} must be a tensor {what}, got {type(value).__name__} ({hint})")
+        if value.ndim != ndim:
+            raise ValueError(f"{cls}.{name} must be {what}, got shape {tuple(value.shape)} ({hint})")
+    present = [getattr(conditioning, name) is not None for name in negatives]
+    if any(present) and not all(present):
+        raise ValueError(f"{cls} needs both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+    if all(present):
+        for neg, pos in zip(negatives, ("prompt_embeds", "pooled_prompt_embeds")):
+            if getattr(conditioning, neg).shape != getattr(conditioning, pos).shape:
+                raise ValueError(f"{cls}.{neg} has shape {tuple(getattr(conditioning, neg).shape)}, "
+                                 f"{pos} {tuple(getattr(conditioning, pos).shape)}; they must match ({hint})")
+    if conditioning.pooled_prompt_embeds.shape[0] != conditioning.prompt_embeds.shape[0]:
+        raise ValueError(f"{cls}.pooled_prompt_embeds has batch {conditioning.pooled_prompt_embeds.shape[0]}, "
+                         f"prompt_embeds {conditioning.prompt_embeds.shape[0]}")
+
+
+def check_image_size(height: Any, width: Any, multiple: int, why: str) -> None:
+    """``height`` and ``width`` must be positive ints and multiples of ``multiple`` (``why`` says whose rule)."""
+    for name, size in (("height", height), ("width", width)):
+        if _index(size) is None:
+            raise TypeError(f"{name} must be an int (pixels), got {size!r}")
+        if size <= 0 or size % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} ({why}), got {size}")
+
+
+def check_vae(vae: Any, latent_channels: int, models: str) -> None:
+    """Refuse a VAE whose ``config.latent_channels`` is not the models' latent channel count."""
+    channels = getattr(getattr(vae, "config", None), "latent_channels", None)
+    if channels is None or not callable(getattr(vae, "decode", None)):
+        raise TypeError(f"vae must be a diffusers VAE (with decode and config.latent_channels), got {type(vae).__name__}")
+    if channels != latent_channels:
+        raise ValueError(f"vae has {channels} latent channels, {models} {latent_channels}: "
+                         "the VAE must be the one of the models' latent space")
+
+
+def calls_teacher(preset: Any, lam: Any, k: int | None, guided_steps: Sequence[int] | None) -> bool:
+    """Whether a run may call the teacher: some step guided (``guided_steps``, else ``k``, else the
+    preset's ``k``) with a ``lam`` (else the preset's) that is not 0."""
+    lam = preset.lam if lam is None else lam
+    guided = bool(list(guided_steps)) if guided_steps is not None else bool(preset.k if k is None else k)
+    return guided and not (isinstance(lam, numbers.Real) and lam == 0)
+
+
+def no_teacher_call_warning(sigmas: Tensor, lam: Any, k: int | None, guided_steps: Sequence[int] | None,
+                            renoise: str, renoise_sigma: RenoiseSigma, name: str) -> None:
+    """Warn when a guided step renoises to the next level 0 (the last step of a full schedule).
+
+    There ``tau = 0``: no teacher can be called, so the step is the plain student's. With
+    ``renoise="guidance"`` or ``renoise_sigma="current"`` the teacher is called at the current level.
+    """
+    if lam is None or (isinstance(lam, numbers.Real) and lam == 0) or renoise == "guidance":
+        return
+    if renoise_sigma not in (None, "next") or float(sigmas[-1]) != 0:
+        return
+    last = len(sigmas) - 2
+    guided = guided_step_indices(k, guided_steps, last + 1)
+    if last in guided:
+        only = " (the only guided step: the teacher is never called)" if guided == [last] else ""
+        warnings.warn(f"{name}: guided step {last} is the last one, which renoises to the next level, 0, where no "
+                      f"teacher can be called{only}; pass renoise='guidance' or renoise_sigma='current' to guide it "
+                      "at the current level", stacklevel=3)
 
 
 def sample_batch(
     student: Denoiser, teacher: Denoiser, preset: Any, seeds: Sequence[int], shape: Sequence[int], *,
-    sigmas: Tensor, noise_scale: float, lam: float | None, k: int | None, renoise: str, dtype: torch.dtype,
+    sigmas: Tensor, noise_scale: float, lam: float | None, k: int | None, renoise: str | None, dtype: torch.dtype,
     device: torch.device | str, extra_args: Mapping[str, Any], teacher_extra_args: Mapping[str, Any],
     disable: bool | None = None, callback: Callable[[dict], Any] | None = None, guided_steps: Sequence[int] | None = None,
+    renoise_sigma: RenoiseSigma = None,
 ) -> Tensor:
     """Sample one latent per seed with ``preset``'s kdpp sampler; returns ``[len(seeds), *shape]``.
 
     Image ``b`` starts from ``noise_scale * randn(shape)`` drawn on the CPU by
     ``torch.Generator().manual_seed(seeds[b])`` (so images reproduce across devices and batch
     sizes); its solver noise and renoise noise are streams 1 and 2 of the same seed
-    (:func:`kdpp.noise.stream_seed`). ``lam`` and ``k`` default to the preset's; ``guided_steps``
-    (step indices, negative ones from the end) replaces ``k`` and is passed on only when given.
+    (:func:`kdpp.noise.stream_seed`). ``lam``, ``k`` and ``renoise`` default to the preset's;
+    ``guided_steps`` (step indices, negative ones from the end) replaces ``k`` and is passed on
+    only when given, as is ``renoise_sigma``. Warns when a guided step can call no teacher
+    (:func:`no_teacher_call_warning`).
     """
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("seeds must name at least one image")
-    noise = seeded_noise_sampler(torch.empty(len(seeds), *shape), seeds)(0.0, 0.0)  # on the CPU
-    x = (noise * noise_scale).to(device=device, dtype=dtype)
+    seeds = check_seeds(seeds)
+    lam = preset.lam if lam is None else lam
+    renoise = preset.renoise if renoise is None else renoise
     options: dict[str, Any] = {}
     if guided_steps is not None:
         options["guided_steps"] = list(guided_steps)
     elif k is None:
         k = preset.k
+    if renoise_sigma is not None:
+        options["renoise_sigma"] = renoise_sigma
+    no_teacher_call_warning(sigmas, lam, k, guided_steps, renoise, renoise_sigma, preset.name)
+    noise = seeded_noise_sampler(torch.empty(len(seeds), *shape), seeds)(0.0, 0.0)  # on the CPU
+    x = (noise * noise_scale).to(device=device, dtype=dtype)
     if preset.sampler != "dpmpp_2m":  # the only solver without solver noise
         options["noise_sampler"] = seeded_noise_sampler(x, [stream_seed(s, 1) for s in seeds])
     with torch.no_grad():
         return SAMPLERS[preset.sampler](
-            student, teacher, x, sigmas, preset.lam if lam is None else lam, k,
-            extra_args=extra_args, teacher_extra_args=teacher_extra_args, renoise=renoise,
-            renoise_seed=[stream_seed(s, 2) for s in seeds], disable=disable, callback=callback, **options)
+            student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
+            renoise=renoise, renoise_seed=[stream_seed(s, 2) for s in seeds], disable=disable, callback=callback,
+            **options)
 
 
 def to_pil(images: Tensor) -> list:
@@ -58,9 +178,37 @@ def to_pil(images: Tensor) -> list:
     return [Image.fromarray((im * 255).round().astype("uint8")) for im in arrays]
 
 
+def unscale_latents(vae: Any, latents: Tensor) -> Tensor:
+    """The VAE's latents from the model's, as diffusers' pipelines unscale them before ``vae.decode``.
+
+    ``latents * latents_std / scaling_factor + latents_mean`` where the config has
+    ``latents_mean`` and ``latents_std`` (per channel; the SDXL pipeline), else
+    ``latents / scaling_factor + shift_factor`` (no shift where the VAE has none: SD/SDXL's).
+    """
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        per_channel = (1, -1) + (1,) * (latents.ndim - 2)
+        mean, std = (torch.tensor(v).view(per_channel).to(latents.device, latents.dtype) for v in (mean, std))
+        return latents * std / config.scaling_factor + mean
+    return latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+
+
 def decode(vae: Any, latents: Tensor) -> list:
-    """Latents as PIL images: ``vae.decode(latents / scaling_factor + shift_factor)`` (no shift where the VAE has none)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    """Latents as PIL images through ``vae``, as diffusers' SDXL pipeline decodes them.
+
+    The latents are unscaled (:func:`unscale_latents`) and decoded in the VAE's dtype, except
+    that a float16 VAE whose ``config.force_upcast`` is set (SDXL's VAE overflows in float16) is
+    cast to float32 for the decode and back to float16 afterwards, as the pipeline does.
+    """
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
     with torch.no_grad():
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            z = latents.to(device=getattr(vae, "device", latents.device), dtype=vae.dtype)
+            images = vae.decode(unscale_latents(vae, z), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
     return to_pil(images)

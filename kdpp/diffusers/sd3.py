@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .flow_models import FlowConditioning, FlowTransformer, generate_flow
 from .flow_presets import FlowStudentPreset, sd35_large_turbo
+from .sampling import check_image_size
 
 
 class SD3Velocity(FlowTransformer):
@@ -35,11 +36,7 @@ class SD3Velocity(FlowTransformer):
         return int(self.config["in_channels"])
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        multiple = 8 * self.patch_size
-        for name, size in (("height", height), ("width", width)):
-            if size % multiple:
-                raise ValueError(f"{name} must be a multiple of {multiple} for SD3 (8x VAE, patch size "
-                                 f"{self.patch_size}), got {size}")
+        check_image_size(height, width, 8 * self.patch_size, f"SD3: 8x VAE, patch size {self.patch_size}")
         return self.latent_channels, height // 8, width // 8
 
     def image_seq_len(self, h: int, w: int) -> int:
@@ -59,8 +56,8 @@ def generate(student_transformer: Any, teacher_transformer: Any, conditioning: F
              preset: FlowStudentPreset | None = None, **options: Any) -> Any:
     """Sample a batch with an SD3 student (default: SD3.5 Large Turbo, 4 steps) and the SD3.5 Large teacher.
 
-    ``conditioning`` holds ``StableDiffusion3Pipeline.encode_prompt``'s four tensors (the negative
-    ones feed the teacher's CFG). The keyword options (``seeds``, ``height``, ``width``, ``lam``,
+    ``conditioning`` holds ``StableDiffusion3Pipeline.encode_prompt``'s four tensors, in its order:
+    ``FlowConditioning(*pipe.encode_prompt(...))`` (the negative ones feed the teacher's CFG). The keyword options (``seeds``, ``height``, ``width``, ``lam``,
     ``k``, ``teacher``, ``scheduler_config``, ``vae``, ...) are those of
     :func:`kdpp.diffusers.flow_models.generate_flow`.
     """

@@ -7,17 +7,19 @@ gives the embeddings), so batches of precomputed embeddings work the same way.
 from __future__ import annotations
 
 import numbers
-import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from .._checks import check_finite_number
 from ..cfg import CFGDenoiser
+from ..refine import RenoiseSigma
 from ..schedules import scaled_linear_alphas_cumprod
 from .presets import GUIDANCE_SPACES, StudentPreset, TeacherPreset
-from .sampling import sample_batch, to_pil
+from .sampling import (calls_teacher, check_embeddings, check_image_size, check_seeds, check_type, check_vae, decode,
+                       sample_batch)
 from .vp import EpsilonSpaceGuidance, VPDenoiser, guidance_scale_embedding
 
 
@@ -37,30 +39,16 @@ class SDXLConditioning:
     negative_pooled_prompt_embeds: Tensor  #: [B, 1280]
 
     def __post_init__(self):
-        order = ("in encode_prompt's order: prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, "
-                 "negative_pooled_prompt_embeds")
-        for name, ndim, what in (("prompt_embeds", 3, "[batch, tokens, dim]"), ("negative_prompt_embeds", 3, "[batch, tokens, dim]"),
-                                 ("pooled_prompt_embeds", 2, "[batch, dim]"), ("negative_pooled_prompt_embeds", 2, "[batch, dim]")):
-            value = getattr(self, name)
-            if not isinstance(value, Tensor):
-                raise TypeError(f"SDXLConditioning.{name} must be a tensor {what}, got {type(value).__name__} ({order})")
-            if value.ndim != ndim:
-                raise ValueError(f"SDXLConditioning.{name} must be {what}, got shape {tuple(value.shape)} ({order}; "
-                                 "pass negative_prompt_embeds too, i.e. do_classifier_free_guidance=True)")
-        for neg, pos in (("negative_prompt_embeds", "prompt_embeds"), ("negative_pooled_prompt_embeds", "pooled_prompt_embeds")):
-            if getattr(self, neg).shape != getattr(self, pos).shape:
-                raise ValueError(f"SDXLConditioning.{neg} has shape {tuple(getattr(self, neg).shape)}, "
-                                 f"{pos} {tuple(getattr(self, pos).shape)}; they must match ({order})")
-        if self.pooled_prompt_embeds.shape[0] != self.prompt_embeds.shape[0]:
-            raise ValueError(f"SDXLConditioning.pooled_prompt_embeds has batch {self.pooled_prompt_embeds.shape[0]}, "
-                             f"prompt_embeds {self.prompt_embeds.shape[0]}")
+        check_embeddings(self, "in encode_prompt's order: prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, "
+                         "negative_pooled_prompt_embeds; pass negative_prompt_embeds too, i.e. "
+                         "encode_prompt(..., do_classifier_free_guidance=True)")
 
     @property
     def batch(self) -> int:
         return self.prompt_embeds.shape[0]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "SDXLConditioning":
-        """Every field on ``device`` in ``dtype``."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SDXLConditioning":
+        """Every field on ``device`` in ``dtype`` (``None``: as it is)."""
         return SDXLConditioning(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
 
     def unet_kwargs(self, time_ids: Tensor, negative: bool = False) -> dict[str, Any]:
@@ -95,31 +83,105 @@ def check_shared_latent_space(student_unet, teacher_unet, student_vae=None, teac
                 raise ValueError(f"student and teacher latent spaces differ: VAE {key} {a} vs {b}")
 
 
+def check_sdxl_unet(unet: Any, name: str, conditioning: SDXLConditioning | None = None) -> None:
+    """Refuse a model whose config is not an SDXL UNet's, or ``conditioning`` of other widths than it takes.
+
+    Checked where the config says: ``cross_attention_dim`` (the token embeddings' width),
+    ``addition_embed_type == "text_time"`` (SDXL's pooled-text and size conditioning) and
+    ``projection_class_embeddings_input_dim - 6 addition_time_embed_dim`` (the pooled
+    embeddings' width). Callables without a config are taken as they are.
+    """
+    config = getattr(unet, "config", None)
+    if config is None:
+        return
+    width = _config(unet, "cross_attention_dim")
+    if width is None or _config(unet, "addition_embed_type") != "text_time":
+        raise ValueError(f"{name} is not an SDXL UNet (UNet2DConditionModel with cross_attention_dim and "
+                         f"addition_embed_type='text_time'), got {type(unet).__name__}")
+    if conditioning is None:
+        return
+    if isinstance(width, int) and conditioning.prompt_embeds.shape[-1] != width:
+        raise ValueError(f"conditioning.prompt_embeds has width {conditioning.prompt_embeds.shape[-1]}, {name} takes "
+                         f"{width} (its config.cross_attention_dim): the embeddings must come from this model's text encoders")
+    projection, time_dim = _config(unet, "projection_class_embeddings_input_dim"), _config(unet, "addition_time_embed_dim")
+    if isinstance(projection, int) and isinstance(time_dim, int):
+        pooled = projection - 6 * time_dim  # pooled text embeddings, then 6 time ids of time_dim features
+        if conditioning.pooled_prompt_embeds.shape[-1] != pooled:
+            raise ValueError(f"conditioning.pooled_prompt_embeds has width {conditioning.pooled_prompt_embeds.shape[-1]}, "
+                             f"{name} takes {pooled} (config.projection_class_embeddings_input_dim {projection} "
+                             f"- 6 time ids x addition_time_embed_dim {time_dim})")
+
+
+#: StableDiffusionXLPipeline's default guidance_scale, whose embedding it passes to UNets with time_cond_proj_dim
+PIPELINE_GUIDANCE_SCALE = 5.0
+
+
+def student_timestep_cond(student_unet: Any, student_guidance: float | None) -> Tensor | None:
+    """The ``timestep_cond`` the student gets: LCM's guidance-scale embedding, where its UNet takes one.
+
+    As ``StableDiffusionXLPipeline``: a UNet with ``config.time_cond_proj_dim`` always gets the
+    embedding of ``guidance_scale - 1`` (:func:`kdpp.diffusers.vp.guidance_scale_embedding` of
+    ``student_guidance``, default the pipeline's ``guidance_scale`` 5.0); one without gets none,
+    and ``student_guidance`` given for it is an error.
+    """
+    dim = _config(student_unet, "time_cond_proj_dim")
+    if dim is None:
+        if student_guidance is not None:
+            raise ValueError(f"student_guidance={student_guidance!r} is the input of LCM's guidance-scale embedding, but "
+                             "student_unet has none (its config.time_cond_proj_dim is not set); leave it out")
+        return None
+    w = PIPELINE_GUIDANCE_SCALE if student_guidance is None else check_finite_number(student_guidance, "student_guidance")
+    return guidance_scale_embedding(w, dim)
+
+
+def check_alphas_cumprod(alphas_cumprod: Tensor | None, preset: StudentPreset) -> Tensor:
+    """The training schedule (default SD/SDXL's scaled_linear), refused unless 1-D in (0, 1] and long enough for ``preset``."""
+    if alphas_cumprod is None:
+        return scaled_linear_alphas_cumprod()
+    a = torch.as_tensor(alphas_cumprod)
+    if a.ndim != 1 or not a.is_floating_point():
+        raise ValueError(f"alphas_cumprod must be a 1-D float tensor (one value per training timestep), got {a.dtype} "
+                         f"of shape {tuple(a.shape)}")
+    if len(a) <= max(preset.timesteps):
+        raise ValueError(f"alphas_cumprod has {len(a)} entries, preset {preset.name!r} samples timestep "
+                         f"{max(preset.timesteps)}: pass the schedule the model was trained with "
+                         "(e.g. scheduler.alphas_cumprod)")
+    if not bool(((a > 0) & (a <= 1)).all()):
+        raise ValueError("alphas_cumprod must lie in (0, 1]")
+    return a
+
+
 def vp_denoisers(
     student_unet: Any, teacher_unet: Any, preset: StudentPreset, teacher: TeacherPreset = TeacherPreset(),
     alphas_cumprod: Tensor | None = None, student_guidance: float | None = None,
 ) -> tuple[VPDenoiser, CFGDenoiser]:
     """The student's VE denoiser as ``preset`` samples it, and the teacher's with CFG at ``teacher.cfg_scale``.
 
-    The student gets LCM's boundary condition when the preset has one, and the guidance-scale
-    embedding of ``student_guidance`` as ``timestep_cond`` when its UNet takes one.
+    The student gets LCM's boundary condition when the preset has one, and, when its UNet has
+    ``time_cond_proj_dim``, the guidance-scale embedding of ``student_guidance`` (default 5.0,
+    as the pipeline) as ``timestep_cond`` (:func:`student_timestep_cond`).
     """
-    a = scaled_linear_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod)
-    timestep_cond = None
-    if student_guidance is not None and _config(student_unet, "time_cond_proj_dim"):
-        timestep_cond = guidance_scale_embedding(student_guidance, _config(student_unet, "time_cond_proj_dim"))
+    check_type(preset, StudentPreset, "preset")
+    check_type(teacher, TeacherPreset, "teacher")
+    a = check_alphas_cumprod(alphas_cumprod, preset)
     student = VPDenoiser(student_unet, a, preset.prediction, lcm_boundary={} if preset.lcm_boundary else None,
-                         timestep_cond=timestep_cond)
+                         timestep_cond=student_timestep_cond(student_unet, student_guidance))
     return student, CFGDenoiser(VPDenoiser(teacher_unet, a, teacher.prediction), teacher.cfg_scale)
+
+
+def model_dtype(model: Any, default: torch.dtype) -> torch.dtype:
+    """A model's ``dtype`` (diffusers models have one), else ``default``."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else default
 
 
 def generate(
     student_unet: Any, teacher_unet: Any, conditioning: SDXLConditioning, preset: StudentPreset, *,
     teacher: TeacherPreset = TeacherPreset(), seeds: Sequence[int], height: int = 1024, width: int = 1024,
-    lam: float | None = None, k: int | None = None, renoise: str | None = None, guidance_space: str | None = None,
-    alphas_cumprod: Tensor | None = None, student_guidance: float | None = None, vae: Any = None,
-    dtype: torch.dtype = torch.float16, device: torch.device | str | None = None, disable: bool | None = None,
-    callback: Any = None,
+    lam: float | None = None, k: int | None = None, guided_steps: Sequence[int] | None = None, renoise: str | None = None,
+    renoise_sigma: RenoiseSigma = None, guidance_space: str | None = None, alphas_cumprod: Tensor | None = None,
+    student_guidance: float | None = None, vae: Any = None, dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None, disable: bool | None = None, callback: Any = None,
 ) -> Any:
     """Sample a batch with a distilled SDXL student and the SDXL base teacher (with CFG).
 
@@ -129,65 +191,76 @@ def generate(
         conditioning: the batch's text embeddings (:class:`SDXLConditioning`).
         preset: the student's schedule and sampler (:mod:`kdpp.diffusers.presets`).
         teacher: the teacher preset (CFG scale).
-        seeds: one seed per image: its initial noise (``torch.Generator().manual_seed(seed)``, on
-            the CPU, so images reproduce across devices), and streams 1 and 2 of it
-            (:func:`kdpp.noise.stream_seed`) for its solver and renoise noise.
-        height: image height (latents are ``[4, height/8, width/8]``).
-        width: image width. Student and teacher both get ``time_ids`` of ``(height, width)``,
+        seeds: one int per image (a list, also of one): its initial noise
+            (``torch.Generator().manual_seed(seed)``, on the CPU, so images reproduce across
+            devices), and streams 1 and 2 of it (:func:`kdpp.noise.stream_seed`) for its solver
+            and renoise noise.
+        height: image height in pixels, a positive multiple of 8 (latents are ``[4, height/8, width/8]``).
+        width: image width, the same. Student and teacher both get ``time_ids`` of ``(height, width)``,
             as diffusers' pipelines do (``preset.resolution`` is only the recommended size).
         lam: Distillation++ guidance scale (default: the preset's); in ``guidance_space``.
         k: guided steps (default: the preset's).
+        guided_steps: the step indices to guide instead of the first ``k`` (negative ones count from the end).
         renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`; default: the
             preset's, ``"guidance"`` for one-step students).
+        renoise_sigma: the renoising level (see :class:`kdpp.TeacherRefinement`; default ``"next"``).
         guidance_space: ``"x0"`` (the core's ``R = D + lam (T - D)``) or ``"epsilon"`` (the
             authors' epsilon-space mix, :class:`kdpp.diffusers.vp.EpsilonSpaceGuidance`;
             ``lam`` must then be a float). Default: the preset's.
         alphas_cumprod: the training schedule (default: SD/SDXL's scaled_linear).
-        student_guidance: LCM's guidance-scale embedding input (``timestep_cond``), if the UNet has one.
-        vae: decode to PIL images when given (else latents are returned).
-        dtype: the latents' and embeddings' dtype.
+        student_guidance: the guidance scale whose embedding a student UNet with
+            ``time_cond_proj_dim`` (LCM) gets as ``timestep_cond``; default 5.0, what
+            ``StableDiffusionXLPipeline`` passes by default. An error for UNets without one.
+        vae: decode to PIL images when given (else latents are returned), as the SDXL pipeline
+            decodes (:func:`kdpp.diffusers.sampling.decode`: ``force_upcast``, ``latents_mean``/``latents_std``).
+        dtype: the sampler state's dtype (default: the student UNet's); each UNet gets its
+            inputs and embeddings in its own dtype, so student and teacher may differ.
         device: where to sample (default: the student's device).
         disable: disable the progress bar.
         callback: the sampler's per-step callback.
     Returns:
         a list of PIL images (with ``vae``) or the final latents ``[B, 4, h, w]``.
     """
+    check_type(conditioning, SDXLConditioning, "conditioning")
+    check_type(preset, StudentPreset, "preset")
+    check_type(teacher, TeacherPreset, "teacher")
+    seeds = check_seeds(seeds)
+    check_image_size(height, width, 8, "SDXL's VAE downsamples 8x, as StableDiffusionXLPipeline requires")
+    check_sdxl_unet(student_unet, "student_unet", conditioning)
+    check_sdxl_unet(teacher_unet, "teacher_unet", conditioning)
     check_shared_latent_space(student_unet, teacher_unet)
-    if device is None:
-        device = next(student_unet.parameters()).device if hasattr(student_unet, "parameters") else torch.device("cpu")
-    a = scaled_linear_alphas_cumprod() if alphas_cumprod is None else torch.as_tensor(alphas_cumprod)
+    channels = _config(student_unet, "out_channels", 4)
+    if vae is not None:
+        check_vae(vae, channels, "the UNets take")
     if conditioning.batch != len(seeds):
         raise ValueError(f"conditioning has batch {conditioning.batch}, seeds has {len(seeds)}")
-    cond = conditioning.to(device, dtype)
+    dtype = model_dtype(student_unet, torch.float32) if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if device is None:
+        device = next(student_unet.parameters()).device if hasattr(student_unet, "parameters") else torch.device("cpu")
+    a = check_alphas_cumprod(alphas_cumprod, preset)
 
     student, teacher_model = vp_denoisers(student_unet, teacher_unet, preset, teacher, a, student_guidance)
     ids = time_ids(height, width)  # diffusers' pipelines: original and target size (h, w), for both models
+    student_cond = conditioning.to(device, model_dtype(student_unet, dtype))
+    teacher_cond = conditioning.to(device, model_dtype(teacher_unet, dtype))
 
     sigmas = preset.sigmas(a)
     lam = preset.lam if lam is None else lam
-    k = preset.k if k is None else k
-    renoise = preset.renoise if renoise is None else renoise
     space = preset.guidance_space if guidance_space is None else guidance_space
     if space not in GUIDANCE_SPACES:
         raise ValueError(f"guidance_space must be one of {GUIDANCE_SPACES}, got {space!r}")
-    if len(sigmas) == 2 and renoise != "guidance" and k and lam:
-        warnings.warn(f"{preset.name} samples one step: with renoise={renoise!r} the renoise level is the next sigma, "
-                      "0, and the teacher is never called; renoise='guidance' guides it at the current level",
-                      stacklevel=2)
-    if space == "epsilon" and k and lam:
+    if space == "epsilon" and calls_teacher(preset, lam, k, guided_steps):
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
             raise TypeError(f"lam must be a float with guidance_space='epsilon', got {lam!r}")
         pair = EpsilonSpaceGuidance(student, teacher_model, lam)
         student, teacher_model, lam = pair.student, pair.teacher, 1.0
 
     latents = sample_batch(
-        student, teacher_model, preset, seeds, (4, height // 8, width // 8), sigmas=sigmas,
-        noise_scale=preset.initial_noise_scale(a), lam=lam, k=k, renoise=renoise, dtype=dtype, device=device,
-        extra_args=cond.unet_kwargs(ids),
-        teacher_extra_args={"cond": cond.unet_kwargs(ids), "uncond": cond.unet_kwargs(ids, negative=True)},
+        student, teacher_model, preset, seeds, (channels, height // 8, width // 8), sigmas=sigmas,
+        noise_scale=preset.initial_noise_scale(a), lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
+        renoise_sigma=renoise_sigma, dtype=dtype, device=device, extra_args=student_cond.unet_kwargs(ids),
+        teacher_extra_args={"cond": teacher_cond.unet_kwargs(ids), "uncond": teacher_cond.unet_kwargs(ids, negative=True)},
         disable=disable, callback=callback)
-    with torch.no_grad():
-        if vae is None:
-            return latents
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return to_pil(images)
+    return latents if vae is None else decode(vae, latents)

@@ -55,6 +55,10 @@ class VPDenoiser:
             diffusers' ``LCMScheduler``.
         timestep_cond: a tensor passed as ``timestep_cond`` on every call (LCM's guidance-scale
             embedding, :func:`guidance_scale_embedding`), repeated to the batch.
+
+    A model with a floating ``dtype`` attribute (diffusers models) gets ``x_vp`` and
+    ``timestep_cond`` in that dtype (its other keyword arguments are the caller's to cast);
+    the outputs are in ``x``'s dtype.
     """
 
     def __init__(self, model: Callable[..., Any], alphas_cumprod: Tensor, prediction: str = "epsilon",
@@ -69,6 +73,8 @@ class VPDenoiser:
         self._log_sigmas_on: dict[torch.device, Tensor] = {self.log_sigmas.device: self.log_sigmas}
         self.lcm_boundary = None if lcm_boundary is None else {"timestep_scaling": 10.0, "sigma_data": 0.5, **lcm_boundary}
         self.timestep_cond = timestep_cond
+        dtype = getattr(model, "dtype", None)
+        self.model_dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
         device = getattr(model, "device", None)
         if isinstance(device, torch.device):  # copy the tables there now, not inside the sampling loop
             self.log_sigmas_on(device)
@@ -138,9 +144,10 @@ class VPDenoiser:
         s, scale = s32.to(x.dtype), (1 + s32 * s32).rsqrt().to(x.dtype)
         x_vp = x * scale
         t = self.sigma_to_t(sigma)
+        x_in = x_vp if self.model_dtype is None else x_vp.to(self.model_dtype)
         if self.timestep_cond is not None:
-            kwargs = {**kwargs, "timestep_cond": self.timestep_cond.to(x).expand(x.shape[0], -1)}
-        out = self.model(x_vp, t, **kwargs)
+            kwargs = {**kwargs, "timestep_cond": self.timestep_cond.to(x_in).expand(x.shape[0], -1)}
+        out = self.model(x_in, t, **kwargs)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, (tuple, list)) else out
         if out.is_floating_point():
             out = out.to(x.dtype)
