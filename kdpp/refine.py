@@ -158,8 +158,9 @@ class TeacherRefinement:
         unreachable = [i for i, step in self.lams.items()
                        if any(step) and (renoise_sigma == 0 or (renoise_sigma == "next" and sigmas[i + 1] == 0))]
         if unreachable:
+            never = " (the teacher is never called)" if len(unreachable) == sum(any(v) for v in self.lams.values()) else ""
             warn_caller(
-                f"guided step(s) {unreachable} call no teacher: their renoise level is 0 (renoise_sigma="
+                f"guided step(s) {unreachable} call no teacher{never}: their renoise level is 0 (renoise_sigma="
                 f"{renoise_sigma!r}{' on the step to sigma 0' if renoise_sigma == 'next' else ''}), where the "
                 "refinement is the identity; renoise='guidance' or renoise_sigma='current' guides them")
 

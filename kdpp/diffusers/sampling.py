@@ -10,13 +10,12 @@ here too. Nothing here imports diffusers.
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from .._checks import _index, _ints, guided_step_indices
+from .._checks import _index, _ints
 from ..noise import seeded_noise_sampler, stream_seed
 from ..refine import Denoiser, RenoiseSigma
 from ..solvers import SAMPLERS
@@ -111,26 +110,6 @@ def calls_teacher(preset: Any, lam: Any, k: int | None, guided_steps: Sequence[i
     return guided and not (isinstance(lam, numbers.Real) and lam == 0)
 
 
-def no_teacher_call_warning(sigmas: Tensor, lam: Any, k: int | None, guided_steps: Sequence[int] | None,
-                            renoise: str, renoise_sigma: RenoiseSigma, name: str) -> None:
-    """Warn when a guided step renoises to the next level 0 (the last step of a full schedule).
-
-    There ``tau = 0``: no teacher can be called, so the step is the plain student's. With
-    ``renoise="guidance"`` or ``renoise_sigma="current"`` the teacher is called at the current level.
-    """
-    if lam is None or (isinstance(lam, numbers.Real) and lam == 0) or renoise == "guidance":
-        return
-    if renoise_sigma not in (None, "next") or float(sigmas[-1]) != 0:
-        return
-    last = len(sigmas) - 2
-    guided = guided_step_indices(k, guided_steps, last + 1)
-    if last in guided:
-        only = " (the only guided step: the teacher is never called)" if guided == [last] else ""
-        warnings.warn(f"{name}: guided step {last} is the last one, which renoises to the next level, 0, where no "
-                      f"teacher can be called{only}; pass renoise='guidance' or renoise_sigma='current' to guide it "
-                      "at the current level", stacklevel=3)
-
-
 def sample_batch(
     student: Denoiser, teacher: Denoiser, preset: Any, seeds: Sequence[int], shape: Sequence[int], *,
     sigmas: Tensor, noise_scale: float, lam: float | None, k: int | None, renoise: str | None, dtype: torch.dtype,
@@ -145,8 +124,8 @@ def sample_batch(
     sizes); its solver noise and renoise noise are streams 1 and 2 of the same seed
     (:func:`kdpp.noise.stream_seed`). ``lam``, ``k`` and ``renoise`` default to the preset's;
     ``guided_steps`` (step indices, negative ones from the end) replaces ``k`` and is passed on
-    only when given, as is ``renoise_sigma``. Warns when a guided step can call no teacher
-    (:func:`no_teacher_call_warning`).
+    only when given, as is ``renoise_sigma``. The sampler warns when a guided step can call no
+    teacher (its renoise level is 0).
     """
     seeds = check_seeds(seeds)
     lam = preset.lam if lam is None else lam
@@ -158,7 +137,6 @@ def sample_batch(
         k = preset.k
     if renoise_sigma is not None:
         options["renoise_sigma"] = renoise_sigma
-    no_teacher_call_warning(sigmas, lam, k, guided_steps, renoise, renoise_sigma, preset.name)
     noise = seeded_noise_sampler(torch.empty(len(seeds), *shape), seeds)(0.0, 0.0)  # on the CPU
     x = (noise * noise_scale).to(device=device, dtype=dtype)
     if preset.sampler != "dpmpp_2m":  # the only solver without solver noise
