@@ -1,12 +1,13 @@
 """Input validation shared by every sampler: one place for every error message."""
 from __future__ import annotations
 
+import inspect
 import numbers
 import operator
 import os
 import sys
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -84,10 +85,11 @@ def _ints(values: Any, name: str, what: str) -> list[int]:
 
 
 def guided_step_indices(k: int | None, guided_steps: Iterable[int] | None, n_steps: int) -> list[int]:
-    """The guided steps of a run of ``n_steps`` steps, in increasing order.
+    """The guided steps of a run of ``n_steps`` steps, in the order of ``guided_steps`` (the first ``k``: increasing).
 
     ``guided_steps`` lists step indices (negative ones count from the end); without it the
-    first ``k`` steps are guided (``k = None``: 1). Giving both is an error.
+    first ``k`` steps are guided (``k = None``: 1). Giving both is an error. A per-step
+    ``lam`` list pairs with the steps in this order.
     """
     k = check_k(k)
     if guided_steps is None:
@@ -102,16 +104,24 @@ def guided_step_indices(k: int | None, guided_steps: Iterable[int] | None, n_ste
     steps = [i % n_steps for i in given]
     if len(set(steps)) != len(steps):
         raise ValueError(f"guided_steps must not repeat a step, got {given} (steps {steps} of {n_steps})")
-    return sorted(steps)
+    return steps
 
 
-def check_seed(seed: Any, name: str, batch: int) -> int | list[int]:
-    """A seed: one int, or one int per batch item (``batch`` of them)."""
+#: the seeds ``torch.Generator.manual_seed`` accepts
+SEED_RANGE = (-2**63, 2**64 - 1)
+
+
+def check_seed(seed: Any, name: str, batch: int | None) -> int | list[int]:
+    """A seed: one int, or one int per batch item (``batch`` of them; ``None``: not checked yet)."""
     single = _index(seed)
+    seeds = [single] if single is not None else _ints(seed, name, "an int or one int per batch item")
+    for j, s in enumerate(seeds):
+        if not SEED_RANGE[0] <= s <= SEED_RANGE[1]:
+            raise ValueError(f"{name if single is not None else f'{name}[{j}]'} = {s} is out of range for a torch "
+                             f"seed (valid: {SEED_RANGE[0]} .. {SEED_RANGE[1]})")
     if single is not None:
         return single
-    seeds = _ints(seed, name, "an int or one int per batch item")
-    if len(seeds) != batch:
+    if batch is not None and len(seeds) != batch:
         raise ValueError(f"{name} has {len(seeds)} entries, expected one per batch item ({batch})")
     return seeds
 
@@ -132,6 +142,19 @@ def check_callable(value: Any, name: str, optional: bool = True) -> Any:
     if not callable(value):
         raise TypeError(f"{name} must be a callable{' or None' if optional else ''}, got {value!r}")
     return value
+
+
+def check_arity(fn: Callable, name: str, n_args: int, signature: str) -> None:
+    """A callable option must accept ``n_args`` positional arguments (checked on its signature, not by calling it)."""
+    try:
+        params = inspect.signature(fn)
+    except (TypeError, ValueError):  # no introspectable signature (some builtins): found out at the call
+        return
+    try:
+        params.bind(*range(n_args))
+    except TypeError:
+        raise TypeError(f"{name} must be a callable {signature}; {getattr(fn, '__name__', fn)!r} has signature "
+                        f"{params}") from None
 
 
 def check_finite_number(value, name: str, *, minimum: float | None = None, allow_inf: bool = False) -> float:
@@ -181,8 +204,19 @@ class OutputChecker:
         self.count = 0
         self.where: list[str] = []
 
-    def __call__(self, out, who: str, i: int, sigma: float) -> Tensor:
-        where = f"{who} at step {i} (sigma={sigma:.6g})"
+    def __call__(self, out, who: str, i: int, sigma: float | str) -> Tensor:
+        return self.output(out, f"{who} at step {i} (sigma={sigma if isinstance(sigma, str) else format(sigma, '.6g')})")
+
+    def checked_sampler(self, sampler: Callable[[float, float], Tensor], name: str) -> Callable[[float, float], Tensor]:
+        """``sampler`` (a noise sampler the user passed as option ``name``) with each draw checked like a model output."""
+
+        def sample(sigma: float, sigma_next: float) -> Tensor:
+            return self.output(sampler(sigma, sigma_next), f"{name}({sigma:.6g}, {sigma_next:.6g})")
+
+        return sample
+
+    def output(self, out, where: str) -> Tensor:
+        """Check ``out`` (described as ``where`` in errors): its shape and dtype now, its finiteness at the end."""
         if not isinstance(out, Tensor):
             raise TypeError(f"{where} returned {type(out).__name__}, expected a torch.Tensor")
         if out.shape != self.shape:

@@ -67,6 +67,16 @@ class CFGDenoiser:
         self.scale = check_finite_number(scale, "scale")
         self.cond_key = cond_key
 
+    def _require(self, cond: Any, uncond: Any, both: bool = False) -> None:
+        """``cond`` (unless ``scale = 0``) and ``uncond`` (unless ``scale = 1``) must be given."""
+        missing = [name for name, v, needed in (("cond", cond, both or self.scale != 0),
+                                                ("uncond", uncond, both or self.scale != 1)) if needed and v is None]
+        if missing:
+            raise ValueError(
+                f"CFGDenoiser (scale {self.scale:g}) was called without {' and '.join(missing)}: it needs the keyword "
+                "arguments cond= and uncond= (dicts of model kwargs). Pass them to a kdpp sampler as teacher_extra_args={'cond': ..., "
+                "'uncond': ...} for a CFG teacher (extra_args= for a CFG student, or a k-diffusion sampler)")
+
     def _kwargs(self, c: Any, name: str) -> Mapping[str, Any]:
         if self.cond_key is not None:
             return {self.cond_key: c}
@@ -80,16 +90,17 @@ class CFGDenoiser:
         uncond_out, cond_out = out.chunk(2)
         return uncond_out + self.scale * (cond_out - uncond_out), uncond_out
 
-    def __call__(self, x: Tensor, sigma: Tensor, *, cond: Any, uncond: Any = None, **kwargs) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor, *, cond: Any = None, uncond: Any = None, **kwargs) -> Tensor:
         sigma = model_sigma(sigma, x)
+        self._require(cond, uncond)
         if self.scale == 1:
             return self.model(x, sigma, **self._kwargs(cond, "cond"), **kwargs)
-        if uncond is None:
-            raise ValueError(f"uncond is required for CFG with scale {self.scale}")
         if self.scale == 0:
             return self.model(x, sigma, **self._kwargs(uncond, "uncond"), **kwargs)
         return self._both(x, sigma, cond, uncond, kwargs)[0]
 
-    def guided_and_uncond(self, x: Tensor, sigma: Tensor, *, cond: Any, uncond: Any, **kwargs) -> tuple[Tensor, Tensor]:
+    def guided_and_uncond(self, x: Tensor, sigma: Tensor, *, cond: Any = None, uncond: Any = None,
+                          **kwargs) -> tuple[Tensor, Tensor]:
         """``(D_w, D_u)`` from one batched call, for the CFG++ samplers."""
+        self._require(cond, uncond, both=True)
         return self._both(x, model_sigma(sigma, x), cond, uncond, kwargs)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import (OutputChecker, check_callable, check_finite_number, check_kwargs, check_seed, guided_step_indices,
-                      warn_caller)
-from ._shape import sigma_batch
+from ._checks import (OutputChecker, check_arity, check_callable, check_finite_number, check_kwargs, check_seed,
+                      guided_step_indices, warn_caller)
+from ._shape import per_sample, sigma_batch, sigma_dtype
 from .noise import NoiseSampler, derived_seed, seeded_noise_sampler
 
 Denoiser = Callable[..., Tensor]
@@ -39,12 +39,15 @@ class Refined(NamedTuple):
 
     denoised: Tensor  #: R(D), or D itself when the step is not guided
     teacher_denoised: list[Tensor]  #: one output per teacher called (empty: no call)
-    renoise_sigma: float | None  #: tau_i, or None when no teacher was called
+    #: tau_i, or None when no teacher was called; a ``[B]`` tensor (the teacher's sigma) when
+    #: each batch item has its own level (``renoise_sigma="random"`` with one ``renoise_seed`` per item)
+    renoise_sigma: float | Tensor | None
 
 
 def _lam_values(lam: Lam, name: str, sigmas: list[float], guided: list[int], per_step: str) -> list[float]:
-    """lam_i for every guided step i (in increasing order), validated once up front."""
+    """lam_i for every guided step i (in the order of ``guided``), validated once up front."""
     if callable(lam):
+        check_arity(lam, name, 2, "f(i, sigma_i) -> float")
         return [check_finite_number(lam(i, sigmas[i]), f"{name}({i}, {sigmas[i]:.6g})") for i in guided]
     if isinstance(lam, numbers.Real) or (isinstance(lam, (Tensor, np.ndarray)) and lam.ndim == 0):
         return [check_finite_number(lam, name)] * len(guided)
@@ -67,11 +70,13 @@ class TeacherRefinement:
             sequence of them (then ``lam`` is a matching sequence of weights,
             each of any form below). May be ``None`` when no step is guided.
         lam: the teacher guidance scale ``lam_i``: a float, one float per guided
-            step (in increasing step order) or a callable ``(i, sigma_i) -> float``
+            step (in the order of ``guided_steps`` as given; with ``k``, increasing
+            step order) or a callable ``(i, sigma_i) -> float``
             evaluated at the guided steps. ``lam_i = 0`` skips the teacher on step ``i``.
         k: guide the first ``k`` steps; ``None`` means 1 unless ``guided_steps`` is given.
         sigmas: the validated schedule (floats); ``len(sigmas) - 1`` steps.
-        x: the initial sample (its device, dtype and batch size are used).
+        x: the initial sample (its device, dtype and batch size are used); ``None`` validates
+            the options only, and :meth:`start` binds a sample later.
         guided_steps: the step indices to guide instead of the first ``k`` (``0 .. N - 1``
             with ``N = len(sigmas) - 1``; negative ones count from the end, ``-1`` is the
             last step); an empty sequence guides nothing. Not together with ``k``.
@@ -84,16 +89,22 @@ class TeacherRefinement:
         renoise_sigma: the renoising level ``tau_i``: ``"next"`` (default: the
             noise level of the state the step produces, ``sigma_{i+1}``),
             ``"current"`` (the student's input level), ``"random"`` (log-uniform
-            over the schedule's positive range), a constant, or a callable
+            over the schedule's positive range; with one ``renoise_seed`` per batch
+            item, one level per item drawn from that item's seed), a constant, or a callable
             ``(i, sigma_in, sigma_out) -> float``. ``tau_i = 0`` makes the
             refinement the identity and spends no teacher call.
         teacher_extra_args: keyword arguments for the teacher (a dict, or one
             dict per teacher).
         renoise_seed: seed of the renoise noise (and of random levels): an int,
-            or one int per batch item. ``None`` derives one from the default RNG
-            state of ``x.device`` without advancing it.
+            or one int per batch item (an item's noise and level then depend on its
+            own seed only, not on the batch it is in). ``None`` derives one from the
+            default RNG state of ``x.device`` without advancing it. Use a seed
+            different from the solver noise's: :func:`kdpp.noise.seeded_noise_sampler`
+            with the same seed draws the very same noise (the two streams are then
+            identical); :func:`kdpp.noise.stream_seed` gives unrelated seeds per stream.
         renoise_noise_sampler: a k-diffusion-style noise sampler
-            ``(sigma_in, tau) -> Tensor`` that replaces the seeded one.
+            ``(sigma_in, tau) -> Tensor`` that replaces the seeded one (not together
+            with ``renoise_seed``, unless ``renoise_sigma="random"``, whose levels it seeds).
         check: the :class:`~kdpp._checks.OutputChecker` of the run the refinement belongs
             to; by default its own (then call :meth:`raise_if_nonfinite` after sampling).
 
@@ -107,7 +118,7 @@ class TeacherRefinement:
         lam: Lam | Sequence[Lam],
         k: int | None,
         sigmas: list[float],
-        x: Tensor,
+        x: Tensor | None,
         *,
         guided_steps: Sequence[int] | None = None,
         renoise: str = "random",
@@ -130,10 +141,16 @@ class TeacherRefinement:
                 raise ValueError(f"renoise_sigma must be one of {RENOISE_LEVELS}, a float or a callable, got {renoise_sigma!r}")
         elif not callable(renoise_sigma):
             renoise_sigma = check_finite_number(renoise_sigma, "renoise_sigma", minimum=0)
+        else:
+            check_arity(renoise_sigma, "renoise_sigma", 3, "f(i, sigma_in, sigma_out) -> float")
         self.renoise, self.renoise_sigma = renoise, renoise_sigma
-        self.noise_sampler = check_callable(renoise_noise_sampler, "renoise_noise_sampler")
+        self.user_noise_sampler = check_callable(renoise_noise_sampler, "renoise_noise_sampler")
         if renoise_seed is not None:
-            renoise_seed = check_seed(renoise_seed, "renoise_seed", x.shape[0])
+            renoise_seed = check_seed(renoise_seed, "renoise_seed", None)
+            if renoise_noise_sampler is not None and renoise_sigma != "random":
+                raise ValueError("renoise_seed and renoise_noise_sampler were both given: the sampler replaces the "
+                                 "seeded renoise noise, so the seed would be ignored; give one of them")
+        self.renoise_seed = renoise_seed
 
         several = isinstance(teacher, (list, tuple))
         teachers = list(teacher) if several else [teacher]
@@ -173,27 +190,43 @@ class TeacherRefinement:
                                  f"got {teacher_extra_args!r}")
         self.teacher_extra_args = targs
 
-        self.check = OutputChecker(x) if check is None else check
-        self.batch_like = x.new_empty([x.shape[0]])  # the teacher's sigmas follow x's batch, dtype, device
+        self.active = active
         positive = [s for s in sigmas if s > 0]
         self.log_range = (math.log(min(positive)), math.log(max(positive))) if positive else (0.0, 0.0)
-        self.level_generator = None
-        if active and (renoise == "random" or renoise_sigma == "random"):
-            seed = derived_seed(x.device) if renoise_seed is None else renoise_seed
-            if renoise == "random" and self.noise_sampler is None:
-                self.noise_sampler = seeded_noise_sampler(x, seed)
-            self.level_generator = torch.Generator().manual_seed(seed if isinstance(seed, int) else seed[0])
+        if x is not None:
+            self.start(x, check)
 
-    def _tau(self, i: int, sigma_in: float, sigma_out: float) -> float:
+    def start(self, x: Tensor, check: OutputChecker | None = None) -> None:
+        """Bind the sample ``x`` of a new run: fresh renoise streams, and ``check`` (default: a new checker).
+
+        With ``renoise_seed=None`` the seed is derived from the default RNG state of ``x.device`` now.
+        """
+        seed = self.renoise_seed
+        if seed is not None:
+            seed = check_seed(seed, "renoise_seed", x.shape[0])
+        self.check = OutputChecker(x) if check is None else check
+        self.batch_like = x.new_empty([x.shape[0]])  # the teacher's sigmas follow x's batch, dtype, device
+        self.noise_sampler = (None if self.user_noise_sampler is None
+                              else self.check.checked_sampler(self.user_noise_sampler, "renoise_noise_sampler"))
+        self.level_generators: list[torch.Generator] = []
+        if self.active and (self.renoise == "random" or self.renoise_sigma == "random"):
+            seed = derived_seed(x.device) if seed is None else seed
+            if self.renoise == "random" and self.noise_sampler is None:
+                self.noise_sampler = seeded_noise_sampler(x, seed)
+            # one level per run from one seed; one per item (from that item's seed) with per-item seeds
+            self.level_generators = [torch.Generator().manual_seed(s) for s in ([seed] if isinstance(seed, int) else seed)]
+
+    def _tau(self, i: int, sigma_in: float, sigma_out: float) -> float | list[float]:
         rs = self.renoise_sigma
         if rs == "next":
             return sigma_out
         if rs == "current":
             return sigma_in
         if rs == "random":
-            u = torch.rand((), generator=self.level_generator, dtype=torch.float64).item()
             lo, hi = self.log_range
-            return math.exp(lo + u * (hi - lo))
+            levels = [math.exp(lo + torch.rand((), generator=g, dtype=torch.float64).item() * (hi - lo))
+                      for g in self.level_generators]
+            return levels[0] if len(levels) == 1 else levels
         if callable(rs):
             return check_finite_number(rs(i, sigma_in, sigma_out), f"renoise_sigma({i}, ...)", minimum=0)
         return rs
@@ -210,23 +243,29 @@ class TeacherRefinement:
         if not lams or not any(lams):
             return Refined(denoised, [], None)
         tau = self._tau(i, sigma_in, sigma_out)
-        if tau == 0:
+        if isinstance(tau, list):  # one level per batch item: point_b = D_b + tau_b * xi_b
+            teacher_sigma = torch.tensor(tau, dtype=sigma_dtype(self.batch_like.dtype)).to(self.batch_like.device)
+            scale = per_sample(torch.tensor(tau, dtype=torch.float64), denoised).to(denoised.device)
+            reported, label = teacher_sigma, f"{min(tau):.6g}..{max(tau):.6g}"
+        elif tau == 0:
             return Refined(denoised, [], None)
+        else:
+            teacher_sigma, scale, reported, label = sigma_batch(tau, self.batch_like), tau, tau, tau
         if self.renoise == "random":
-            point = denoised + tau * self.noise_sampler(sigma_in, tau)
+            point = denoised + scale * self.noise_sampler(sigma_in, max(tau) if isinstance(tau, list) else tau)
         elif tau == sigma_in and denoised is direction:
             point = x_in  # eq. 10: teacher and student see the same input
         else:
-            point = denoised + (tau / sigma_in) * (x_in - direction)
+            point = denoised + (scale / sigma_in) * (x_in - direction)
         refined, outputs = denoised, []
         for j, (lam, teacher, targs) in enumerate(zip(lams, self.teachers, self.teacher_extra_args)):
             if lam == 0:
                 continue
             who = f"teacher[{j}]" if len(self.teachers) > 1 else "teacher"
-            t = self.check(teacher(point, sigma_batch(tau, self.batch_like), **targs), who, i, tau)
+            t = self.check(teacher(point, teacher_sigma, **targs), who, i, label)
             outputs.append(t)
             refined = refined + lam * (t - denoised)
-        return Refined(refined, outputs, tau)
+        return Refined(refined, outputs, reported)
 
     def raise_if_nonfinite(self) -> None:
         """Raise ``FloatingPointError`` if any teacher output so far contained NaN or inf."""

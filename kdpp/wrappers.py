@@ -37,6 +37,15 @@ class DistillationDenoiser:
     ``sigmas``. ``renoise_sigma="next"`` renoises to ``sigmas[i+1]``, ``"current"`` to
     ``sigma``. The options are those of :class:`kdpp.TeacherRefinement`; the sampler's
     ``extra_args`` go to the student, ``teacher_extra_args`` to the teacher.
+    The options are validated here, except a per-item ``renoise_seed``'s length (checked
+    against the batch at the first call).
+
+    Each sampling run starts fresh: a call at the schedule's first level ``sigmas[0]`` (or
+    above it, as a churned first step) after calls below it, or with a sample of another
+    shape, starts a new run, whose renoise noise is drawn anew from ``renoise_seed`` (or,
+    without one, from a seed derived from the global RNG state at that call), so reusing
+    one wrapper gives the same results as a fresh one. :meth:`reset` starts a new run
+    explicitly (for a run that does not begin at ``sigmas[0]``).
     Call :meth:`raise_if_nonfinite` after sampling to check every model output. Finding the
     step reads ``sigma`` on the host once per call (its first entry: k-diffusion's samplers
     call with one level for the whole batch, and sync there anyway).
@@ -54,11 +63,18 @@ class DistillationDenoiser:
                  teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
                  renoise_seed: int | Sequence[int] | None = None, renoise_noise_sampler: NoiseSampler | None = None):
         self.student, self.sigmas = check_callable(student, "student", optional=False), check_sigmas(sigmas)
-        self.options = dict(teacher=teacher, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
-                            renoise_sigma=renoise_sigma, teacher_extra_args=teacher_extra_args,
-                            renoise_seed=renoise_seed, renoise_noise_sampler=renoise_noise_sampler)
-        self.refinement: TeacherRefinement | None = None
+        self.refinement = TeacherRefinement(teacher, lam, k, self.sigmas, None, guided_steps=guided_steps,
+                                            renoise=renoise, renoise_sigma=renoise_sigma,
+                                            teacher_extra_args=teacher_extra_args, renoise_seed=renoise_seed,
+                                            renoise_noise_sampler=renoise_noise_sampler)
         self._ascending = self.sigmas[::-1]
+        self._shape: torch.Size | None = None  # the shape of the current run's sample (None: no run yet)
+        self._last_level = self.sigmas[0]
+        self._restart = True
+
+    def reset(self) -> None:
+        """Start a new sampling run at the next call (fresh renoise streams and output checks)."""
+        self._restart = True
 
     def _level(self, sigma: Tensor) -> tuple[int, float]:
         """The step ``i`` with ``sigmas[i] >= s > sigmas[i+1]`` and the level ``s`` (snapped to the schedule)."""
@@ -73,16 +89,16 @@ class DistillationDenoiser:
         return min(max(n - 1 - below, 0), n - 2), s
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
-        if self.refinement is None or self.refinement.check.shape != x.shape:
-            opts = dict(self.options)
-            self.refinement = TeacherRefinement(opts.pop("teacher"), opts.pop("lam"), opts.pop("k"), self.sigmas, x,
-                                                **opts)
         i, s = self._level(sigma)
+        if self._restart or self._shape != x.shape or s >= self.sigmas[0] > self._last_level:  # a new run
+            self.refinement.start(x)
+            self._shape, self._restart = x.shape, False
+        self._last_level = s
         check = self.refinement.check
         denoised = check(self.student(x, sigma_batch(s, x), **extra), "student", i, s)
         return self.refinement.refine(i, denoised, denoised, x, s, self.sigmas[i + 1]).denoised
 
     def raise_if_nonfinite(self) -> None:
-        """Raise if any student or teacher output so far contained NaN or inf."""
-        if self.refinement is not None:
+        """Raise if any student or teacher output of the current (latest) run contained NaN or inf."""
+        if self._shape is not None:
             self.refinement.raise_if_nonfinite()

@@ -30,8 +30,9 @@ COMMON_ARGS = """
         sigmas: the schedule ``s_0 > s_1 > ... > s_N``, 1-D, on any device and
             dtype; ``s_N`` is 0 for a full run (a positive last entry stops there).
         lam: the teacher guidance scale: a float, one float per guided step (in
-            increasing step order), or ``f(i, sigma_i) -> float`` (evaluated at the
-            guided steps); 0 makes the sampler the plain student.
+            the order of ``guided_steps`` as given; with ``k``, increasing step
+            order), or ``f(i, sigma_i) -> float`` (evaluated at the guided steps);
+            0 makes the sampler the plain student.
         k: guide the first ``k`` steps (the paper uses 1); 0 calls no teacher;
             ``None`` (default) means 1 unless ``guided_steps`` is given.
         guided_steps: the step indices to guide instead of the first ``k``: indices
@@ -48,15 +49,19 @@ COMMON_ARGS = """
             sigma_hat, denoised`` (``sigma`` and ``sigma_hat`` 0-d tensors like
             ``sigmas``; ``denoised`` is the refined estimate) plus
             ``student_denoised`` and, on steps that called the teacher,
-            ``teacher_denoised`` (a list with several teachers) and ``renoise_sigma``.
+            ``teacher_denoised`` (a list with several teachers) and ``renoise_sigma``
+            (a float; with per-item random levels, the teacher's ``[B]`` sigma tensor).
         disable: disable the tqdm progress bar.
         renoise: renoising noise ``xi``: ``"random"``, ``"deterministic"`` or
             ``"guidance"`` (paper eq. 10); see :class:`kdpp.TeacherRefinement`.
         renoise_sigma: renoising level ``tau``: ``"next"`` (default),
             ``"current"``, ``"random"``, a float or ``f(i, sigma_in, sigma_out)``.
-        renoise_seed: seed (or one per batch item) of the renoise noise; by
-            default derived from the global RNG state without advancing it.
-        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one.{cfg_pp}{own}
+        renoise_seed: seed (or one per batch item) of the renoise noise and
+            random levels; by default derived from the global RNG state without
+            advancing it. Use a seed other than the solver noise's (same seed, same
+            noise): e.g. ``kdpp.noise.stream_seed(seed, 1)`` and ``stream_seed(seed, 2)``.
+        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one
+            (not together with ``renoise_seed``).{cfg_pp}{own}
 
     Returns:
         The final sample, with the dtype, device and shape of ``x``.
@@ -156,7 +161,8 @@ class SamplerRun:
             check=self.check,
         )
         noise_sampler = check_callable(noise_sampler, "noise_sampler")
-        self.noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+        self.noise_sampler = (default_noise_sampler(x) if noise_sampler is None
+                              else self.check.checked_sampler(noise_sampler, "noise_sampler"))
 
     def steps(self) -> Iterable[int]:
         return trange(len(self.sigmas) - 1, disable=self.disable)
