@@ -208,24 +208,30 @@ class OutputChecker:
         return self.output(out, f"{who} at step {i} (sigma={sigma if isinstance(sigma, str) else format(sigma, '.6g')})")
 
     def checked_sampler(self, sampler: Callable[[float, float], Tensor], name: str) -> Callable[[float, float], Tensor]:
-        """``sampler`` (a noise sampler the user passed as option ``name``) with each draw checked like a model output."""
+        """``sampler`` (a noise sampler the user passed as option ``name``) with each draw checked like a model output.
+
+        Noise in any floating-point dtype is accepted and cast to ``x``'s (as adding it to ``x`` would).
+        """
 
         def sample(sigma: float, sigma_next: float) -> Tensor:
-            return self.output(sampler(sigma, sigma_next), f"{name}({sigma:.6g}, {sigma_next:.6g})")
+            return self.output(sampler(sigma, sigma_next), f"{name}({sigma:.6g}, {sigma_next:.6g})", any_float=True)
 
         return sample
 
-    def output(self, out, where: str) -> Tensor:
-        """Check ``out`` (described as ``where`` in errors): its shape and dtype now, its finiteness at the end."""
+    def output(self, out, where: str, any_float: bool = False) -> Tensor:
+        """Check ``out`` (described as ``where`` in errors): its shape and dtype now, its finiteness at the end.
+
+        ``any_float`` accepts a narrower floating-point dtype too (cast to ``x``'s).
+        """
         if not isinstance(out, Tensor):
             raise TypeError(f"{where} returned {type(out).__name__}, expected a torch.Tensor")
         if out.shape != self.shape:
             raise ValueError(f"{where} returned shape {tuple(out.shape)}, expected {tuple(self.shape)} (the shape of x)")
         if out.dtype != self.dtype:
             # a model may compute in a wider float type (float32 for a bf16 x, as k-diffusion allows)
-            if not out.is_floating_point() or torch.promote_types(out.dtype, self.dtype) != out.dtype:
+            if not out.is_floating_point() or not (any_float or torch.promote_types(out.dtype, self.dtype) == out.dtype):
                 raise TypeError(f"{where} returned dtype {out.dtype}, expected {self.dtype} (the dtype of x) "
-                                f"or a wider floating-point type")
+                                f"or a {'' if any_float else 'wider '}floating-point type")
             out = out.to(self.dtype)
         if self.count == len(self.sums):
             self.sums = torch.cat([self.sums, torch.empty_like(self.sums)])

@@ -104,7 +104,8 @@ class TeacherRefinement:
             identical); :func:`kdpp.noise.stream_seed` gives unrelated seeds per stream.
         renoise_noise_sampler: a k-diffusion-style noise sampler
             ``(sigma_in, tau) -> Tensor`` that replaces the seeded one (not together
-            with ``renoise_seed``, unless ``renoise_sigma="random"``, whose levels it seeds).
+            with ``renoise_seed``, unless ``renoise_sigma="random"``, whose levels it seeds;
+            with per-item levels ``tau`` is the largest).
         check: the :class:`~kdpp._checks.OutputChecker` of the run the refinement belongs
             to; by default its own (then call :meth:`raise_if_nonfinite` after sampling).
 

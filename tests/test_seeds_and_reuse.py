@@ -128,6 +128,15 @@ def test_noise_samplers_with_a_wrong_output_are_named(bad, error, match, option)
                                            disable=True)
 
 
+def test_noise_in_another_float_dtype_is_cast_to_x_dtype():
+    """float32 noise for a float64 x (ComfyUI's noise samplers do that) is accepted, as adding it to x would."""
+    def run(dtype):
+        return kdpp.sample_euler_ancestral_distpp(
+            nonlinear_denoiser, other_denoiser, x0(2), SIGMAS, 0.5, disable=True,
+            noise_sampler=lambda s, t: torch.ones(2, 3, dtype=dtype), renoise_noise_sampler=lambda s, t: torch.ones(2, 3))
+    assert run(torch.float32).dtype == torch.float64 and torch.equal(run(torch.float32), run(torch.float64))
+
+
 @pytest.mark.parametrize("option", ["noise_sampler", "renoise_noise_sampler"])
 def test_nan_from_a_noise_sampler_is_blamed_on_it(option):
     def nan_noise(sigma, sigma_next):
@@ -184,3 +193,21 @@ def test_per_step_lam_follows_guided_steps_as_given():
     b = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(2), SIGMAS, [0.9, 0.1], guided_steps=[0, 2],
                                  renoise_seed=1, disable=True)
     assert torch.equal(a, b)
+
+
+# --- 6. what lam = 0 equals: Euler's churn noise ----------------------------------------------------
+
+def test_euler_churn_noise_is_drawn_only_on_churned_steps():
+    """k-diffusion 0.1.1's sample_euler draws churn noise on every step once s_churn > 0 (dropping it where
+    s_tmin / s_tmax exclude the step); kdpp, like ComfyUI, draws only on churned steps. With s_tmax excluding
+    step 0 only, kdpp equals k-diffusion after one extra draw, and differs without it (docs/faq.md)."""
+    sigmas = torch.tensor(SIGMAS, dtype=torch.float64)
+    options = {"s_churn": 1.0, "s_tmax": 6.0, "disable": True}
+    torch.manual_seed(1)
+    want = ks.sample_euler(nonlinear_denoiser, x0(4), sigmas, **options)
+    torch.manual_seed(1)
+    torch.randn(4, 3, dtype=torch.float64)  # the draw k-diffusion makes (and drops) on step 0
+    got = kdpp.sample_euler_distpp(nonlinear_denoiser, None, x0(4), sigmas, 0.0, **options)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(1)
+    assert not torch.allclose(kdpp.sample_euler_distpp(nonlinear_denoiser, None, x0(4), sigmas, 0.0, **options), want)

@@ -50,7 +50,9 @@ def sample_euler_distpp(
     With ``s_churn > 0`` (Karras et al. 2022, Algorithm 2) the step first raises
     the noise to ``s_hat = s_i * (1 + gamma)`` with ``noise_sampler`` noise times
     ``s_noise`` and then steps from ``(x_hat, s_hat)``. With ``lam = 0`` this is
-    k-diffusion's ``sample_euler``.
+    k-diffusion's ``sample_euler``, except that churn noise is drawn only on churned
+    steps (as in ComfyUI), where k-diffusion also draws, and drops, it on the steps
+    ``s_tmin`` / ``s_tmax`` exclude.
 
     {args}
         s_churn: k-diffusion's stochastic churn: ``gamma = min(s_churn / N, sqrt(2) - 1)``.
