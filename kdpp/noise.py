@@ -29,7 +29,9 @@ def seeded_noise_sampler(x: Tensor, seed: int | Sequence[int]) -> NoiseSampler:
 
     ``seed`` is one int for the whole batch, or one int per batch item (each item
     then gets its own generator, so an image's noise does not depend on the
-    batch it was sampled in).
+    batch it was sampled in). Seeds lie in torch's range ``-2**63 .. 2**64 - 1``. The
+    renoise stream draws the same way: give it a different seed (``renoise_seed``; e.g.
+    :func:`stream_seed` ``(seed, 1)`` and ``(seed, 2)``), or the two streams are identical.
     """
     seed = check_seed(seed, "seed", x.shape[0])
     single = isinstance(seed, int)
