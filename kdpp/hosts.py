@@ -93,7 +93,7 @@ def host_sampler(sampler: Callable) -> Callable:
         extra_args = options["extra_args"] = check_kwargs(options["extra_args"], "extra_args")
         seed = extra_args.get("seed")
         if seed is not None:
-            if options["renoise_seed"] is None:
+            if options["renoise_seed"] is None and options["renoise_noise_sampler"] is None:
                 options["renoise_seed"] = stream_seed(seed, 1)
             if "noise_sampler" in options and options["noise_sampler"] is None:
                 options["noise_sampler"] = host_noise_sampler(model, x, seed)

@@ -183,3 +183,19 @@ def test_hosted_signatures_refuse_unknown_options():
         bind(kdpp.sample_euler_distpp, other_denoiser, 0.5, eta=0.5)
     with pytest.raises(TypeError, match="has no option 'eta'"):
         register(types.SimpleNamespace(), ["euler_ancestral", "euler"], eta=0.5)
+
+
+def test_host_seed_leaves_a_given_renoise_noise_sampler_alone():
+    """extra_args['seed'] derives a renoise seed only when the caller gave no renoise_noise_sampler of its own
+    (the two together are refused as contradictory)."""
+    x = torch.randn(2, 3, dtype=torch.float64) * 10
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.0], dtype=torch.float64)
+    draws = []
+
+    def renoise(sigma, tau):
+        draws.append(tau)
+        return torch.zeros_like(x)
+
+    sample = bind(kdpp.sample_euler_distpp, other_denoiser, 0.5, renoise_noise_sampler=renoise)
+    sample(nonlinear_denoiser, x, sigmas, extra_args={"seed": 3}, disable=True)
+    assert draws == [3.0]
