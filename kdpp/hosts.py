@@ -37,9 +37,14 @@ def comfyui_model_sampling(model) -> Any:
     return getattr(getattr(getattr(model, "inner_model", None), "inner_model", None), "model_sampling", None)
 
 
+def is_flow_sampling(model_sampling) -> bool:
+    """Whether a ComfyUI ``model_sampling`` object is CONST (rectified flow: x in the RF frame, sigma = t)."""
+    return any(c.__name__ == "CONST" for c in type(model_sampling).__mro__)
+
+
 def is_flow_model(model) -> bool:
     """Whether ``model`` is a ComfyUI model with CONST (rectified-flow) sampling: x in the RF frame, sigma = t."""
-    return any(c.__name__ == "CONST" for c in type(comfyui_model_sampling(model)).__mro__)
+    return is_flow_sampling(comfyui_model_sampling(model))
 
 
 def host_noise_sampler(model, x: Tensor, seed: int) -> NoiseSampler:
