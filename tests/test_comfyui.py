@@ -553,3 +553,13 @@ def test_ksampler_node_noise_switches_are_ksampleradvanced_combos(cf):
     with pytest.raises(ValueError, match="add_noise must be 'enable' or 'disable'.*got True"):
         DistillationPPKSampler().sample(None, 0, 1, 1.0, "euler", "normal", None, None, latent(), None, None, None, 1.0,
                                         0.0, 1, "random", "auto", 1.0, add_noise=True)
+
+
+def test_teacher_conditioning_of_the_wrong_width_names_the_teacher(cf, student, teacher):
+    """A teacher conditioning from another text encoder (context dim 32 for a 16-wide UNet): the error says it came
+    from the teacher's model / conditioning, with torch's own error as its cause."""
+    wide = comfyui_env.conditioning(1, 2 * CONTEXT)
+    sampler = cf.sampling.DistillationSampler("euler", teacher, wide, cond(2), 3.0, 0.5, 1)
+    with pytest.raises(RuntimeError, match="teacher MODEL failed on its conditioning") as info:
+        custom_sample(cf, student, sampler, schedule(cf, student))
+    assert isinstance(info.value.__cause__, RuntimeError) and "teacher" not in str(info.value.__cause__)

@@ -289,7 +289,13 @@ class DistillationSampler(comfy.samplers.Sampler):
 
             def teacher(x: Tensor, sigma: Tensor, **_) -> Tensor:
                 with switch.teacher_call():
-                    return teacher_k(x, sigma, **targs)
+                    try:
+                        return teacher_k(x, sigma, **targs)
+                    except RuntimeError as e:  # a model / conditioning mismatch surfaces as a bare torch error
+                        if isinstance(e, comfy.model_management.OOM_EXCEPTION):
+                            raise
+                        raise RuntimeError(f"the teacher MODEL failed on its conditioning (teacher_positive, "
+                                           f"teacher_negative; e.g. a text encoder of another model family): {e}") from e
 
             switch.use(student_patcher)
             return run(teacher)
