@@ -339,7 +339,8 @@ def graph(cf, tmp_path_factory):
     """ComfyUI's node registry with the kdpp node pack loaded as a custom node (the documented shim)."""
     import kdpp.comfyui
 
-    custom_nodes = tmp_path_factory.mktemp("custom_nodes")
+    custom_nodes = tmp_path_factory.mktemp("ComfyUI") / "custom_nodes"
+    custom_nodes.mkdir()
     kdpp.comfyui.install(custom_nodes)
     cf.folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
     models = tmp_path_factory.mktemp("models")

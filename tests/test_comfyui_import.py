@@ -17,14 +17,37 @@ def test_import_kdpp_and_kdpp_comfyui_import_no_comfy():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def install_command(path, *options):
+    return subprocess.run([sys.executable, "-m", "kdpp.comfyui", "install", str(path), *options], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
 def test_install_command_writes_the_custom_nodes_shim(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "kdpp.comfyui", "install", str(tmp_path)], check=True, cwd=ROOT,
-                         capture_output=True, text=True).stdout
-    shim = tmp_path / "kdpp_nodes" / "__init__.py"
-    assert str(shim) in out
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    run = install_command(custom_nodes)
+    assert run.returncode == 0, run.stderr
+    shim = custom_nodes / "kdpp_nodes" / "__init__.py"
+    assert str(shim) in run.stdout
     text = shim.read_text()
     assert "from kdpp.comfyui.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS" in text
     compile(text, str(shim), "exec")
-    kdpp.comfyui.install(tmp_path)  # idempotent
+    kdpp.comfyui.install(custom_nodes)  # idempotent
     with pytest.raises(FileNotFoundError, match="custom_nodes='.*missing'"):
         kdpp.comfyui.install(tmp_path / "missing")
+
+
+def test_install_command_refuses_what_is_not_a_custom_nodes_folder(tmp_path):
+    """The ComfyUI root gets the right path offered; a missing path or another folder a one-line error, no traceback."""
+    (tmp_path / "custom_nodes").mkdir()
+    root = install_command(tmp_path)
+    assert root.returncode == 2 and "Traceback" not in root.stderr
+    assert f"install into {str(tmp_path / 'custom_nodes')!r}" in root.stderr
+    missing = install_command(tmp_path / "missing")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "is not a directory" in missing.stderr
+    other = tmp_path / "nodes"
+    other.mkdir()
+    refused = install_command(other)
+    assert refused.returncode == 2 and "is not a ComfyUI custom_nodes folder" in refused.stderr
+    assert not (other / "kdpp_nodes").exists() and not (tmp_path / "kdpp_nodes").exists()
+    assert install_command(other, "--force").returncode == 0 and (other / "kdpp_nodes" / "__init__.py").is_file()
