@@ -20,7 +20,8 @@ TEACHER_INPUTS = {
     "teacher_cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "The teacher's CFG scale (the paper uses 7.5; 6.0 with DPM++ 2S a)."}),
     "lam": ("FLOAT", {"default": 0.5, "min": -10.0, "max": 10.0, "step": 0.01,
-                      "tooltip": "Teacher guidance scale lam: R(D) = D + lam (T(D + tau xi, tau) - D). 0 = the plain student."}),
+                      "tooltip": "Teacher guidance scale lam: R(D) = D + lam (T(D + tau xi, tau) - D). 0 = the plain student "
+                                 "(the teacher is not loaded to the GPU nor called; its loader node still runs)."}),
     "k": ("INT", {"default": 1, "min": 0, "max": 10000,
                   "tooltip": "Guide the first k steps (the paper uses 1). Split runs: see full_sigmas / start_at_step. "
                              "1-step students: k = 1 guides the only step (renoise_level auto renoises it at its own level)."}),
