@@ -37,17 +37,20 @@ def test_install_command_writes_the_custom_nodes_shim(tmp_path):
         kdpp.comfyui.install(tmp_path / "missing")
 
 
-def test_install_command_refuses_what_is_not_a_custom_nodes_folder(tmp_path):
+def test_install_command_refuses_what_is_not_a_custom_nodes_folder(tmp_path, capsys):
     """The ComfyUI root gets the right path offered; a missing path or another folder a one-line error, no traceback."""
+    from kdpp.comfyui.__main__ import main
+
     (tmp_path / "custom_nodes").mkdir()
-    root = install_command(tmp_path)
+    root = install_command(tmp_path)  # one real process: exit status 2, the message, no traceback
     assert root.returncode == 2 and "Traceback" not in root.stderr
     assert f"install into {str(tmp_path / 'custom_nodes')!r}" in root.stderr
-    missing = install_command(tmp_path / "missing")
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "is not a directory" in missing.stderr
     other = tmp_path / "nodes"
     other.mkdir()
-    refused = install_command(other)
-    assert refused.returncode == 2 and "is not a ComfyUI custom_nodes folder" in refused.stderr
+    for path, message in [(tmp_path / "missing", "is not a directory"), (other, "is not a ComfyUI custom_nodes folder")]:
+        with pytest.raises(SystemExit) as exit:
+            main(["install", str(path)])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
     assert not (other / "kdpp_nodes").exists() and not (tmp_path / "kdpp_nodes").exists()
-    assert install_command(other, "--force").returncode == 0 and (other / "kdpp_nodes" / "__init__.py").is_file()
+    main(["install", str(other), "--force"])
+    assert (other / "kdpp_nodes" / "__init__.py").is_file()
