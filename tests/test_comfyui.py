@@ -507,10 +507,11 @@ def test_one_step_run_calls_the_teacher_with_the_default_renoise_level(cf, stude
 
 
 
-@pytest.mark.parametrize("renoise", ["random", "deterministic"])
-def test_split_runs_equal_the_unsplit_run(cf, student, teacher, renoise):
-    """Each step's renoise noise is a function of (seed, step of the full schedule): split runs (KSamplerAdvanced-style
-    stages, SamplerCustom + SplitSigmas with full_sigmas) equal the unsplit run, random renoise included."""
+@pytest.mark.parametrize("renoise, level", [("random", "next"), ("deterministic", "next"), ("random", "random")])
+def test_split_runs_equal_the_unsplit_run(cf, student, teacher, renoise, level):
+    """Each step's renoise noise and random level are functions of (seed, step of the full schedule): split runs
+    (KSamplerAdvanced-style stages, SamplerCustom + SplitSigmas with full_sigmas) equal the unsplit run, random renoise
+    included."""
     from comfy_extras.nodes_custom_sampler import SplitSigmas
 
     from kdpp.comfyui.nodes import DistillationPPKSampler
@@ -518,7 +519,7 @@ def test_split_runs_equal_the_unsplit_run(cf, student, teacher, renoise):
     node = DistillationPPKSampler()
     common = dict(model=student, seed=5, steps=6, cfg=3.0, solver="euler", scheduler="karras", positive=cond(1),
                   negative=cond(2), teacher=teacher, teacher_positive=cond(1), teacher_negative=cond(2), teacher_cfg=3.0,
-                  lam=0.5, k=3, renoise=renoise, renoise_level="next", denoise=1.0)
+                  lam=0.5, k=3, renoise=renoise, renoise_level=level, denoise=1.0)
     full = node.sample(latent_image=latent(), **common)[0]["samples"]
     tol = dict(rtol=1e-5, atol=1e-5 * full.abs().max().item())
     for split in (1, 2):
@@ -526,7 +527,7 @@ def test_split_runs_equal_the_unsplit_run(cf, student, teacher, renoise):
         two = node.sample(latent_image=first, add_noise="disable", start_at_step=split, **common)[0]["samples"]
         torch.testing.assert_close(two, full, **tol, msg=f"KSampler stages split at {split}")
     sigmas = schedule(cf, student)
-    stage = lambda: kdpp_sampler(cf, "euler", teacher, lam=0.5, k=3, renoise=renoise, renoise_sigma="next", full_sigmas=sigmas)
+    stage = lambda: kdpp_sampler(cf, "euler", teacher, lam=0.5, k=3, renoise=renoise, renoise_sigma=level, full_sigmas=sigmas)
     unsplit = custom_sample(cf, student, stage(), sigmas)
     torch.testing.assert_close(unsplit, full, **tol)
     for split in (1, 2):
@@ -603,3 +604,18 @@ def test_const_flow_models_at_lam_zero_against_comfyui(cf, flow_student, name):
     two = torch.cat([sigmas[:2], sigmas[-1:]])  # both steps first order
     torch.testing.assert_close(custom_sample(cf, flow_student, kdpp_sampler(cf, name), two),
                                custom_sample(cf, flow_student, cf.comfy.samplers.sampler_object(name), two), **tol)
+
+
+def test_split_run_of_a_flow_model_equals_the_unsplit_run(cf, flow_student):
+    """The same on a CONST model (the solver calls the renoise noise and levels with VE sigmas t / (1 - t))."""
+    from comfy_extras.nodes_custom_sampler import SplitSigmas
+
+    flow_teacher = tiny_model(cf, flow=True, seed=3)
+    sigmas = schedule(cf, flow_student, scheduler="simple")
+    stage = lambda: kdpp_sampler(cf, "euler", flow_teacher, lam=0.5, k=4, renoise="random", renoise_sigma="random",
+                                 full_sigmas=sigmas)
+    unsplit = custom_sample(cf, flow_student, stage(), sigmas)
+    high, low = SplitSigmas.execute(sigmas, 2).result
+    two = custom_sample(cf, flow_student, stage(), low, lat={"samples": custom_sample(cf, flow_student, stage(), high)},
+                        add_noise=False)
+    torch.testing.assert_close(two, unsplit, rtol=1e-5, atol=1e-5 * unsplit.abs().max().item())

@@ -60,7 +60,8 @@ class DistillationPPSampler:
             },
             "optional": {
                 "full_sigmas": ("SIGMAS", {"tooltip": "For split schedules (SplitSigmas, two stages): the full schedule "
-                                                      "on which k counts, so a split run guides as often as the unsplit one."}),
+                                                      "on which k counts and the renoise noise is drawn per step, so a split run "
+                                                      "guides as often as, and equals, the unsplit one."}),
             },
         }
 
@@ -113,8 +114,8 @@ class DistillationPPKSampler:
                add_noise="enable", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable"):
         add_noise = _enabled(add_noise, "add_noise")
         return_with_leftover_noise = _enabled(return_with_leftover_noise, "return_with_leftover_noise")
-        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, scheduler=scheduler,
-                                         denoise=denoise, model_options=model.model_options).sigmas
+        sigmas = full_sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, scheduler=scheduler,
+                                                       denoise=denoise, model_options=model.model_options).sigmas
         # KSamplerAdvanced's start/end slicing (comfy.samplers.KSampler.sample)
         if end_at_step < len(sigmas) - 1:
             sigmas = sigmas[:end_at_step + 1].clone()
@@ -127,7 +128,8 @@ class DistillationPPKSampler:
             return (out,)
         sigmas = sigmas[start_at_step:]
         sampler = DistillationSampler(solver, teacher, teacher_positive, teacher_negative, teacher_cfg, lam, k, renoise,
-                                      renoise_level, guided=max(0, k - start_at_step), start=start_at_step)
+                                      renoise_level, full_sigmas=full_sigmas, guided=max(0, k - start_at_step),
+                                      start=start_at_step)
         if add_noise:
             noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,7 +32,7 @@ import comfy.model_patcher
 import comfy.samplers
 from comfy.k_diffusion.sampling import default_noise_sampler
 
-from ..flow import sample_in_rf_frame
+from ..flow import RFHostFrame, flow_sigmas, sample_in_rf_frame
 from ..hosts import is_flow_model, is_flow_sampling
 from ..noise import NoiseSampler, seeded_noise_sampler, stream_seed
 from ..refine import RENOISE_LEVELS
@@ -104,6 +105,30 @@ def guided_steps_in(sigmas: Tensor, k: int, full_sigmas: Tensor | None = None) -
         return 0
     threshold = full[min(k, len(full) - 1) - 1]
     return sum(1 for s in sigmas[:-1].tolist() if s >= threshold * (1 - 1e-6))
+
+
+def step_random_level(seed: int, full_sigmas: Tensor, offset: int, flow: bool) -> Callable[[int, float, float], float]:
+    """``renoise_level="random"`` as a function of ``(seed, step of the full schedule)``: split runs draw what unsplit ones do.
+
+    Log-uniform over the positive range of ``full_sigmas`` (host units; VE ``t / (1 - t)`` for flow
+    models, ``t = 1`` capped as :class:`kdpp.flow.RFHostFrame` does), as kdpp's ``"random"`` level
+    over the schedule, with step ``offset + i`` drawing from a generator seeded
+    ``stream_seed(stream_seed(seed, 2), offset + i)`` (a 2S step's two stages draw two levels).
+    """
+    levels = flow_sigmas(full_sigmas, RFHostFrame.T_MAX) if flow else full_sigmas.to(torch.float64)
+    positive = [s for s in levels.tolist() if s > 0]
+    lo, hi = (math.log(min(positive)), math.log(max(positive))) if positive else (0.0, 0.0)
+    base = stream_seed(seed, 2)
+    generators: dict[int, torch.Generator] = {}
+
+    def level(i: int, sigma_in: float, sigma_out: float) -> float:
+        step = offset + i
+        if step not in generators:
+            generators[step] = torch.Generator().manual_seed(stream_seed(base, step))
+        u = torch.rand((), generator=generators[step], dtype=torch.float64).item()
+        return math.exp(lo + u * (hi - lo))
+
+    return level
 
 
 class WeightSwitch:
@@ -194,7 +219,8 @@ class DistillationSampler(comfy.samplers.Sampler):
         lam, k, renoise: as in every kdpp sampler.
         renoise_sigma: ``"auto"`` (:func:`auto_renoise_level`) or as in every kdpp sampler.
         full_sigmas: count ``k`` on this full schedule (:func:`guided_steps_in`) for split runs; the
-            renoise noise of each step is then that of the full run's step (:func:`step_renoise_sampler`).
+            renoise noise and random level of each step are then those of the full run's step
+            (:func:`step_renoise_sampler`, :func:`step_random_level`).
         guided: the number of guided steps of this call, overriding ``k`` and ``full_sigmas``.
         start: the index of this call's first step in the full schedule (overriding ``full_sigmas``'s).
         options: solver options (``eta``, ``s_noise``); those the solver does not take are dropped.
@@ -244,9 +270,12 @@ class DistillationSampler(comfy.samplers.Sampler):
                 options["noise_sampler"] = default_noise_sampler(x, seed=seed)  # the host's own seeding
             flow = is_flow_model(model_k)
             if seed is not None:
-                options["renoise_seed"] = stream_seed(seed, 1)  # the random levels' seed
+                options["renoise_seed"] = stream_seed(seed, 1)
                 offset = self.start if self.start is not None else schedule_offset(sigmas, self.full_sigmas)
                 options["renoise_noise_sampler"] = step_renoise_sampler(x, seed, sigmas, offset, flow)
+                if options["renoise_sigma"] == "random":
+                    full = sigmas if self.full_sigmas is None else self.full_sigmas
+                    options["renoise_sigma"] = step_random_level(seed, full, offset, flow)
             if flow:
                 return sample_in_rf_frame(self.fn, student, teacher, x, sigmas, self.lam, k, **options)
             return self.fn(student, teacher, x, sigmas, self.lam, k, **options)
