@@ -135,7 +135,8 @@ class RFHostFrame:
     ``ts = [t_0 > ... > t_N]`` with ``t in [0, 1]`` and x0 denoisers ``D(x_rf, t)``. This
     converts at the boundary: ``sigmas = t / (1 - t)``, ``x_ve = x_rf / (1 - t_0)``, denoisers
     ``D_ve(x_ve, sigma) = D(x_ve / (1 + sigma), sigma / (1 + sigma))`` (x0 is frame-free) and the
-    result back with ``x_rf = x_ve / (1 + sigma_N)``; callbacks get the host-frame ``x`` and ``t``.
+    result back with ``x_rf = x_ve / (1 + sigma_N)``; callbacks get the host-frame ``x`` and ``t`` (``sigma``,
+    ``sigma_hat`` and ``renoise_sigma`` all in the host's ``t``).
 
     ``t = 1`` (pure noise, ``sigma = inf``) is capped at ``t_max = 1 - 1e-9`` (:func:`flow_sigmas`;
     tighter than :data:`T_MAX` because the VE run is done in float64 here): the capped first step
@@ -163,7 +164,8 @@ class RFHostFrame:
         return None if model is None else _RFModel(model, self)
 
     def callback(self, callback: Callable[[dict], object] | None):
-        """``callback`` fed the host's frame: ``x`` as ``x_rf``, ``sigma``/``sigma_hat`` as ``t``, x0s in the host dtype."""
+        """``callback`` fed the host's frame: ``x`` as ``x_rf``, ``sigma``/``sigma_hat`` as ``t``, ``renoise_sigma``
+        (on steps that called the teacher) as the renoise level's ``t`` (a float), x0s in the host dtype."""
         if callback is None:
             return None
 
@@ -174,6 +176,8 @@ class RFHostFrame:
             for key in ("sigma", "sigma_hat"):
                 s = torch.as_tensor(info[key], dtype=torch.float64)
                 info[key] = (s / (1 + s)).to(self.t_dtype)
+            if info.get("renoise_sigma") is not None:  # a float, as the VE run reports it
+                info["renoise_sigma"] = float(info["renoise_sigma"]) / (1 + float(info["renoise_sigma"]))
             for key in ("denoised", "student_denoised", "teacher_denoised"):
                 if isinstance(info.get(key), Tensor):
                     info[key] = info[key].to(self.x_dtype)

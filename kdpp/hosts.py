@@ -37,9 +37,14 @@ def comfyui_model_sampling(model) -> Any:
     return getattr(getattr(getattr(model, "inner_model", None), "inner_model", None), "model_sampling", None)
 
 
+def is_flow_sampling(model_sampling) -> bool:
+    """Whether a ComfyUI ``model_sampling`` object is CONST (rectified flow: x in the RF frame, sigma = t)."""
+    return any(c.__name__ == "CONST" for c in type(model_sampling).__mro__)
+
+
 def is_flow_model(model) -> bool:
     """Whether ``model`` is a ComfyUI model with CONST (rectified-flow) sampling: x in the RF frame, sigma = t."""
-    return any(c.__name__ == "CONST" for c in type(comfyui_model_sampling(model)).__mro__)
+    return is_flow_sampling(comfyui_model_sampling(model))
 
 
 def host_noise_sampler(model, x: Tensor, seed: int) -> NoiseSampler:
@@ -90,6 +95,9 @@ def host_sampler(sampler: Callable) -> Callable:
         options = dict(call.arguments)
         model, teacher, x, sigmas, lam, flow = (options.pop(name) for name in ("model", "teacher", "x", "sigmas", "lam",
                                                                                "flow"))
+        if teacher is None and _nonzero(lam):
+            raise TypeError(f"{sampler.__name__} got lam={lam!r} and no teacher: pass teacher=T when calling it, or "
+                            "bind it (bind(sampler, T, lam, ...) / register(namespace, ..., teacher=T)); lam=0 needs none")
         extra_args = options["extra_args"] = check_kwargs(options["extra_args"], "extra_args")
         seed = extra_args.get("seed")
         if seed is not None:
@@ -108,6 +116,20 @@ def host_sampler(sampler: Callable) -> Callable:
     fn.__signature__ = signature
     fn.__doc__ = f"Host-convention form of :func:`kdpp.{sampler.__name__}` (see :func:`kdpp.hosts.host_sampler`)."
     return fn
+
+
+def _nonzero(lam) -> bool:
+    """Whether a ``lam`` given as a number or a sequence of numbers has a nonzero entry (callables: left to the sampler)."""
+    if isinstance(lam, (int, float)):
+        return lam != 0
+    if isinstance(lam, (list, tuple)):
+        return any(_nonzero(v) for v in lam)
+    return False
+
+
+#: the samplers :func:`register` adds by default: the CFG++ forms need a student with ``guided_and_uncond``
+#: (a host's plain one-model student, such as A1111's or ComfyUI's, has none), so they are added only by name
+DEFAULT_NAMES = tuple(name for name in SAMPLERS if not name.endswith("_cfg_pp"))
 
 
 def bind(sampler: Callable, teacher, lam, k: int | None = None, *, guided_steps: Sequence[int] | None = None,
@@ -149,14 +171,17 @@ def register(namespace: ModuleType | SimpleNamespace | Any, names: Iterable[str]
              lam=0.0, k: int | None = None, guided_steps: Sequence[int] | None = None, **options: Any) -> list[str]:
     """Add kdpp samplers to ``namespace`` as ``sample_<name>_distpp`` and return the attribute names.
 
-    Each is :func:`bind`-ed to ``teacher``, ``lam``, ``k`` / ``guided_steps`` and ``options``,
+    ``names`` defaults to :data:`DEFAULT_NAMES`: every ``kdpp.SAMPLERS`` entry but the CFG++ forms,
+    which need a student with ``guided_and_uncond`` (name them to add them). Each is
+    :func:`bind`-ed to ``teacher``, ``lam``, ``k`` / ``guided_steps`` and ``options``,
     which are its defaults: without ``teacher`` the samplers take it at call time
     (``fn(model, x, sigmas, ..., teacher=T)``) and keep the registered ``lam``, ``k`` and
-    options. A host that looks samplers up as ``getattr(k_diffusion.sampling, "sample_" + name)``
-    then finds ``name = "euler_distpp"`` and the others (``kdpp.SAMPLERS`` lists them).
+    options. ``options`` must be taken by every named sampler (``eta``: register the ancestral
+    ones in a call of their own). A host that looks samplers up as
+    ``getattr(k_diffusion.sampling, "sample_" + name)`` then finds ``name = "euler_distpp"`` and the others.
     """
     bound = {}
-    for name in (SAMPLERS if names is None else names):
+    for name in (DEFAULT_NAMES if names is None else names):
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; known: {sorted(SAMPLERS)}")
         bound[f"sample_{name}_distpp"] = bind(SAMPLERS[name], teacher, lam, k, guided_steps=guided_steps, **options)

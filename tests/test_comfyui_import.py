@@ -17,14 +17,40 @@ def test_import_kdpp_and_kdpp_comfyui_import_no_comfy():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def install_command(path, *options):
+    return subprocess.run([sys.executable, "-m", "kdpp.comfyui", "install", str(path), *options], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
 def test_install_command_writes_the_custom_nodes_shim(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "kdpp.comfyui", "install", str(tmp_path)], check=True, cwd=ROOT,
-                         capture_output=True, text=True).stdout
-    shim = tmp_path / "kdpp_nodes" / "__init__.py"
-    assert str(shim) in out
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    run = install_command(custom_nodes)
+    assert run.returncode == 0, run.stderr
+    shim = custom_nodes / "kdpp_nodes" / "__init__.py"
+    assert str(shim) in run.stdout
     text = shim.read_text()
     assert "from kdpp.comfyui.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS" in text
     compile(text, str(shim), "exec")
-    kdpp.comfyui.install(tmp_path)  # idempotent
+    kdpp.comfyui.install(custom_nodes)  # idempotent
     with pytest.raises(FileNotFoundError, match="custom_nodes='.*missing'"):
         kdpp.comfyui.install(tmp_path / "missing")
+
+
+def test_install_command_refuses_what_is_not_a_custom_nodes_folder(tmp_path, capsys):
+    """The ComfyUI root gets the right path offered; a missing path or another folder a one-line error, no traceback."""
+    from kdpp.comfyui.__main__ import main
+
+    (tmp_path / "custom_nodes").mkdir()
+    root = install_command(tmp_path)  # one real process: exit status 2, the message, no traceback
+    assert root.returncode == 2 and "Traceback" not in root.stderr
+    assert f"install into {str(tmp_path / 'custom_nodes')!r}" in root.stderr
+    other = tmp_path / "nodes"
+    other.mkdir()
+    for path, message in [(tmp_path / "missing", "is not a directory"), (other, "is not a ComfyUI custom_nodes folder")]:
+        with pytest.raises(SystemExit) as exit:
+            main(["install", str(path)])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not (other / "kdpp_nodes").exists() and not (tmp_path / "kdpp_nodes").exists()
+    main(["install", str(other), "--force"])
+    assert (other / "kdpp_nodes" / "__init__.py").is_file()

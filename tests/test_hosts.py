@@ -41,7 +41,9 @@ def test_bound_sampler_guides_and_accepts_call_time_overrides():
 def test_register_into_kdiffusion_namespace_for_lookup_by_name():
     ns = types.SimpleNamespace()
     names = register(ns, teacher=other_denoiser, lam=0.5, k=1, renoise_seed=3)
-    assert "sample_euler_distpp" in names and "sample_dpmpp_2m_cfg_pp_distpp" in names
+    assert names == [f"sample_{name}_distpp" for name in ("euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m",
+                                                          "lcm")]  # the CFG++ forms only by name
+    assert register(ns, ["dpmpp_2m_cfg_pp"]) == ["sample_dpmpp_2m_cfg_pp_distpp"]
     x = torch.randn(2, 3, dtype=torch.float64) * 10
     fn = getattr(ns, "sample_" + "euler_distpp")
     torch.testing.assert_close(fn(nonlinear_denoiser, x, SIGMAS, disable=True),
@@ -131,8 +133,14 @@ def test_register_without_teacher_keeps_lam_k_and_options_for_a_call_time_teache
     assert teacher.sigmas == [4.0, 1.5] and torch.equal(got, want)
     ns.sample_dpmpp_2m_distpp(nonlinear_denoiser, x, SIGMAS, teacher=teacher, lam=0.2, k=1, disable=True)
     assert teacher.calls == 3  # call-time lam and k override the registered ones
-    with pytest.raises(TypeError, match="teacher must be a callable"):
+    fix = r"got lam=0.7 and no teacher: pass teacher=T when calling it, or bind it .*register\(namespace, ..., teacher=T\)"
+    with pytest.raises(TypeError, match=fix):
         ns.sample_euler_distpp(nonlinear_denoiser, x, SIGMAS, disable=True)  # lam 0.7 and no teacher anywhere
+    with pytest.raises(TypeError, match=fix):  # an A1111-style call: the registered defaults, no teacher
+        a1111_call(ns.sample_euler_distpp, nonlinear_denoiser, x, SIGMAS, SETTINGS)
+    with pytest.raises(TypeError, match=r"got lam=\[0.0, 0.5\] and no teacher"):
+        ns.sample_euler_distpp(nonlinear_denoiser, x, SIGMAS, lam=[0.0, 0.5], disable=True)
+    ns.sample_euler_distpp(nonlinear_denoiser, x, SIGMAS, lam=0.0, disable=True)  # no teacher needed
 
 
 def a1111_call(fn, model, x, sigmas, settings):

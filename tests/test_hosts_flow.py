@@ -63,3 +63,18 @@ def test_flow_callbacks_report_the_host_frame():
 
 def test_plain_callables_are_not_flow_models():
     assert not is_flow_model(rf_gaussian_x0) and not is_flow_model(object())
+
+
+def test_flow_callbacks_report_the_renoise_level_in_the_host_frame():
+    """renoise_sigma (present on steps that called the teacher) is the host's t, like sigma: 'current' gives sigma's t."""
+    ts = torch.tensor([0.9, 0.6, 0.3, 0.0])
+    x = torch.randn(8, 1, generator=torch.Generator().manual_seed(2))
+    seen = []
+    host_sampler(kdpp.sample_euler_distpp)(rf_gaussian_x0, x, ts, callback=seen.append, disable=True, flow=True,
+                                           teacher=rf_gaussian_x0, lam=0.5, k=2, renoise_sigma="current")
+    assert [s["renoise_sigma"] for s in seen[:2]] == pytest.approx([0.9, 0.6], rel=1e-6)
+    assert "renoise_sigma" not in seen[2] and "teacher_denoised" not in seen[2]
+    nxt = []
+    host_sampler(kdpp.sample_euler_distpp)(rf_gaussian_x0, x, ts, callback=nxt.append, disable=True, flow=True,
+                                           teacher=rf_gaussian_x0, lam=0.5, k=1)
+    assert nxt[0]["renoise_sigma"] == pytest.approx(0.6, rel=1e-6)

@@ -22,11 +22,21 @@ __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 '''
 
 
-def install(custom_nodes: str | Path) -> Path:
-    """Write the ``kdpp_nodes`` shim into ComfyUI's ``custom_nodes`` folder; returns the file written."""
+def install(custom_nodes: str | Path, force: bool = False) -> Path:
+    """Write the ``kdpp_nodes`` shim into ComfyUI's ``custom_nodes`` folder; returns the file written.
+
+    The folder must exist and be named ``custom_nodes`` (ComfyUI's own, ``ComfyUI/custom_nodes``);
+    ``force=True`` accepts a folder of another name (an extra custom-nodes path of
+    ``extra_model_paths.yaml``). A ComfyUI root is refused with the right path in the message.
+    """
     custom_nodes = Path(custom_nodes)
     if not custom_nodes.is_dir():
         raise FileNotFoundError(f"custom_nodes={str(custom_nodes)!r} is not a directory (ComfyUI's custom_nodes folder)")
+    if not force and custom_nodes.resolve().name != "custom_nodes":
+        inside = custom_nodes / "custom_nodes"
+        hint = (f"; this looks like the ComfyUI folder: install into {str(inside)!r}" if inside.is_dir() else
+                " (ComfyUI/custom_nodes; for another custom-nodes folder, force=True / --force)")
+        raise ValueError(f"custom_nodes={str(custom_nodes)!r} is not a ComfyUI custom_nodes folder{hint}")
     target = custom_nodes / SHIM_NAME / "__init__.py"
     target.parent.mkdir(exist_ok=True)
     target.write_text(SHIM)

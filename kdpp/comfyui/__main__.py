@@ -11,8 +11,13 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("install", help="write custom_nodes/kdpp_nodes/__init__.py")
     cmd.add_argument("custom_nodes", help="ComfyUI's custom_nodes folder")
+    cmd.add_argument("--force", action="store_true", help="accept a custom-nodes folder not named custom_nodes")
     args = parser.parse_args(argv)
-    print(f"wrote {install(args.custom_nodes)}")
+    try:
+        target = install(args.custom_nodes, force=args.force)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"{parser.prog} install: error: {e}\n")
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..refine import RENOISE_LEVELS, RENOISE_MODES
-from .sampling import SOLVERS, DistillationSampler
+from ..refine import RENOISE_MODES
+from .sampling import NODE_RENOISE_LEVELS, SOLVERS, DistillationSampler
 
 CATEGORY = "sampling/distillation++"
 
@@ -20,15 +20,20 @@ TEACHER_INPUTS = {
     "teacher_cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                               "tooltip": "The teacher's CFG scale (the paper uses 7.5; 6.0 with DPM++ 2S a)."}),
     "lam": ("FLOAT", {"default": 0.5, "min": -10.0, "max": 10.0, "step": 0.01,
-                      "tooltip": "Teacher guidance scale lam: R(D) = D + lam (T(D + tau xi, tau) - D). 0 = the plain student."}),
+                      "tooltip": "Teacher guidance scale lam: R(D) = D + lam (T(D + tau xi, tau) - D). 0 = the plain student "
+                                 "(the teacher is not loaded to the GPU nor called; its loader node still runs)."}),
     "k": ("INT", {"default": 1, "min": 0, "max": 10000,
-                  "tooltip": "Guide the first k steps (the paper uses 1). Split runs: see full_sigmas / start_at_step."}),
+                  "tooltip": "Guide the first k steps (the paper uses 1). Split runs: see full_sigmas / start_at_step. "
+                             "1-step students: k = 1 guides the only step (renoise_level auto renoises it at its own level)."}),
     "renoise": (list(RENOISE_MODES), {"default": "random",
                                        "tooltip": "Renoising noise xi: random (paper Alg. 1), deterministic (the student's noise) "
                                                   "or guidance (paper eq. 10: teacher and student at the same input)."}),
-    "renoise_level": (list(RENOISE_LEVELS), {"default": "next",
-                                             "tooltip": "Renoising level tau: the next sigma (default), the current one or a random one "
-                                                        "(ignored by renoise=guidance, which uses the current one)."}),
+    "renoise_level": (list(NODE_RENOISE_LEVELS), {"default": "auto",
+                                                  "tooltip": "Renoising level tau: auto (default) = the next sigma, except on the "
+                                                             "step to sigma 0 (the last step: any 1-step run, or k >= steps), where "
+                                                             "the next sigma 0 would skip the teacher, the current one; next (the "
+                                                             "paper's; a guided step to 0 then calls no teacher), current, or "
+                                                             "random (ignored by renoise=guidance, which uses the current one)."}),
 }
 SOLVER_INPUT = (SOLVERS, {"default": "euler", "tooltip": "The kdpp solver (CFG++ forms use the student's unconditional x0)."})
 
@@ -55,7 +60,8 @@ class DistillationPPSampler:
             },
             "optional": {
                 "full_sigmas": ("SIGMAS", {"tooltip": "For split schedules (SplitSigmas, two stages): the full schedule "
-                                                      "on which k counts, so a split run guides as often as the unsplit one."}),
+                                                      "on which k counts and the renoise noise is drawn per step, so a split run "
+                                                      "guides as often as, and equals, the unsplit one."}),
             },
         }
 
@@ -94,19 +100,22 @@ class DistillationPPKSampler:
                                                  "k counts on this node's steps."}),
             },
             "optional": {
-                "add_noise": ("BOOLEAN", {"default": True}),
+                "add_noise": (["enable", "disable"], {"default": "enable", "tooltip": "As KSamplerAdvanced's."}),
                 "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000,
                                           "tooltip": "k counts on the full schedule: a stage starting at step s guides steps s..k-1."}),
                 "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
-                "return_with_leftover_noise": ("BOOLEAN", {"default": False}),
+                "return_with_leftover_noise": (["disable", "enable"], {"default": "disable",
+                                                                        "tooltip": "As KSamplerAdvanced's."}),
             },
         }
 
     def sample(self, model, seed, steps, cfg, solver, scheduler, positive, negative, latent_image, teacher,
                teacher_positive, teacher_negative, teacher_cfg, lam, k, renoise, renoise_level, denoise,
-               add_noise=True, start_at_step=0, end_at_step=10000, return_with_leftover_noise=False):
-        sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, scheduler=scheduler,
-                                         denoise=denoise, model_options=model.model_options).sigmas
+               add_noise="enable", start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable"):
+        add_noise = _enabled(add_noise, "add_noise")
+        return_with_leftover_noise = _enabled(return_with_leftover_noise, "return_with_leftover_noise")
+        sigmas = full_sigmas = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, scheduler=scheduler,
+                                                       denoise=denoise, model_options=model.model_options).sigmas
         # KSamplerAdvanced's start/end slicing (comfy.samplers.KSampler.sample)
         if end_at_step < len(sigmas) - 1:
             sigmas = sigmas[:end_at_step + 1].clone()
@@ -119,7 +128,8 @@ class DistillationPPKSampler:
             return (out,)
         sigmas = sigmas[start_at_step:]
         sampler = DistillationSampler(solver, teacher, teacher_positive, teacher_negative, teacher_cfg, lam, k, renoise,
-                                      renoise_level, guided=max(0, k - start_at_step))
+                                      renoise_level, full_sigmas=full_sigmas, guided=max(0, k - start_at_step),
+                                      start=start_at_step)
         if add_noise:
             noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         else:
@@ -129,6 +139,13 @@ class DistillationPPKSampler:
                                                     noise_mask=latent_image.get("noise_mask"), callback=callback,
                                                     disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         return (out,)
+
+
+def _enabled(value: str, name: str) -> bool:
+    """KSamplerAdvanced's ``"enable"`` / ``"disable"`` combo values as a bool (anything else is refused by name)."""
+    if value not in ("enable", "disable"):
+        raise ValueError(f"{name} must be 'enable' or 'disable' (as in KSamplerAdvanced), got {value!r}")
+    return value == "enable"
 
 
 NODE_CLASS_MAPPINGS = {

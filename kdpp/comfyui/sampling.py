@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,13 +32,61 @@ import comfy.model_patcher
 import comfy.samplers
 from comfy.k_diffusion.sampling import default_noise_sampler
 
-from ..flow import sample_in_rf_frame
-from ..hosts import is_flow_model
-from ..noise import stream_seed
+from ..flow import RFHostFrame, flow_sigmas, sample_in_rf_frame
+from ..hosts import is_flow_model, is_flow_sampling
+from ..noise import NoiseSampler, seeded_noise_sampler, stream_seed
+from ..refine import RENOISE_LEVELS
 from ..solvers import SAMPLERS
 
 #: the kdpp solvers offered by the nodes (``kdpp.SAMPLERS``: five solvers and four CFG++ forms)
 SOLVERS = list(SAMPLERS)
+#: the nodes' renoise levels: ``auto`` (default, :func:`auto_renoise_level`) and kdpp's own
+NODE_RENOISE_LEVELS = ("auto", *RENOISE_LEVELS)
+#: relative tolerance when matching a sigma to a schedule entry
+_REL = 1e-6
+
+
+def auto_renoise_level(i: int, sigma_in: float, sigma_out: float) -> float:
+    """The node's ``renoise_level="auto"``: the next level, except on a step to ``sigma = 0`` (the current level).
+
+    ``"next"`` on the step to 0 is ``tau = 0``: no teacher call. Every 1-step student run
+    (SD-Turbo, 1-step LCM / DMD2) and every run with ``k >= steps`` guides that step; ``auto``
+    renoises it at the step's own level instead, so ``lam`` acts there.
+    """
+    return sigma_out if sigma_out > 0 else sigma_in
+
+
+def schedule_offset(sigmas: Tensor, full_sigmas: Tensor | None) -> int:
+    """The index of ``sigmas[0]`` in ``full_sigmas`` (0 without it): where a split stage starts in the full run."""
+    if full_sigmas is None:
+        return 0
+    first = float(sigmas[0])
+    return sum(1 for s in full_sigmas[:-1].tolist() if s > first * (1 + _REL))
+
+
+def step_renoise_sampler(x: Tensor, seed: int, sigmas: Tensor, offset: int, flow: bool) -> NoiseSampler:
+    """Renoise noise that is a function of ``(seed, step of the full schedule)``, so split runs draw what unsplit ones do.
+
+    ``sigmas`` is this stage's schedule in the host's units (``t`` for flow models, whose solver
+    calls this with VE sigmas ``t / (1 - t)``) and ``offset`` its first step's index in the full
+    schedule. A call at ``sigma_in`` belongs to the step ``i`` with ``sigmas[i] >= sigma_in > sigmas[i + 1]``
+    (a 2S midpoint to its step); step ``offset + i`` draws from its own generator, seeded
+    ``stream_seed(stream_seed(seed, 1), offset + i)`` (its draws continue within the step).
+    """
+    stage = sigmas[:-1].tolist()
+    base = stream_seed(seed, 1)
+    streams: dict[int, NoiseSampler] = {}
+
+    def sample(sigma_in: float, tau: float) -> Tensor:
+        s = float(sigma_in)
+        if flow:
+            s = s / (1 + s)
+        step = offset + max(0, sum(1 for v in stage if v >= s * (1 - _REL)) - 1)
+        if step not in streams:
+            streams[step] = seeded_noise_sampler(x, stream_seed(base, step))
+        return streams[step](sigma_in, tau)
+
+    return sample
 
 
 def guided_steps_in(sigmas: Tensor, k: int, full_sigmas: Tensor | None = None) -> int:
@@ -56,6 +105,30 @@ def guided_steps_in(sigmas: Tensor, k: int, full_sigmas: Tensor | None = None) -
         return 0
     threshold = full[min(k, len(full) - 1) - 1]
     return sum(1 for s in sigmas[:-1].tolist() if s >= threshold * (1 - 1e-6))
+
+
+def step_random_level(seed: int, full_sigmas: Tensor, offset: int, flow: bool) -> Callable[[int, float, float], float]:
+    """``renoise_level="random"`` as a function of ``(seed, step of the full schedule)``: split runs draw what unsplit ones do.
+
+    Log-uniform over the positive range of ``full_sigmas`` (host units; VE ``t / (1 - t)`` for flow
+    models, ``t = 1`` capped as :class:`kdpp.flow.RFHostFrame` does), as kdpp's ``"random"`` level
+    over the schedule, with step ``offset + i`` drawing from a generator seeded
+    ``stream_seed(stream_seed(seed, 2), offset + i)`` (a 2S step's two stages draw two levels).
+    """
+    levels = flow_sigmas(full_sigmas, RFHostFrame.T_MAX) if flow else full_sigmas.to(torch.float64)
+    positive = [s for s in levels.tolist() if s > 0]
+    lo, hi = (math.log(min(positive)), math.log(max(positive))) if positive else (0.0, 0.0)
+    base = stream_seed(seed, 2)
+    generators: dict[int, torch.Generator] = {}
+
+    def level(i: int, sigma_in: float, sigma_out: float) -> float:
+        step = offset + i
+        if step not in generators:
+            generators[step] = torch.Generator().manual_seed(stream_seed(base, step))
+        u = torch.rand((), generator=generators[step], dtype=torch.float64).item()
+        return math.exp(lo + u * (hi - lo))
+
+    return level
 
 
 class WeightSwitch:
@@ -143,16 +216,20 @@ class DistillationSampler(comfy.samplers.Sampler):
         teacher: the teacher ModelPatcher (``None`` only with ``lam = 0``).
         teacher_positive, teacher_negative: the teacher's CONDITIONING.
         teacher_cfg: the teacher's CFG scale.
-        lam, k, renoise, renoise_sigma: as in every kdpp sampler.
-        full_sigmas: count ``k`` on this full schedule (:func:`guided_steps_in`) for split runs.
+        lam, k, renoise: as in every kdpp sampler.
+        renoise_sigma: ``"auto"`` (:func:`auto_renoise_level`) or as in every kdpp sampler.
+        full_sigmas: count ``k`` on this full schedule (:func:`guided_steps_in`) for split runs; the
+            renoise noise and random level of each step are then those of the full run's step
+            (:func:`step_renoise_sampler`, :func:`step_random_level`).
         guided: the number of guided steps of this call, overriding ``k`` and ``full_sigmas``.
+        start: the index of this call's first step in the full schedule (overriding ``full_sigmas``'s).
         options: solver options (``eta``, ``s_noise``); those the solver does not take are dropped.
     """
 
     def __init__(self, solver: str, teacher=None, teacher_positive=None, teacher_negative=None,
                  teacher_cfg: float = 1.0, lam: float = 0.0, k: int = 1, renoise: str = "random",
-                 renoise_sigma: Any = "next", full_sigmas: Tensor | None = None, guided: int | None = None,
-                 **options: Any):
+                 renoise_sigma: Any = "auto", full_sigmas: Tensor | None = None, guided: int | None = None,
+                 start: int | None = None, **options: Any):
         if solver not in SAMPLERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.solver, self.fn = solver, SAMPLERS[solver]
@@ -160,7 +237,9 @@ class DistillationSampler(comfy.samplers.Sampler):
             raise ValueError(f"lam={lam} needs a teacher MODEL")
         self.teacher, self.teacher_cfg = teacher, teacher_cfg
         self.teacher_conds = (teacher_positive, teacher_negative)
-        self.lam, self.k, self.full_sigmas, self.guided = lam, k, full_sigmas, guided
+        self.lam, self.k, self.full_sigmas, self.guided, self.start = lam, k, full_sigmas, guided, start
+        if renoise_sigma == "auto":
+            renoise_sigma = auto_renoise_level
         self.renoise = {"renoise": renoise, "renoise_sigma": None if renoise == "guidance" else renoise_sigma}
         params = inspect.signature(self.fn).parameters
         self.options = {key: v for key, v in options.items() if key in params}
@@ -189,9 +268,15 @@ class DistillationSampler(comfy.samplers.Sampler):
             seed = extra_args.get("seed")
             if self.takes_noise:
                 options["noise_sampler"] = default_noise_sampler(x, seed=seed)  # the host's own seeding
+            flow = is_flow_model(model_k)
             if seed is not None:
                 options["renoise_seed"] = stream_seed(seed, 1)
-            if is_flow_model(model_k):
+                offset = self.start if self.start is not None else schedule_offset(sigmas, self.full_sigmas)
+                options["renoise_noise_sampler"] = step_renoise_sampler(x, seed, sigmas, offset, flow)
+                if options["renoise_sigma"] == "random":
+                    full = sigmas if self.full_sigmas is None else self.full_sigmas
+                    options["renoise_sigma"] = step_random_level(seed, full, offset, flow)
+            if flow:
                 return sample_in_rf_frame(self.fn, student, teacher, x, sigmas, self.lam, k, **options)
             return self.fn(student, teacher, x, sigmas, self.lam, k, **options)
 
@@ -211,6 +296,12 @@ class DistillationSampler(comfy.samplers.Sampler):
         if student_space != teacher_space:
             raise ValueError(f"the teacher MODEL works in the {teacher_space} latent space and the student in "
                              f"{student_space}; Distillation++ needs one latent space (the same VAE family)")
+        student_flow, teacher_flow = (is_flow_sampling(m) for m in (model_wrap.inner_model.model_sampling,
+                                                                     teacher_patcher.get_model_object("model_sampling")))
+        if student_flow != teacher_flow:
+            frame = {True: "a flow (CONST) model: x = (1 - t) x0 + t eps", False: "a diffusion model: x = x0 + sigma eps"}
+            raise ValueError(f"the teacher MODEL is {frame[teacher_flow]}, the student {frame[student_flow]}; "
+                             "Distillation++ in ComfyUI needs both of one kind (both flow or both EPS / V-prediction)")
         switch = self.last_switch = WeightSwitch(student_patcher, teacher_patcher)
         if not switch.shared:
             # load the teacher together with the student (one load_models_gpu call), as ComfyUI loads ControlNets
@@ -227,7 +318,13 @@ class DistillationSampler(comfy.samplers.Sampler):
 
             def teacher(x: Tensor, sigma: Tensor, **_) -> Tensor:
                 with switch.teacher_call():
-                    return teacher_k(x, sigma, **targs)
+                    try:
+                        return teacher_k(x, sigma, **targs)
+                    except RuntimeError as e:  # a model / conditioning mismatch surfaces as a bare torch error
+                        if isinstance(e, comfy.model_management.OOM_EXCEPTION):
+                            raise
+                        raise RuntimeError(f"the teacher MODEL failed on its conditioning (teacher_positive, "
+                                           f"teacher_negative; e.g. a text encoder of another model family): {e}") from e
 
             switch.use(student_patcher)
             return run(teacher)

@@ -48,9 +48,10 @@ COMMON_ARGS = """
         callback: called once per step with k-diffusion's keys ``x, i, sigma,
             sigma_hat, denoised`` (``sigma`` and ``sigma_hat`` 0-d tensors like
             ``sigmas``; ``denoised`` is the refined estimate) plus
-            ``student_denoised`` and, on steps that called the teacher,
+            ``student_denoised`` and, only on steps that called the teacher,
             ``teacher_denoised`` (a list with several teachers) and ``renoise_sigma``
-            (a float; with per-item random levels, the teacher's ``[B]`` sigma tensor).
+            (a float; with per-item random levels, the teacher's ``[B]`` sigma tensor;
+            absent on unguided steps and where ``lam_i = 0`` or ``tau = 0``).
         disable: disable the tqdm progress bar.
         renoise: renoising noise ``xi``: ``"random"``, ``"deterministic"`` or
             ``"guidance"`` (paper eq. 10); see :class:`kdpp.TeacherRefinement`.
