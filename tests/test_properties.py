@@ -9,8 +9,11 @@ from conftest import nonlinear_denoiser, other_denoiser
 
 ks = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is the oracle (pip install '.[test]')")
 
+# Neighbouring sigmas at least 0.1 % apart: DPM++ 2M's step-size ratio h_last / h is ill-conditioned for
+# sigmas a few ulps apart (k-diffusion itself returns NaN for [80, nextafter(80, 0), 1, 0]).
 schedules = st.lists(st.floats(0.01, 80.0), min_size=1, max_size=8, unique=True).map(
-    lambda v: torch.tensor(sorted(v, reverse=True) + [0.0], dtype=torch.float64))
+    lambda v: sorted(v, reverse=True)).filter(lambda v: all(a > b * 1.001 for a, b in zip(v, v[1:]))).map(
+    lambda v: torch.tensor(v + [0.0], dtype=torch.float64))
 PAIRS = {"euler_ancestral": ks.sample_euler_ancestral, "dpmpp_2s_ancestral": ks.sample_dpmpp_2s_ancestral,
          "dpmpp_2m": ks.sample_dpmpp_2m}
 
