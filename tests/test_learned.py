@@ -107,10 +107,21 @@ def test_metrics_rank_real_digits_above_noise(nets):
     assert real["tv"] < 0.05
 
 
-def test_benchmark_smoke_runs_end_to_end_with_placement(tmp_path):
+def test_benchmark_smoke_runs_end_to_end_with_placement(tmp_path, monkeypatch, capsys):
+    """Also: --smoke without --out writes into a new temporary folder, not benchmarks/results (before: it wrote
+    learned_smoke.{md,json} into the source tree), and the printed table names are whole ("Placement", before
+    cut to "Placemen")."""
     bench = load_script("learned")
-    rows = bench.main(["--smoke", "--out", str(tmp_path)])
-    assert (tmp_path / "learned_smoke.md").exists() and (tmp_path / "learned_smoke.json").exists()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    in_tree = [ROOT / "benchmarks" / "results" / f"learned_smoke.{ext}" for ext in ("md", "json")]
+    existed = [p.exists() for p in in_tree]
+    rows = bench.main(["--smoke"])
+    (out,) = tmp_path.glob("kdpp-learned-smoke-*")
+    assert (out / "learned_smoke.md").exists() and (out / "learned_smoke.json").exists()
+    assert [p.exists() for p in in_tree] == existed == [False, False]
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("Placement ") for line in printed) == 2
+    assert sum(line.startswith("Table 1   ") for line in printed) == 4
     by = {(r["mode"], r["label"]): r for r in rows}
     # network-evaluation accounting: a CFG teacher call costs 2, an unconditional one 1, plain none
     assert by[("cond", "plain, 5 steps")]["teacher_nfe"] == 0
