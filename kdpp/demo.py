@@ -175,13 +175,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'run':30} {'NFE S+T':>7} {'NLL':>20} {'mode-mass TV':>24} {'sliced W2':>21} "
-            f"{'sliced W2 - student':>28} {'time (1 run)':>12}")
+            f"{'sliced W2 - student':>28} {'time (1 run)':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         nfe = f"{r['student_nfe']}+{r['teacher_nfe']}"
         diff = str(r.get("sliced_w2_minus_student", "-"))
         lines.append(f"{r['run']:30} {nfe:>7} {str(r['nll']):>20} {str(r['mode_tv']):>24} "
-                     f"{str(r['sliced_w2']):>21} {diff:>28} {r['seconds']:11.2f}s")
+                     f"{str(r['sliced_w2']):>21} {diff:>28} {r['seconds']:13.2f}s")
     return "\n".join(lines)
 
 
@@ -212,7 +212,10 @@ def figures(result: dict, out: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), sharex=True, sharey=True)
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.9), sharex=True, sharey=True)
+    guided = 0
     for ax, name in zip(axes, ("student", "student++")):
         ax.contour(gx, gy, density, levels=6, colors="0.8", linewidths=0.6)
         steps = result["trajectories"][name]
@@ -223,14 +226,25 @@ def figures(result: dict, out: Path) -> list[Path]:
         for s in steps:
             moved = (s["denoised"] - s["student_denoised"]).abs().sum() > 0
             if moved:  # the teacher's correction D -> R(D) on guided steps
+                guided += 1
                 d, r = s["student_denoised"], s["denoised"]
                 ax.quiver(d[:, 0], d[:, 1], r[:, 0] - d[:, 0], r[:, 1] - d[:, 1], angles="xy", scale_units="xy",
                           scale=1, color="C3", width=0.004)
-        ax.set_title(f"{name} trajectories" + (" (red: teacher's correction)" if name.endswith("++") else ""), fontsize=9)
+        ax.set_title(f"{name} trajectories", fontsize=9)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-    fig.tight_layout()
+    handles = [Line2D([], [], color="C0", marker="o", ms=3, lw=0.8, label="sample path x_i (16 samples)"),
+               Line2D([], [], color="C3", marker=r"$\rightarrow$", ms=12, ls="none",
+                      label="teacher's correction D -> R(D)")]
+    axes[1].legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.9)
+    args = result["args"]
+    fig.text(0.5, 0.01, "Blue: 16 samples after each step to the end (x_T, at sigma_0, is off the plot). Red arrows: "
+             f"on each teacher-guided step ({guided} guided step(s) drawn; lam = {args['lam']}, k = {args['k']}), "
+             "from the student's denoised estimate D(x_i) to the refined estimate R(D) the step uses instead. "
+             "No arrows: no step was guided (k = 0, lam = 0, or the guided step renoises to sigma 0).",
+             ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     paths.append(out / "trajectories.png")
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)

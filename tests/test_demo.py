@@ -153,3 +153,30 @@ def test_bad_options_are_argparse_errors_naming_the_option(options, named, capsy
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"error: {named} must" in err and "Traceback" not in err
+
+
+def test_trajectories_figure_explains_its_arrows(tmp_path, monkeypatch):
+    """trajectories.png has a legend for the blue paths and the red D -> R(D) arrows and a caption saying what
+    they are and how many guided steps are drawn (before: red arrows, explained nowhere in the figure)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    result = _run("--k", "2")
+    demo.figures(result, tmp_path)
+    trajectories = closed[1]
+    labels = [t.get_text() for t in trajectories.axes[1].get_legend().get_texts()]
+    assert labels == ["sample path x_i (16 samples)", "teacher's correction D -> R(D)"]
+    (caption,) = trajectories.texts
+    assert "Red arrows" in caption.get_text() and "(2 guided step(s) drawn; lam = 1.0, k = 2)" in caption.get_text()
+    monkeypatch.undo()
+    for fig in closed:
+        plt.close(fig)
+
+
+def test_table_says_the_time_is_one_run():
+    est = Estimate(0.264, 0.222, 0.495)
+    out = demo.table([{"run": "a", "student_nfe": 4, "teacher_nfe": 0, "seconds": 1.0, "nll": est, "mode_tv": est,
+                       "sliced_w2": est}])
+    assert out.splitlines()[0].endswith("time (1 run)") and out.splitlines()[2].endswith(" 1.00s")
