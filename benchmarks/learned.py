@@ -2,6 +2,9 @@
 
     python benchmarks/learned.py [--seeds 5] [--n 1000] [--smoke] [--out benchmarks/results] [--figure docs/img/learned_grid.png]
 
+``--smoke`` writes into a new temporary folder unless ``--out`` is given (never into the source tree's
+benchmarks/results by default).
+
 Two settings, every student sampled with multistep consistency sampling (``sample_lcm_distpp``) on
 the LCM-style trailing schedule (``timestep_sigmas(trailing_timesteps(N))``, sigma 14.6 -> 0):
 
@@ -29,6 +32,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,11 +209,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--smoke", action="store_true", help="a few rows, 2 seeds x 100 samples: checks the pipeline only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weights", default=str(WEIGHTS), help="the nets (provenance.json beside them)")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results; with --smoke a new "
+                   "temporary folder)")
     p.add_argument("--figure", default=None, help="PNG path for the sample grids")
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds, args.n = 2, 100
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="kdpp-learned-smoke-") if args.smoke else str(HERE / "results")
     torch.set_num_threads(args.threads)
     nets = load_nets(args.weights)
     real, real_labels = load_digits()
@@ -222,7 +229,7 @@ def main(argv=None) -> list[dict]:
         rows.append(bench.row(*a, **kw))
         r = rows[-1]
         d = f"  ΔFD {fmt_diff(r['diff']['fd'])}" if "diff" in r else ""
-        print(f"{r['table'][:8]:8s} {r['mode']:6s} {r['who']:8s} {r['label']:42s} FD {fmt(r['mean']['fd'])}{d}"
+        print(f"{r['table'].split(':')[0]:9s} {r['mode']:6s} {r['who']:8s} {r['label']:42s} FD {fmt(r['mean']['fd'])}{d}"
               + (f"  acc {fmt(r['mean']['acc'], 3)}" if "acc" in r["mean"] else ""), flush=True)
         return r
 

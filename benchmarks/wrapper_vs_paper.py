@@ -60,7 +60,7 @@ def main(argv=None) -> None:
                 nl.append(nll(out, mix, n_boot=0).value)
             rows.append({"sampler": name, "k": k, "mode_tv": interval(tv), "nll": interval(nl)})
     lines = [f"Command: `python benchmarks/wrapper_vs_paper.py --seeds {args.seeds} --n {args.n}`; kdpp {kdpp.__version__}, "
-             f"torch {torch.__version__}. Mean ± 95% t-interval over seeds (lower is better).", "",
+             f"torch {torch.__version__}. Mean over seeds [95% t-interval over seeds] (lower is better).", "",
              "| sampler | k | mode-mass TV | NLL |", "|---|---|---|---|"]
     lines += [f"| {r['sampler']} | {r['k']} | {fmt(r['mode_tv'])} | {fmt(r['nll'])} |" for r in rows]
     out = Path(args.out)

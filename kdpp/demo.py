@@ -3,7 +3,9 @@
 A fast student (an imperfect endpoint predictor of a 2-D Gaussian mixture) is
 sampled with ``N`` steps, with ``N + 1`` steps, and with ``N`` steps of which the
 first ``k`` are corrected by the exact teacher ("student++"); the teacher alone
-runs at the same number of model calls and with many steps. Every run is scored
+runs at the student++ run's number of model calls (counted) and with many steps.
+Every run starts from the same initial noise and gets the same solver noise (a
+fresh noise sampler from one seed per run), so the runs are paired. Every run is scored
 against the exact distribution (metric [95% bootstrap interval]; sliced W2 also
 as a paired difference to the N-step student against the same reference
 sample, for the runs at about the student's cost) and the figures are written to ``--out`` (skipped, with a note, when
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -45,21 +48,49 @@ def make_student(kind: str, truth):
     raise ValueError(f"student must be one of {sorted(STUDENTS)}, got {kind!r}")
 
 
+#: smallest --n: the percentile bootstrap intervals and the mode-mass TV need several samples per mode
+#: (about 12 per mode of the 8-mode ring, 6 per mode of the 16-mode grid); with fewer (n = 1: zero-width
+#: intervals) the table's intervals mean nothing
+MIN_N = 100
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kdpp.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--solver", default="euler", choices=[s for s in kdpp.SAMPLERS if "cfg_pp" not in s])
     p.add_argument("--student", default="weights", choices=sorted(STUDENTS))
     p.add_argument("--distribution", default="ring", choices=sorted(DISTRIBUTIONS))
-    p.add_argument("--steps", type=int, default=4, help="student steps N (SD-style trailing timesteps)")
-    p.add_argument("--lam", type=float, default=1.0, help="teacher guidance scale")
-    p.add_argument("--k", type=int, default=1, help="number of teacher-guided steps")
+    p.add_argument("--steps", type=int, default=4, help="student steps N >= 1 (SD-style trailing timesteps)")
+    p.add_argument("--lam", type=float, default=1.0, help="teacher guidance scale (finite)")
+    p.add_argument("--k", type=int, default=1, help="number of teacher-guided steps, 0 to --steps")
     p.add_argument("--renoise", default="random", choices=["random", "deterministic", "guidance"])
-    p.add_argument("--n", type=int, default=2000, help="samples per run")
+    p.add_argument("--n", type=int, default=2000, help=f"samples per run, at least {MIN_N} (for the bootstrap "
+                   "intervals and the mode-mass TV)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="kdpp-demo-out", help="folder for the figures and results.json")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures (no matplotlib needed)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.k <= args.steps:
+        p.error(f"--k must be between 0 and --steps ({args.steps}), got {args.k}")
+    if not math.isfinite(args.lam):
+        p.error(f"--lam must be finite, got {args.lam}")
+    if args.n < MIN_N:
+        p.error(f"--n must be >= {MIN_N} (the bootstrap intervals and the mode-mass TV need several samples "
+                f"per mode), got {args.n}")
+    return args
+
+
+class CallCounter:
+    """A denoiser that counts its calls (one call: one batched model evaluation, the demo's NFE)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.denoiser(*args, **kwargs)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -72,39 +103,63 @@ def run(args: argparse.Namespace) -> dict:
     reference = truth.sample(args.n, g)
     sigmas = timestep_sigmas(trailing_timesteps(args.steps))
     x = torch.randn(args.n, truth.d, generator=g, dtype=torch.float64) * sigmas[0]
-    noise = {} if args.solver == "dpmpp_2m" else {"noise_sampler": kdpp.seeded_noise_sampler(x, args.seed + 1)}
-    k = min(args.k, args.steps)
+
+    def noise(like: torch.Tensor) -> dict:
+        """A fresh solver noise sampler from the same seed for every run, so the runs are paired in their noise."""
+        return {} if args.solver == "dpmpp_2m" else {"noise_sampler": kdpp.seeded_noise_sampler(like, args.seed + 1)}
+
+    def teacher_run(steps: int, like: torch.Tensor, teacher) -> torch.Tensor:
+        return teacher_sampler(teacher, None, like, timestep_sigmas(trailing_timesteps(steps)), 0.0, disable=True,
+                               **noise(like))
 
     trajectories: dict[str, list[dict]] = {"student": [], "student++": []}
 
     def keep(name):
-        return lambda d: trajectories[name].append({key: d[key][:16].clone() for key in ("x", "denoised", "student_denoised")})
+        return lambda d: trajectories[name].append(
+            {key: d[key][:16].clone() for key in ("x", "denoised", "student_denoised")})
 
-    runs = {
-        f"student {args.steps} steps": (args.steps, 0, lambda: sampler(
-            student, None, x, sigmas, 0.0, callback=keep("student"), disable=True, **noise)),
-        f"student {args.steps + 1} steps": (args.steps + 1, 0, lambda: sampler(
-            student, None, x, timestep_sigmas(trailing_timesteps(args.steps + 1)), 0.0, disable=True, **noise)),
-        f"student++ {args.steps} steps, k={k}": (args.steps, k, lambda: sampler(
-            student, truth.denoiser, x, sigmas, args.lam, k, renoise=args.renoise, renoise_seed=args.seed + 2,
-            callback=keep("student++"), disable=True, **noise)),
-        f"teacher {args.steps + k} steps": (0, args.steps + k, lambda: teacher_sampler(
-            truth.denoiser, None, x, timestep_sigmas(trailing_timesteps(args.steps + k)), 0.0, disable=True,
-            **({} if teacher_sampler is kdpp.sample_dpmpp_2m_distpp else noise))),
-        "teacher 100 steps (DPM++ 2M)": (0, 100, lambda: kdpp.sample_dpmpp_2m_distpp(
-            truth.denoiser, None, x * (80.0 / float(sigmas[0])), karras_sigmas(100, 0.002, 80.0), 0.0, disable=True)),
-    }
     rows, samples = [], {"truth": reference}
-    for name, (student_nfe, teacher_nfe, fn) in tqdm(runs.items(), desc="kdpp demo", unit="run"):
+
+    def measure(name: str, fn) -> None:
+        """Run ``fn(student, teacher)`` with call-counting models; record its sample, real NFE, time and metrics."""
+        s, t = CallCounter(student), CallCounter(truth.denoiser)
         t0 = time.perf_counter()
-        out = fn()
+        out = fn(s, t)
         seconds = time.perf_counter() - t0
         samples[name] = out
         rows.append({
-            "run": name, "student_nfe": student_nfe, "teacher_nfe": teacher_nfe, "seconds": seconds,
+            "run": name, "student_nfe": s.calls, "teacher_nfe": t.calls, "seconds": seconds,
             "nll": nll(out, truth), "mode_tv": mode_coverage(out, truth),
             "sliced_w2": sliced_wasserstein(out, reference),
         })
+
+    progress = tqdm(total=5, desc="kdpp demo", unit="run")
+    for name, fn in {
+        f"student {args.steps} steps": lambda s, t: sampler(
+            s, None, x, sigmas, 0.0, callback=keep("student"), disable=True, **noise(x)),
+        f"student {args.steps + 1} steps": lambda s, t: sampler(
+            s, None, x, timestep_sigmas(trailing_timesteps(args.steps + 1)), 0.0, disable=True, **noise(x)),
+        f"student++ {args.steps} steps, k={args.k}": lambda s, t: sampler(
+            s, t, x, sigmas, args.lam, args.k, renoise=args.renoise, renoise_seed=args.seed + 2,
+            callback=keep("student++"), disable=True, **noise(x)),
+    }.items():
+        measure(name, fn)
+        progress.update()
+    # the teacher at the student++ run's real number of model calls (or the most steps below it)
+    budget = rows[-1]["student_nfe"] + rows[-1]["teacher_nfe"]
+    teacher_steps = 1
+    while True:  # count the teacher's calls per step count on one sample (the count does not depend on the data)
+        counter = CallCounter(truth.denoiser)
+        teacher_run(teacher_steps + 1, x[:1], counter)
+        if counter.calls > budget:
+            break
+        teacher_steps += 1
+    measure(f"teacher {teacher_steps} steps", lambda s, t: teacher_run(teacher_steps, x, t))
+    progress.update()
+    measure("teacher 100 steps (DPM++ 2M)", lambda s, t: kdpp.sample_dpmpp_2m_distpp(
+        t, None, x * (80.0 / float(sigmas[0])), karras_sigmas(100, 0.002, 80.0), 0.0, disable=True))
+    progress.update()
+    progress.close()
     floor = truth.sample(args.n, g)
     samples["truth (another sample)"] = floor
     rows.append({"run": "truth (another sample)", "student_nfe": 0, "teacher_nfe": 0, "seconds": 0.0,
@@ -120,13 +175,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (f"{'run':30} {'NFE S+T':>7} {'NLL':>20} {'mode-mass TV':>24} {'sliced W2':>21} "
-            f"{'sliced W2 - student':>28} {'time':>6}")
+            f"{'sliced W2 - student':>28} {'time (1 run)':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         nfe = f"{r['student_nfe']}+{r['teacher_nfe']}"
         diff = str(r.get("sliced_w2_minus_student", "-"))
         lines.append(f"{r['run']:30} {nfe:>7} {str(r['nll']):>20} {str(r['mode_tv']):>24} "
-                     f"{str(r['sliced_w2']):>21} {diff:>28} {r['seconds']:5.2f}s")
+                     f"{str(r['sliced_w2']):>21} {diff:>28} {r['seconds']:13.2f}s")
     return "\n".join(lines)
 
 
@@ -157,7 +212,10 @@ def figures(result: dict, out: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), sharex=True, sharey=True)
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.9), sharex=True, sharey=True)
+    guided = 0
     for ax, name in zip(axes, ("student", "student++")):
         ax.contour(gx, gy, density, levels=6, colors="0.8", linewidths=0.6)
         steps = result["trajectories"][name]
@@ -168,14 +226,25 @@ def figures(result: dict, out: Path) -> list[Path]:
         for s in steps:
             moved = (s["denoised"] - s["student_denoised"]).abs().sum() > 0
             if moved:  # the teacher's correction D -> R(D) on guided steps
+                guided += 1
                 d, r = s["student_denoised"], s["denoised"]
                 ax.quiver(d[:, 0], d[:, 1], r[:, 0] - d[:, 0], r[:, 1] - d[:, 1], angles="xy", scale_units="xy",
                           scale=1, color="C3", width=0.004)
-        ax.set_title(f"{name} trajectories" + (" (red: teacher's correction)" if name.endswith("++") else ""), fontsize=9)
+        ax.set_title(f"{name} trajectories", fontsize=9)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-    fig.tight_layout()
+    handles = [Line2D([], [], color="C0", marker="o", ms=3, lw=0.8, label="sample path x_i (16 samples)"),
+               Line2D([], [], color="C3", marker=r"$\rightarrow$", ms=12, ls="none",
+                      label="teacher's correction D -> R(D)")]
+    axes[1].legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.9)
+    args = result["args"]
+    fig.text(0.5, 0.01, "Blue: 16 samples after each step to the end (x_T, at sigma_0, is off the plot). Red arrows: "
+             f"on each teacher-guided step ({guided} guided step(s) drawn; lam = {args['lam']}, k = {args['k']}), "
+             "from the student's denoised estimate D(x_i) to the refined estimate R(D) the step uses instead. "
+             "No arrows: no step was guided (k = 0, lam = 0, or the guided step renoises to sigma 0).",
+             ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     paths.append(out / "trajectories.png")
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
@@ -202,12 +271,14 @@ def main(argv=None) -> int:
           f"solver {args.solver}, lam = {args.lam}, k = {args.k}, renoise = {args.renoise}, n = {args.n}")
     result = run(args)
     print(table(result["rows"]))
-    print("Each metric: value [95% percentile bootstrap interval]. NFE S+T: student + teacher\n"
-          "model calls, the cost that carries over to real models (here the exact teacher is cheaper than the\n"
-          "flow-map student, so wall times are the other way round). NLL below the truth's means samples too\n"
+    print("Each metric: value [95% percentile bootstrap interval]. NFE S+T: student + teacher model calls,\n"
+          "counted (the cost that carries over to real models; the teacher at equal NFE gets the student++ run's\n"
+          "count). Time: the wall time of one run, noisy; here the exact teacher is cheaper than the flow-map\n"
+          "student, so wall times are the other way round. NLL below the truth's means samples too\n"
           "concentrated; mode-mass TV and sliced W2 measure distance to the truth. 'sliced W2 - student': the run's\n"
           "sliced W2 minus the N-step student's (for the runs at about its cost), both against the same reference\n"
-          "sample and paired by initial noise (below 0 with its whole interval: closer to the truth than the student).")
+          "sample and paired by initial and solver noise (below 0 with its whole interval: closer to the truth\n"
+          "than the student).")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(

@@ -107,10 +107,21 @@ def test_metrics_rank_real_digits_above_noise(nets):
     assert real["tv"] < 0.05
 
 
-def test_benchmark_smoke_runs_end_to_end_with_placement(tmp_path):
+def test_benchmark_smoke_runs_end_to_end_with_placement(tmp_path, monkeypatch, capsys):
+    """Also: --smoke without --out writes into a new temporary folder, not benchmarks/results (before: it wrote
+    learned_smoke.{md,json} into the source tree), and the printed table names are whole ("Placement", before
+    cut to "Placemen")."""
     bench = load_script("learned")
-    rows = bench.main(["--smoke", "--out", str(tmp_path)])
-    assert (tmp_path / "learned_smoke.md").exists() and (tmp_path / "learned_smoke.json").exists()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    in_tree = [ROOT / "benchmarks" / "results" / f"learned_smoke.{ext}" for ext in ("md", "json")]
+    existed = [p.exists() for p in in_tree]
+    rows = bench.main(["--smoke"])
+    (out,) = tmp_path.glob("kdpp-learned-smoke-*")
+    assert (out / "learned_smoke.md").exists() and (out / "learned_smoke.json").exists()
+    assert [p.exists() for p in in_tree] == existed == [False, False]
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("Placement ") for line in printed) == 2
+    assert sum(line.startswith("Table 1   ") for line in printed) == 4
     by = {(r["mode"], r["label"]): r for r in rows}
     # network-evaluation accounting: a CFG teacher call costs 2, an unconditional one 1, plain none
     assert by[("cond", "plain, 5 steps")]["teacher_nfe"] == 0
@@ -166,3 +177,64 @@ def test_training_script_writes_loadable_nets_and_provenance(tmp_path):
     prov = provenance(tmp_path / "provenance.json")
     assert prov["seed"] == 0 and prov["args"]["teacher_iters"] == 100 and prov["git_revision"]
     assert set(prov["seconds"]) >= {"classifier", "teacher", "trajectories", "total"}
+
+
+def test_metrics_refuse_too_few_samples_naming_the_argument(nets):
+    """FD needs a full-rank feature covariance: at least features + 1 = 65 samples (before: n = 1 gave a numpy
+    matmul error, n = 5 a silent FD of 864)."""
+    x, y = load_digits()
+    metrics = DigitsMetrics(nets["classifier"], x[:400], y[:400])
+    assert metrics.min_samples() == 65
+    for n in (1, 5, 64):
+        with pytest.raises(ValueError, match=r"^x has \d+ samples; FD needs at least 65"):
+            metrics(x[:n])
+    assert metrics(x[400:465])["fd"] >= 0  # 65 is enough
+    with pytest.raises(ValueError, match="^real has 5 samples"):
+        DigitsMetrics(nets["classifier"], x[:5], y[:5])
+    with pytest.raises(ValueError, match="^real has 100 samples; real_floor needs at least 130"):
+        metrics.real_floor(x[:100], seed=0)
+
+
+@pytest.mark.parametrize("bad", [10, 11, -1])
+def test_labels_out_of_range_are_value_errors_naming_labels(nets, bad):
+    """Before: a label of 10 in DigitsMetrics gave "size of tensor a (10) must match"; 11 an embedding IndexError."""
+    x, y = load_digits()
+    metrics = DigitsMetrics(nets["classifier"], x[:200], y[:200])
+    labels = y[200:300].clone()
+    labels[3] = bad
+    with pytest.raises(ValueError, match=rf"^labels must be classes 0\.\.9 \(for unconditional .*got \[{bad}\]"):
+        metrics(x[200:300], labels)
+    with pytest.raises(ValueError, match=r"^labels must be classes 0\.\.9"):
+        class_accuracy(nets["classifier"], x[200:300], labels)
+    with pytest.raises(ValueError, match=r"^real_labels must be classes 0\.\.9"):
+        DigitsMetrics(nets["classifier"], x[200:300], labels)
+    if bad != NULL_CLASS:  # the nets take the null label (unconditional branch), nothing else out of range
+        with pytest.raises(ValueError, match=rf"^labels must be classes 0\.\.9 or the null label 10, got \[{bad}\]"):
+            sample_teacher(nets["teacher"], labels[:4], steps=2)
+        with pytest.raises(ValueError, match=r"^class_labels must be classes 0\.\.9 or the null label 10"):
+            nets["teacher"](x[:4], torch.ones(4), class_labels=labels[:4])
+    else:
+        assert sample_teacher(nets["teacher"], labels[:4], steps=2).shape == (4, 64)
+    with pytest.raises(ValueError, match=r"^labels must have shape \[100\]"):
+        metrics(x[200:300], y[:99])
+
+
+def test_mean_ci_of_one_seed_is_undefined_not_zero_width():
+    from kdpp.learned import mean_ci
+
+    one = mean_ci([1.0])
+    assert one.value == 1.0 and math.isnan(one.low) and math.isnan(one.high)
+    two = mean_ci([1.0, 2.0])
+    assert two.low < 1.5 < two.high
+    with pytest.raises(ValueError, match="^values must be a non-empty sequence"):
+        mean_ci([])
+
+
+def test_sample_teacher_unconditional_needs_n(nets):
+    """Before: sample_teacher(teacher, None) raised a TypeError from randn."""
+    for n in (None, 0, 2.5):
+        with pytest.raises(ValueError, match=r"^sample_teacher\(teacher, labels=None\) samples n unconditional digits"):
+            sample_teacher(nets["teacher"], None, steps=2, n=n)
+    with pytest.raises(ValueError, match=r"^n must be None or len\(labels\) \(3\)"):
+        sample_teacher(nets["teacher"], torch.arange(3), steps=2, n=5)
+    assert sample_teacher(nets["teacher"], None, steps=2, n=3).shape == (3, 64)

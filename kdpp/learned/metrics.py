@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..toy.metrics import Estimate
 from .data import N_CLASSES
-from .nets import DigitsClassifier
+from .nets import DigitsClassifier, check_labels
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -40,17 +40,27 @@ def histogram(classes: Tensor) -> Tensor:
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> Estimate:
-    """Mean of per-seed values with a Student-t interval (a point when there is one value)."""
+    """Mean of per-seed values with a Student-t interval.
+
+    One value (one seed) has no spread to estimate: its interval is undefined, ``low = high = nan``
+    (never a zero-width interval).
+    """
     v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"values must be a non-empty sequence of numbers (one per seed), got {values!r}")
     m = float(v.mean())
     if len(v) < 2:
-        return Estimate(m, m, m)
+        return Estimate(m, float("nan"), float("nan"))
     half = float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
     return Estimate(m, m - half, m + half)
 
 
 class DigitsMetrics:
     """FD, requested-class accuracy and class-histogram TV against the real digits.
+
+    FD fits a covariance of the classifier's ``F`` features (64 for the shipped one), which has rank
+    at most ``n - 1`` from ``n`` samples: every sample set (``real``, the samples scored, each half
+    in :meth:`real_floor`) needs at least ``F + 1`` rows (:meth:`min_samples`), else FD is meaningless.
 
     Args:
         classifier: the fixed :class:`~kdpp.learned.nets.DigitsClassifier`.
@@ -59,8 +69,21 @@ class DigitsMetrics:
 
     def __init__(self, classifier: DigitsClassifier, real: Tensor, real_labels: Tensor):
         self.classifier = classifier
+        self._check_samples(real, "real")
+        check_labels(real_labels, "real_labels", len(real), allow_null=False)
         self.real_features = self.features(real)
         self.real_hist = histogram(real_labels)
+
+    def min_samples(self) -> int:
+        """The fewest samples FD accepts: the classifier's feature dimension + 1 (a full-rank covariance)."""
+        return self.classifier.config["features"] + 1
+
+    def _check_samples(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 2:
+            raise ValueError(f"{name} must be a [N, 64] tensor of digits, got {getattr(x, 'shape', x)!r}")
+        if len(x) < self.min_samples():
+            raise ValueError(f"{name} has {len(x)} samples; FD needs at least {self.min_samples()} (the classifier's "
+                             f"{self.min_samples() - 1} features + 1, for a full-rank covariance)")
 
     @torch.no_grad()
     def features(self, x: Tensor) -> Tensor:
@@ -69,6 +92,9 @@ class DigitsMetrics:
     @torch.no_grad()
     def __call__(self, x: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         """``{"fd", "tv", "acc"}`` of samples ``x`` (``acc`` only when the requested ``labels`` are given)."""
+        self._check_samples(x, "x")
+        if labels is not None:
+            check_labels(labels, "labels", len(x), allow_null=False)
         feats = self.features(x)
         pred = self.classifier.head(feats.to(self.classifier.head.weight.dtype)).argmax(1)
         target = self.real_hist if labels is None else histogram(labels)
@@ -80,6 +106,9 @@ class DigitsMetrics:
 
     def real_floor(self, real: Tensor, seed: int) -> float:
         """FD between two disjoint random halves of ``real``: the sampling-noise floor of FD."""
+        if len(real) < 2 * self.min_samples():
+            raise ValueError(f"real has {len(real)} samples; real_floor needs at least {2 * self.min_samples()} "
+                             f"(two halves of {self.min_samples()}, the least FD accepts)")
         perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))
         half = len(real) // 2
         return frechet_distance(self.features(real[perm[:half]]), self.features(real[perm[half:]]))
@@ -88,4 +117,5 @@ class DigitsMetrics:
 @torch.no_grad()
 def class_accuracy(classifier: DigitsClassifier, x: Tensor, labels: Tensor) -> float:
     """Fraction of samples ``x`` that ``classifier`` assigns to their requested ``labels``."""
+    check_labels(labels, "labels", len(x), allow_null=False)
     return float((classifier(x.float()).argmax(1) == labels).double().mean())

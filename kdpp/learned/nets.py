@@ -48,6 +48,7 @@ class EDMDenoiser(nn.Module):
         c_in = 1 / (s**2 + sd**2).sqrt()
         if class_labels is None:
             class_labels = torch.full((x.shape[0],), NULL_CLASS, dtype=torch.long, device=x.device)
+        check_labels(class_labels, "class_labels", x.shape[0], allow_null=True)
         angles = (s.log() / 4).to(w.dtype) * self.freqs
         e = self.noise_embed(torch.cat([angles.sin(), angles.cos()], 1)) + self.class_embed(class_labels.long())
         h = self.inp((c_in * x.to(torch.float64)).to(w.dtype))
@@ -55,6 +56,22 @@ class EDMDenoiser(nn.Module):
             h = h + mlp(nn.functional.silu(norm(h) + e))
         f = self.out(h)
         return (c_skip * x.to(torch.float64) + c_out * f.to(torch.float64)).to(x.dtype)
+
+
+def check_labels(labels: Tensor, name: str, batch: int | None, allow_null: bool) -> None:
+    """``labels``: ``[batch]`` (any length where ``batch`` is None) integer classes ``0..9``, and the null
+    label ``10`` where ``allow_null``."""
+    top = NULL_CLASS if allow_null else N_CLASSES - 1
+    valid = f"0..{N_CLASSES - 1}" + (f" or the null label {NULL_CLASS}" if allow_null else "")
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(f"{name} must be an integer tensor of classes {valid}, got {labels!r}")
+    if labels.ndim != 1 or (batch is not None and len(labels) != batch):
+        raise ValueError(f"{name} must have shape [{'B' if batch is None else batch}] (one class per sample), "
+                         f"got {tuple(labels.shape)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) > top):
+        bad = labels[(labels < 0) | (labels > top)].unique().tolist()
+        hint = "" if allow_null else f" (for unconditional samples, the null label {NULL_CLASS}, pass labels=None)"
+        raise ValueError(f"{name} must be classes {valid}{hint}, got {bad}")
 
 
 class DigitsClassifier(nn.Module):

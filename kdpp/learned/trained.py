@@ -16,7 +16,7 @@ import kdpp
 from kdpp.schedules import karras_sigmas
 
 from .data import NULL_CLASS
-from .nets import DigitsClassifier, EDMDenoiser
+from .nets import DigitsClassifier, EDMDenoiser, check_labels
 
 WEIGHTS = Path(__file__).with_name("digits_nets.pt")
 PROVENANCE = Path(__file__).with_name("provenance.json")
@@ -68,9 +68,17 @@ def sample_teacher(teacher: torch.nn.Module, labels: Tensor | None, steps: int =
                    seed: int = 0, n: int | None = None) -> Tensor:
     """The teacher alone: ``steps`` DPM++ 2M steps on ``karras_sigmas(steps, 0.002, 80)``, CFG ``w``.
 
-    ``labels=None`` samples ``n`` unconditional digits.
+    ``labels=None`` samples ``n`` unconditional digits (``n`` is then required).
     """
-    n = len(labels) if labels is not None else n
+    if labels is None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sample_teacher(teacher, labels=None) samples n unconditional digits: n must be an "
+                             f"int >= 1, got {n!r}")
+    else:
+        check_labels(labels, "labels", None, allow_null=True)
+        if n is not None and n != len(labels):
+            raise ValueError(f"n must be None or len(labels) ({len(labels)}) when labels are given, got {n!r}")
+        n = len(labels)
     sigmas = karras_sigmas(steps, 0.002, SIGMA_MAX)
     x = torch.randn(n, 64, generator=torch.Generator().manual_seed(seed)) * SIGMA_MAX
     _, targs = conditioning(labels, w)
