@@ -270,7 +270,6 @@ class DistillationSampler(comfy.samplers.Sampler):
                 options["noise_sampler"] = default_noise_sampler(x, seed=seed)  # the host's own seeding
             flow = is_flow_model(model_k)
             if seed is not None:
-                options["renoise_seed"] = stream_seed(seed, 1)
                 offset = self.start if self.start is not None else schedule_offset(sigmas, self.full_sigmas)
                 options["renoise_noise_sampler"] = step_renoise_sampler(x, seed, sigmas, offset, flow)
                 if options["renoise_sigma"] == "random":
