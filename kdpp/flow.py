@@ -165,7 +165,8 @@ class RFHostFrame:
 
     def callback(self, callback: Callable[[dict], object] | None):
         """``callback`` fed the host's frame: ``x`` as ``x_rf``, ``sigma``/``sigma_hat`` as ``t``, ``renoise_sigma``
-        (on steps that called the teacher) as the renoise level's ``t`` (a float), x0s in the host dtype."""
+        (on steps that called the teacher) as the renoise level's ``t`` (a float, or a ``[B]`` tensor with
+        per-item random levels), x0s in the host dtype."""
         if callback is None:
             return None
 
@@ -176,8 +177,9 @@ class RFHostFrame:
             for key in ("sigma", "sigma_hat"):
                 s = torch.as_tensor(info[key], dtype=torch.float64)
                 info[key] = (s / (1 + s)).to(self.t_dtype)
-            if info.get("renoise_sigma") is not None:  # a float, as the VE run reports it
-                info["renoise_sigma"] = float(info["renoise_sigma"]) / (1 + float(info["renoise_sigma"]))
+            tau = info.get("renoise_sigma")  # a float, or a [B] tensor with per-item random levels
+            if tau is not None:
+                info["renoise_sigma"] = tau / (1 + tau)
             for key in ("denoised", "student_denoised", "teacher_denoised"):
                 if isinstance(info.get(key), Tensor):
                     info[key] = info[key].to(self.x_dtype)

@@ -78,3 +78,20 @@ def test_flow_callbacks_report_the_renoise_level_in_the_host_frame():
     host_sampler(kdpp.sample_euler_distpp)(rf_gaussian_x0, x, ts, callback=nxt.append, disable=True, flow=True,
                                            teacher=rf_gaussian_x0, lam=0.5, k=1)
     assert nxt[0]["renoise_sigma"] == pytest.approx(0.6, rel=1e-6)
+
+
+def test_flow_callbacks_convert_per_item_random_levels():
+    """With per-item random levels the VE run reports a [B] tensor; the flow frame converts each item to its t."""
+    ts = torch.tensor([0.9, 0.6, 0.3, 0.0])
+    x = torch.randn(3, 1, generator=torch.Generator().manual_seed(2))
+    seen, levels = [], []
+
+    def teacher(x_rf, t, **extra):
+        levels.append(t.clone())
+        return rf_gaussian_x0(x_rf, t, **extra)
+
+    host_sampler(kdpp.sample_euler_distpp)(rf_gaussian_x0, x, ts, callback=seen.append, disable=True, flow=True,
+                                           teacher=teacher, lam=0.5, renoise_sigma="random", renoise_seed=[1, 2, 3])
+    tau = seen[0]["renoise_sigma"]
+    assert isinstance(tau, torch.Tensor) and tau.shape == (3,)
+    torch.testing.assert_close(tau.double(), levels[0].double().reshape(-1), rtol=1e-6, atol=0)
