@@ -5,11 +5,13 @@ from .diffusers.presets import (
     TeacherPreset,
     dmd2,
     lcm,
+    lcm_lora,
     lcm_timesteps,
     lightning,
+    lightning_lora,
     sdxl_teacher,
     turbo,
 )
 
-__all__ = ["STUDENTS", "StudentPreset", "TeacherPreset", "dmd2", "lcm", "lcm_timesteps", "lightning", "sdxl_teacher",
-           "turbo"]
+__all__ = ["STUDENTS", "StudentPreset", "TeacherPreset", "dmd2", "lcm", "lcm_lora", "lcm_timesteps", "lightning",
+           "lightning_lora", "sdxl_teacher", "turbo"]

@@ -62,7 +62,8 @@ COMMON_ARGS = """
             advancing it. Use a seed other than the solver noise's (same seed, same
             noise): e.g. ``kdpp.noise.stream_seed(seed, 1)`` and ``stream_seed(seed, 2)``.
         renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one
-            (not together with ``renoise_seed``).{cfg_pp}{own}
+            (not together with ``renoise_seed``, except with ``renoise_sigma="random"``,
+            whose levels the seed then draws).{cfg_pp}{own}
 
     Returns:
         The final sample, with the dtype, device and shape of ``x``.
