@@ -769,3 +769,28 @@ def test_alphas_cumprod_must_cover_the_preset_timesteps():
         generate(UNET, UNET, cond1(), lightning(2), seeds=[0], height=64, width=64, alphas_cumprod=a[:500])
     with pytest.raises(ValueError, match="alphas_cumprod must be a 1-D float tensor"):
         generate(UNET, UNET, cond1(), lightning(2), seeds=[0], height=64, width=64, alphas_cumprod=a[None])
+
+
+def test_guided_steps_may_be_an_iterator():
+    """generate reads guided_steps more than once (is the teacher called? then the sampler): an iterator works."""
+    teacher = RecordingUNet(tiny_unet(seed=1))
+    options = dict(seeds=[0], height=64, width=64, disable=True, dtype=torch.float32)
+    generate(UNET, teacher, cond1(), dmd2(4), guided_steps=iter([0, 1]), **options)  # epsilon space: read twice
+    assert len(teacher.calls) == 2
+
+
+def test_sample_batch_gives_noise_samplers_only_to_solvers_that_take_one():
+    """DPM++ 2M's CFG++ form draws no solver noise either: asked by signature, not by name."""
+    import dataclasses
+
+    from kdpp.diffusers.sampling import sample_batch
+
+    def model(x, sigma, c=None):
+        return x / (1 + sigma.reshape(-1, *[1] * (x.ndim - 1)) ** 2) + 0.1 * c
+
+    student = kdpp.CFGDenoiser(model, 1.5)
+    preset = dataclasses.replace(lightning(4), sampler="dpmpp_2m_cfg_pp")
+    cond = {"cond": {"c": torch.ones(1, 4, 8, 8)}, "uncond": {"c": torch.zeros(1, 4, 8, 8)}}
+    out = sample_batch(student, None, preset, [0], (4, 8, 8), sigmas=preset.sigmas(), noise_scale=1.0, lam=0.0, k=None,
+                       renoise=None, dtype=torch.float32, device="cpu", extra_args=cond, teacher_extra_args={})
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()

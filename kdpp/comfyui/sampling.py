@@ -192,7 +192,11 @@ class Student:
         return self.model_k(x, sigma, **self.extra_args)
 
     def guided_and_uncond(self, x: Tensor, sigma: Tensor, **_) -> tuple[Tensor, Tensor]:
+        self.uncond = None  # set by ComfyUI's post-CFG hook during this call, never left from an earlier one
         guided = self(x, sigma)
+        if self.uncond is None:
+            raise RuntimeError("CFG++ needs the student's unconditional estimate from ComfyUI's post-CFG hook, "
+                               "which did not run (another node replaced the post-CFG functions?)")
         return guided, self.uncond
 
 
@@ -322,8 +326,8 @@ class DistillationSampler(comfy.samplers.Sampler):
                     except RuntimeError as e:  # a model / conditioning mismatch surfaces as a bare torch error
                         if isinstance(e, comfy.model_management.OOM_EXCEPTION):
                             raise
-                        raise RuntimeError(f"the teacher MODEL failed on its conditioning (teacher_positive, "
-                                           f"teacher_negative; e.g. a text encoder of another model family): {e}") from e
+                        raise RuntimeError(f"the teacher MODEL call failed (a common cause: teacher_positive / "
+                                           f"teacher_negative from a text encoder of another model family): {e}") from e
 
             switch.use(student_patcher)
             return run(teacher)

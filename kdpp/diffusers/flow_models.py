@@ -250,6 +250,7 @@ def generate_flow(
         a list of PIL images (with ``vae``) or the final latents ``[B, C, h, w]`` (float32,
         unpacked; FLUX's packing happens inside each call).
     """
+    guided_steps = None if guided_steps is None else list(guided_steps)  # an iterator is read more than once
     check_type(conditioning, FlowConditioning, "conditioning")
     check_type(preset, FlowStudentPreset, "preset")
     teacher = preset.teacher if teacher is None else teacher

@@ -37,10 +37,10 @@ def unpack_latents(packed: Tensor, h: int, w: int) -> Tensor:
 
 def latent_image_ids(h: int, w: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """FLUX's image position ids for an ``h x w`` grid of patches: ``[h w, 3]`` rows ``(0, row, col)``."""
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(h * w, 3).to(device=device, dtype=dtype)
+    ids = torch.zeros(h, w, 3, device=device, dtype=dtype)  # built where it is used: no copy per model call
+    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+    return ids.reshape(h * w, 3)
 
 
 class FluxVelocity(FlowTransformer):

@@ -9,6 +9,7 @@ here too. Nothing here imports diffusers.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any, Callable, Mapping, Sequence
 
@@ -139,10 +140,11 @@ def sample_batch(
         options["renoise_sigma"] = renoise_sigma
     noise = seeded_noise_sampler(torch.empty(len(seeds), *shape), seeds)(0.0, 0.0)  # on the CPU
     x = (noise * noise_scale).to(device=device, dtype=dtype)
-    if preset.sampler != "dpmpp_2m":  # the only solver without solver noise
+    sampler = SAMPLERS[preset.sampler]
+    if "noise_sampler" in inspect.signature(sampler).parameters:  # DPM++ 2M (and its CFG++ form) draws none
         options["noise_sampler"] = seeded_noise_sampler(x, [stream_seed(s, 1) for s in seeds])
     with torch.no_grad():
-        return SAMPLERS[preset.sampler](
+        return sampler(
             student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
             renoise=renoise, renoise_seed=[stream_seed(s, 2) for s in seeds], disable=disable, callback=callback,
             **options)

@@ -221,6 +221,7 @@ def generate(
     Returns:
         a list of PIL images (with ``vae``) or the final latents ``[B, 4, h, w]``.
     """
+    guided_steps = None if guided_steps is None else list(guided_steps)  # an iterator is read more than once
     check_type(conditioning, SDXLConditioning, "conditioning")
     check_type(preset, StudentPreset, "preset")
     check_type(teacher, TeacherPreset, "teacher")

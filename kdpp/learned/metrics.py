@@ -27,7 +27,7 @@ from .nets import DigitsClassifier, check_labels
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """FD between Gaussian fits of two feature sets (rows = samples), in float64."""
-    a, b = a.double().numpy(), b.double().numpy()
+    a, b = a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = linalg.sqrtm(ca @ cb)
