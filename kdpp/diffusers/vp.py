@@ -133,13 +133,8 @@ class VPDenoiser:
         sd = self.lcm_boundary["sigma_data"]
         return sd**2 / (st**2 + sd**2), st / (st**2 + sd**2).sqrt()
 
-    def denoise(self, x: Tensor, sigma: Tensor, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
-        """``(D, c_out, c_skip * x_vp)`` with ``D = c_out * x0_model + c_skip * x_vp`` (x's dtype).
-
-        ``x0_model`` is the model's clean estimate from its prediction; without LCM's boundary
-        condition ``c_out = 1`` and ``c_skip * x_vp = 0``. ``sigma`` is read in float32 (the
-        timestep and the input scaling); every output is in ``x``'s dtype, whatever the model's.
-        """
+    def _prediction(self, x: Tensor, sigma: Tensor, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(x0_model, x_vp, t, s)``: the model's clean estimate from its prediction, its input, timestep, sigma."""
         s32 = sigma.float().reshape(-1, *([1] * (x.ndim - 1)))
         s, scale = s32.to(x.dtype), (1 + s32 * s32).rsqrt().to(x.dtype)
         x_vp = x * scale
@@ -157,6 +152,16 @@ class VPDenoiser:
             x0 = (x_vp - s * out) * scale
         else:
             x0 = out
+        return x0, x_vp, t, s
+
+    def denoise(self, x: Tensor, sigma: Tensor, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+        """``(D, c_out, c_skip * x_vp)`` with ``D = c_out * x0_model + c_skip * x_vp`` (x's dtype).
+
+        ``x0_model`` is the model's clean estimate from its prediction; without LCM's boundary
+        condition ``c_out = 1`` and ``c_skip * x_vp = 0``. ``sigma`` is read in float32 (the
+        timestep and the input scaling); every output is in ``x``'s dtype, whatever the model's.
+        """
+        x0, x_vp, t, s = self._prediction(x, sigma, **kwargs)
         if self.lcm_boundary is None:
             return x0, torch.ones_like(s), torch.zeros_like(x0)
         c_skip, c_out = (c.reshape(s.shape).to(x.dtype) for c in self.boundary_scalings(t))
@@ -164,6 +169,8 @@ class VPDenoiser:
         return c_out * x0 + skip, c_out, skip
 
     def __call__(self, x: Tensor, sigma: Tensor, **kwargs) -> Tensor:
+        if self.lcm_boundary is None:  # D = x0_model: no boundary terms to build
+            return self._prediction(x, sigma, **kwargs)[0]
         return self.denoise(x, sigma, **kwargs)[0]
 
 
