@@ -31,15 +31,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._shape import per_sample
+from ._shape import per_sample, sigma_dtype
 
 #: The first step's time: the largest float32 below 1 (``sigma = 2^24 - 1``). See the module docstring.
 T_MAX = 1.0 - 2.0**-24
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the frame conversions are computed in: at least float32."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def sigma_from_t(t: Tensor | float) -> Tensor:
@@ -77,14 +72,14 @@ def initial_noise_scale(ts: Tensor | Sequence[float], t_max: float = T_MAX) -> f
 
 def rf_to_ve(x_rf: Tensor, t: Tensor | float) -> Tensor:
     """``x_ve = x_rf / (1 - t)`` (``t`` a float or one value per batch item)."""
-    wide = _wide(x_rf.dtype)
+    wide = sigma_dtype(x_rf.dtype)
     t = torch.as_tensor(t, dtype=wide, device=x_rf.device).expand(x_rf.shape[0])
     return (x_rf.to(wide) / per_sample(1 - t, x_rf.to(wide))).to(x_rf.dtype)
 
 
 def ve_to_rf(x_ve: Tensor, sigma: Tensor | float) -> Tensor:
     """``x_rf = x_ve / (1 + sigma)``."""
-    wide = _wide(x_ve.dtype)
+    wide = sigma_dtype(x_ve.dtype)
     sigma = torch.as_tensor(sigma, dtype=wide, device=x_ve.device).expand(x_ve.shape[0])
     return (x_ve.to(wide) / per_sample(1 + sigma, x_ve.to(wide))).to(x_ve.dtype)
 
@@ -104,9 +99,9 @@ class FlowDenoiser:
         self.model, self.prediction = model, prediction
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
-        sigma = sigma.to(_wide(sigma.dtype))
+        sigma = sigma.to(sigma_dtype(sigma.dtype))
         t = sigma / (1 + sigma)
-        wide = _wide(x.dtype)
+        wide = sigma_dtype(x.dtype)
         x_rf = x.to(wide) / per_sample(1 + sigma, x.to(wide))
         out = self.model(x_rf.to(x.dtype), t, **extra)
         if self.prediction == "x0":
@@ -121,9 +116,9 @@ class VelocityModel:
         self.denoiser = denoiser
 
     def __call__(self, x_rf: Tensor, t: Tensor, **extra) -> Tensor:
-        t = t.to(_wide(t.dtype))
+        t = t.to(sigma_dtype(t.dtype))
         sigma = t / (1 - t)
-        wide = _wide(x_rf.dtype)
+        wide = sigma_dtype(x_rf.dtype)
         x0 = self.denoiser((x_rf.to(wide) / per_sample(1 - t, x_rf.to(wide))).to(x_rf.dtype), sigma, **extra)
         return ((x_rf.to(wide) - x0.to(wide)) / per_sample(t, x_rf.to(wide))).to(x_rf.dtype)
 

@@ -27,7 +27,7 @@ from ..flow import FlowDenoiser, flow_sigmas, initial_noise_scale
 from ..refine import RenoiseSigma
 from .flow_presets import FlowStudentPreset, FlowTeacherPreset
 from .sampling import (calls_teacher, check_embeddings, check_image_size, check_seeds, check_type, check_vae, decode,
-                       sample_batch)
+                       model_device, sample_batch)
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -179,14 +179,6 @@ class FlowTransformer(ABC):
         self.check_latents(x_rf)
         out = self.forward(x_rf.to(self.dtype), t * self.timestep_scale if self.timestep_scale != 1 else t, kwargs)
         return out.to(x_rf.dtype)
-
-
-def model_device(model: Any) -> torch.device:
-    """The device of a module's first parameter (the CPU for parameter-less callables)."""
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 def flow_denoiser(adapter: FlowTransformer, conditioning: FlowConditioning, cfg_scale: float, device: Any,

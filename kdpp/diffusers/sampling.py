@@ -16,13 +16,17 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .._checks import _index, _ints
+from .._checks import SEED_RANGE, _index, _ints
 from ..noise import seeded_noise_sampler, stream_seed
 from ..refine import Denoiser, RenoiseSigma
 from ..solvers import SAMPLERS
 
-#: torch.Generator.manual_seed takes seeds in [-2**63, 2**64)
-_SEED_RANGE = (-(2**63), 2**64)
+def model_device(model: Any) -> torch.device:
+    """The device of a module's first parameter (the CPU for parameter-less callables)."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
 
 
 def check_type(value: Any, expected: type | tuple[type, ...], name: str) -> None:
@@ -45,7 +49,7 @@ def check_seeds(seeds: Any) -> list[int]:
     if not out:
         raise ValueError("seeds must name at least one image")
     for j, seed in enumerate(out):
-        if not _SEED_RANGE[0] <= seed < _SEED_RANGE[1]:
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
             raise ValueError(f"seeds[{j}] = {seed} is out of torch.Generator's range [-2**63, 2**64)")
     return out
 

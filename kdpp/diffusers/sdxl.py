@@ -19,7 +19,7 @@ from ..refine import RenoiseSigma
 from ..schedules import scaled_linear_alphas_cumprod
 from .presets import GUIDANCE_SPACES, StudentPreset, TeacherPreset
 from .sampling import (calls_teacher, check_embeddings, check_image_size, check_seeds, check_type, check_vae, decode,
-                       sample_batch)
+                       model_device, sample_batch)
 from .vp import EpsilonSpaceGuidance, VPDenoiser, guidance_scale_embedding
 
 
@@ -239,7 +239,7 @@ def generate(
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if device is None:
-        device = next(student_unet.parameters()).device if hasattr(student_unet, "parameters") else torch.device("cpu")
+        device = model_device(student_unet)
     a = check_alphas_cumprod(alphas_cumprod, preset)
 
     student, teacher_model = vp_denoisers(student_unet, teacher_unet, preset, teacher, a, student_guidance)
