@@ -1,30 +1,34 @@
-"""Distillation++ on trained nets: the paper's Tables 1-3 and a placement study on kdpp.learned's digits.
+"""Distillation++ on trained nets: the paper's Tables 1-3, placement and the default, on kdpp.learned's digits.
 
-    python benchmarks/learned.py [--seeds 5] [--n 1000] [--smoke] [--out benchmarks/results] [--figure docs/img/learned_grid.png]
+    python benchmarks/learned.py [--seeds 5] [--n 1000] [--smoke] [--out benchmarks/results] [--figure PNG]
 
-``--smoke`` writes into a new temporary folder unless ``--out`` is given (never into the source tree's
-benchmarks/results by default).
+``--smoke`` (2 seeds x 100 samples, a few rows: checks the pipeline only) writes into a new temporary
+folder unless ``--out`` is given (never into the source tree's benchmarks/results by default).
 
 Two settings, every student sampled with multistep consistency sampling (``sample_lcm_distpp``) on
 the LCM-style trailing schedule (``timestep_sigmas(trailing_timesteps(N))``, sigma 14.6 -> 0):
 
-- ``uncond``: the unconditional teacher (null label) correcting the unconditional ``strong`` and
-  ``small`` students;
-- ``cond``: the class-conditional teacher with CFG w = 4 correcting the students distilled at
-  CFG w = 4 (``strong``, ``small``) and at w = 0.3 (``weakcfg``); 1000 samples, 100 per class.
+- ``uncond``: the unconditional teacher (null label) correcting the unconditional students;
+- ``cond``: the class-conditional teacher with CFG w = 4 correcting the students distilled at w = 4
+  and the one distilled at w = 0.3 (``weakcfg``); 1000 samples, 100 per class.
 
-Tables: (1) plain vs one teacher call on the first step (k = 1) with every renoising option;
-(2) 4 + 1 vs 5 vs 5 + 1 vs 6 (N student steps + teacher calls), with network evaluations (NFE:
-a CFG teacher call is 2) and wall time measured side by side; (3) lam sweeps, first step and
-last step; (4) placement: one teacher call on the first, a middle or the last step, or on every
-step, in the guidance form (paper eq. 10, which also works on the last step, where the default
-renoising level ``next`` is 0 and would spend no teacher call).
+Students (``kdpp.learned.STUDENTS``): ``strong`` (converged, from scratch), ``teacher_init`` (converged,
+initialised from the teacher), ``small`` (capacity-limited on purpose), ``weakcfg`` (converged at w = 0.3:
+alignment headroom) and ``oracle`` (``TeacherODEStudent``: the teacher's own ODE endpoint, no training).
 
-Metrics (kdpp.learned.metrics): FD in the shipped classifier's features against all 1797 real
-digits, requested-class accuracy, class-histogram TV. Each value is a mean over seeds with a
-95% t-interval; each "minus plain" difference is taken per seed (same initial and solver noise:
-paired) and is significant when its interval excludes 0. The FD floor is FD between two disjoint
-random halves of the real digits.
+Tables: (0) plain students at 1..6 steps against the teacher; (1) one teacher call on the first step
+with every renoising option; (2) 4 + 1 vs 5 vs 5 + 1 vs 6; (3) lam sweeps, first and last step; (4)
+placement: one teacher call on the first, a middle or the last step, or on every step, in the guidance
+form (paper eq. 10); (5) the summary: every student x {plain, the paper's first-step call, last-step
+calls, the recommended default}.
+
+Every row's network evaluations and teacher calls are counted by wrappers around the nets (a CFG call is
+one teacher call and 2 evaluations), never inferred from ``k``. Metrics (kdpp.learned.metrics): FD in the
+shipped classifier's features against all 1797 real digits, requested-class accuracy, class-histogram TV.
+Each value is a mean over seeds with a 95% t-interval; each difference is taken per seed (same initial,
+solver and renoise noise: paired) and is significant (*) when its interval excludes 0; with fewer than 3
+seeds no significance is claimed ("n/a"). The FD floor is FD between two disjoint random halves of the
+real digits.
 """
 from __future__ import annotations
 
@@ -39,13 +43,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import kdpp
-from kdpp.learned import (PROVENANCE, TEACHER_CFG, WEIGHTS, DigitsMetrics, conditioning, guided_teacher, load_digits, load_nets,
-                          mean_ci, provenance, sample_teacher, to_images)
-from kdpp.schedules import karras_sigmas, timestep_sigmas, trailing_timesteps
+from kdpp.learned import (PROVENANCE, STUDENTS, TEACHER_CFG, WEIGHTS, CountedNet, DigitsMetrics, TeacherODEStudent,
+                          load_digits, load_nets, mean_ci, provenance, sample_student, sample_teacher, to_images)
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = {"uncond": ["strong", "small"], "cond": ["strong", "small", "weakcfg"]}
+SETTINGS = {"uncond": ["strong", "teacher_init", "small", "oracle"],
+            "cond": ["strong", "teacher_init", "small", "weakcfg", "oracle"]}
+#: the main number of student steps
+STEPS = 4
+#: the fewest seeds a paired difference needs for a significance mark
+MIN_SEEDS = 3
 RENOISE = {  # Table 1: (renoise, renoise_sigma)
     "random/next (paper)": ("random", "next"),
     "deterministic/next": ("deterministic", "next"),
@@ -55,79 +62,79 @@ RENOISE = {  # Table 1: (renoise, renoise_sigma)
 }
 
 
-class Counted:
-    """A net that counts its evaluations per sample (a CFG call on ``[uncond, cond]`` counts 2)."""
-
-    def __init__(self, net, n: int):
-        self.net, self.n, self.evals = net, n, 0
-
-    def __call__(self, x, sigma, **kwargs):
-        self.evals += x.shape[0] / self.n
-        return self.net(x, sigma, **kwargs)
+def renoising(renoise: tuple[str, str | None]) -> dict:
+    return {"renoise": renoise[0]} | ({} if renoise[1] is None else {"renoise_sigma": renoise[1]})
 
 
-def placement(steps: list[int], lam: float) -> dict:
+def first_k(k: int, lam: float, renoise=("random", "next")) -> dict:
+    """Sampler kwargs: the first ``k`` steps guided with ``lam``."""
+    return {"k": k, "lam": lam} | renoising(renoise)
+
+
+def placement(steps: list[int], lam: float, renoise=("guidance", None)) -> dict:
     """Sampler kwargs that guide ``steps`` (negative: from the end) with ``lam``."""
-    return {"guided_steps": steps, "lam": lam}
+    return {"guided_steps": steps, "lam": lam} | renoising(renoise)
 
 
-def first_k(k: int, lam: float) -> dict:
-    return {"k": k, "lam": lam}
+#: the teacher-call settings of the summary table (5): the paper's, the last-step ones, and the recommendation
+SUMMARY = {
+    "first step, lam 0.5, random/next (paper)": first_k(1, 0.5),
+    "first step, lam 0.25, random/next": first_k(1, 0.25),
+    "last step, lam 0.25, guidance": placement([-1], 0.25),
+    "last step, lam 0.5, guidance": placement([-1], 0.5),
+    "last step, lam 1, guidance": placement([-1], 1.0),
+}
+#: the recommended default (a key of SUMMARY): see docs/learned.md for the evidence
+RECOMMENDED = "first step, lam 0.25, random/next"
 
 
 class Bench:
     def __init__(self, nets, metrics, n: int, seeds: int):
         self.nets, self.metrics, self.n, self.seeds = nets, metrics, n, seeds
+        self.students = {name: nets[name] for name in STUDENTS if name in nets} | {"oracle": TeacherODEStudent(nets["teacher"])}
+        self.cache: dict = {}
 
     def labels(self, mode):
         return torch.arange(self.n) % 10 if mode == "cond" else None
 
-    def student_run(self, mode, student, steps, seed, guide=None, renoise=("random", "next")):
-        """One seeded LCM run; returns (samples, metrics, student NFE, teacher NFE, seconds)."""
+    def student_run(self, mode, who, steps, seed, guide=None):
+        """One seeded LCM run; (samples, metrics, student evals, teacher evals, teacher calls, seconds)."""
         labels = self.labels(mode)
-        sargs, targs = conditioning(labels, TEACHER_CFG)
-        s = Counted(self.nets[student], self.n)
-        t = Counted(self.nets["teacher"], self.n)  # inside the CFG wrapper: one CFG call counts 2
-        sigmas = timestep_sigmas(trailing_timesteps(steps))
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(self.n, 64, generator=g) * sigmas[0].item()
-        guide = guide or first_k(0, 0.0)
+        s = CountedNet(self.students[who], self.n)
+        t = CountedNet(self.nets["teacher"], self.n)  # inside the CFG wrapper: one CFG call is 2 evaluations
         t0 = time.perf_counter()
-        out = kdpp.sample_lcm_distpp(s, guided_teacher(t, labels), x, sigmas, extra_args=sargs, teacher_extra_args=targs, disable=True,
-                                     noise_sampler=kdpp.seeded_noise_sampler(x, seed + 10_000),
-                                     renoise=renoise[0], renoise_sigma=renoise[1], renoise_seed=seed + 20_000,
-                                     **guide)
+        out = sample_student(s, labels, steps, seed=seed, n=self.n, teacher=t if guide else None, **(guide or {}))
         seconds = time.perf_counter() - t0
-        return out, self.metrics(out, labels), s.evals, t.evals, seconds
+        return out, self.metrics(out, labels), s.evals, t.evals, t.calls, seconds
 
     def teacher_run(self, mode, steps, seed, schedule):
         labels = self.labels(mode)
+        t = CountedNet(self.nets["teacher"], self.n)
         t0 = time.perf_counter()
-        if schedule == "karras":
-            out = sample_teacher(self.nets["teacher"], labels, steps=steps, seed=seed, n=self.n)
-        else:
-            sargs, targs = conditioning(labels, TEACHER_CFG)
-            sigmas = timestep_sigmas(trailing_timesteps(steps))
-            x = torch.randn(self.n, 64, generator=torch.Generator().manual_seed(seed)) * sigmas[0].item()
-            out = kdpp.sample_dpmpp_2m_distpp(guided_teacher(self.nets["teacher"], labels), None, x, sigmas, 0.0, 0,
-                                              extra_args=targs, disable=True)
+        out = sample_teacher(t, labels, steps=steps, seed=seed, n=self.n, schedule=schedule)
         seconds = time.perf_counter() - t0
-        nfe = steps * (2 if mode == "cond" else 1)
-        return out, self.metrics(out, labels), 0.0, float(nfe), seconds
+        return out, self.metrics(out, labels), 0.0, t.evals, t.calls, seconds
 
-    def row(self, table, mode, who, label, run, baseline=None):
+    def runs(self, key, run):
+        """Per-seed results of ``run(seed)``, computed once per ``key`` (tables share rows)."""
+        if key not in self.cache:
+            self.cache[key] = [run(seed) for seed in range(self.seeds)]
+        return self.cache[key]
+
+    def row(self, table, mode, who, label, key, run, baseline=None):
         """Run over seeds; summarise; add paired differences against ``baseline`` (a row)."""
-        per_seed = [run(seed) for seed in range(self.seeds)]
+        per_seed = self.runs(key, run)
         keys = per_seed[0][1].keys()
-        r = {"table": table, "mode": mode, "who": who, "label": label,
+        counts = {(p[2], p[3], p[4]) for p in per_seed}
+        assert len(counts) == 1, counts  # the same evaluations in every seed
+        r = {"table": table, "mode": mode, "who": who, "label": label, "key": repr(key),
              "values": {k: [p[1][k] for p in per_seed] for k in keys},
-             "student_nfe": per_seed[0][2], "teacher_nfe": per_seed[0][3],
-             "seconds": float(np.mean([p[4] for p in per_seed]))}
+             "student_nfe": per_seed[0][2], "teacher_nfe": per_seed[0][3], "teacher_calls": per_seed[0][4],
+             "seconds": float(np.mean([p[5] for p in per_seed]))}
         r["mean"] = {k: list(mean_ci(v)) for k, v in r["values"].items()}
         if baseline is not None:
             r["vs"] = baseline["label"]
             r["diff"] = {k: list(mean_ci(np.subtract(v, baseline["values"][k]))) for k, v in r["values"].items()}
-        if baseline is not None:
             r["time_ratio"] = r["seconds"] / baseline["seconds"]
         r["sample"] = per_seed[0][0][:20]
         return r
@@ -135,68 +142,76 @@ class Bench:
 
 def fmt(e, digits=2):
     m, lo, hi = e
+    if not np.isfinite(lo):
+        return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
 
 
-def fmt_diff(e, digits=2):
+def fmt_diff(e, seeds, digits=2):
     m, lo, hi = e
+    if seeds < MIN_SEEDS:
+        return f"{m:+.{digits}f} (n/a)"
     mark = "*" if lo > 0 or hi < 0 else ""
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
 
 
 def markdown(rows, floor, meta) -> str:
+    seeds = meta["seeds"]
+    verdict = ("* = excludes 0" if seeds >= MIN_SEEDS else
+               f"n/a: {seeds} seeds are too few for a significance claim (at least {MIN_SEEDS})")
     out = [f"Command: `{meta['command']}`", "",
-           f"{meta['seeds']} seeds x {meta['n']} samples; mean ± 95% t half-width over seeds; Δ = paired difference "
-           f"against the row named in `vs` with its 95% interval (* = excludes 0). FD floor (real vs real, disjoint "
+           f"{seeds} seeds x {meta['n']} samples; mean ± 95% t half-width over seeds; Δ = paired difference "
+           f"against the row named in `vs` with its 95% interval ({verdict}). FD floor (real vs real, disjoint "
            f"halves): {fmt(floor)}. Nets: `{meta['weights_revision']}` (see kdpp/learned/provenance.json). "
-           f"Teacher CFG w = {TEACHER_CFG} in `cond`. Machine: {meta['machine']}, torch {meta['torch']}, "
-           f"{meta['threads']} thread(s). Time: mean wall time of one run of n samples, and its ratio to the "
-           f"`vs` row's, measured in this run.", ""]
+           f"Teacher CFG w = {TEACHER_CFG} in `cond`. NFE (S + T): network evaluations per sample of the student "
+           f"and the teacher, and T calls the teacher's calls per run, all counted (a CFG call is 1 call, 2 "
+           f"evaluations). Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s). Time: "
+           f"mean wall time of one run of n samples, and its ratio to the `vs` row's, measured in this run (the "
+           f"oracle's student calls each run the teacher's ODE).", ""]
     for table in dict.fromkeys(r["table"] for r in rows):
-        out += [f"### {table}", "", "| setting | net | sampler | NFE (S + T) | FD | ΔFD | acc | Δacc | TV | vs | time ms (x vs) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"### {table}", "", "| setting | net | sampler | NFE (S + T) | T calls | FD | ΔFD | acc | Δacc | TV | vs | "
+                "time ms (x vs) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["table"] == table):
             acc = fmt(r["mean"]["acc"], 3) if "acc" in r["mean"] else "-"
-            dacc = fmt_diff(r["diff"]["acc"], 3) if "diff" in r and "acc" in r["diff"] else "-"
-            dfd = fmt_diff(r["diff"]["fd"]) if "diff" in r else "-"
+            dacc = fmt_diff(r["diff"]["acc"], seeds, 3) if "diff" in r and "acc" in r["diff"] else "-"
+            dfd = fmt_diff(r["diff"]["fd"], seeds) if "diff" in r else "-"
             ratio = f" ({r['time_ratio']:.2f}x)" if "time_ratio" in r else ""
             out.append(f"| {r['mode']} | {r['who']} | {r['label']} | {r['student_nfe']:.0f} + {r['teacher_nfe']:.0f} | "
-                       f"{fmt(r['mean']['fd'])} | {dfd} | {acc} | {dacc} | {fmt(r['mean']['tv'], 3)} | "
-                       f"{r.get('vs', '')} | {r['seconds'] * 1e3:.0f}{ratio} |")
+                       f"{r['teacher_calls']} | {fmt(r['mean']['fd'])} | {dfd} | {acc} | {dacc} | "
+                       f"{fmt(r['mean']['tv'], 3)} | {r.get('vs', '')} | {r['seconds'] * 1e3:.0f}{ratio} |")
         out.append("")
     return "\n".join(out)
 
 
 def figure(rows, path):
-    """Sample grids side by side: the first 20 samples of seed 0 of chosen rows (cond: digits 0-9 twice)."""
+    """Sample grids: the first 20 samples of seed 0 (cond: the digits 0-9 twice), plain vs recommended vs the
+    last-step call, for every conditional student, and the teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        ("cond", "weakcfg", "plain, 5 steps", "weakcfg (w = 0.3), 5 steps"),
-        ("cond", "weakcfg", "5 + first step, lam 1.0", "weakcfg + first step, lam 1"),
-        ("cond", "strong", "plain, 5 steps", "strong, 5 steps"),
-        ("cond", "strong", "guidance, last step, lam 0.5", "strong + last step, lam 0.5"),
-        ("uncond", "small", "plain, 5 steps", "small, 5 steps (uncond)"),
-        ("uncond", "small", "guidance, last step, lam 1", "small + last step, lam 1 (uncond)"),
-        ("cond", "teacher", "DPM++ 2M, 40 steps (Karras)", "teacher, 40 steps, CFG 4"),
-    ]
-    found = []
-    for mode, who, label, title in panels:
-        match = [r for r in rows if r["mode"] == mode and r["who"] == who and r["label"] == label]
-        if match:
-            found.append((title, match[0]))
-    fig, axes = plt.subplots(1, len(found), figsize=(2.2 * len(found), 2.4))
-    for ax, (title, r) in zip(np.atleast_1d(axes), found):
-        imgs = torch.nn.functional.pad(to_images(r["sample"]), (0, 1, 0, 1))  # [20, 9, 9]: a 1-pixel gap
-        grid = imgs.reshape(4, 5, 9, 9).permute(0, 2, 1, 3).reshape(36, 45)
-        ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
-        fd = r["mean"]["fd"][0]
-        acc = f", acc {r['mean']['acc'][0]:.2f}" if "acc" in r["mean"] else ""
-        ax.set_title(f"{title}\nFD {fd:.1f}{acc}", fontsize=7)
-        ax.axis("off")
+    summary = [r for r in rows if r["table"].startswith("Summary") and r["mode"] == "cond"]
+    students = list(dict.fromkeys(r["who"] for r in summary))
+    columns = [f"plain, {STEPS} steps", RECOMMENDED, "last step, lam 0.5, guidance"]
+    fig, axes = plt.subplots(len(students) + 1, len(columns), figsize=(2.3 * len(columns), 2.0 * (len(students) + 1)),
+                             squeeze=False)
+    teachers = [r for r in rows if r["mode"] == "cond" and r["who"] == "teacher"][:len(columns)]
+    for i, who in enumerate(students + ["teacher"]):
+        for j in range(len(columns)):
+            ax = axes[i][j]
+            ax.axis("off")
+            if who == "teacher":
+                match = teachers[j:j + 1]
+            else:
+                match = [r for r in summary if r["who"] == who and r["label"] == columns[j]]
+            if not match:
+                continue
+            r = match[0]
+            imgs = torch.nn.functional.pad(to_images(r["sample"]), (0, 1, 0, 1))  # [20, 9, 9]: a 1-pixel gap
+            grid = imgs.reshape(2, 10, 9, 9).permute(0, 2, 1, 3).reshape(18, 90)
+            ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_title(f"{who}: {r['label']}\nFD {r['mean']['fd'][0]:.1f}, acc {r['mean']['acc'][0]:.3f}", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -228,57 +243,66 @@ def main(argv=None) -> list[dict]:
     def add(*a, **kw):
         rows.append(bench.row(*a, **kw))
         r = rows[-1]
-        d = f"  ΔFD {fmt_diff(r['diff']['fd'])}" if "diff" in r else ""
-        print(f"{r['table'].split(':')[0]:9s} {r['mode']:6s} {r['who']:8s} {r['label']:42s} FD {fmt(r['mean']['fd'])}{d}"
+        d = f"  ΔFD {fmt_diff(r['diff']['fd'], args.seeds)}" if "diff" in r else ""
+        print(f"{r['table'].split(':')[0]:9s} {r['mode']:6s} {r['who']:12s} {r['label']:44s} "
+              f"{r['student_nfe']:.0f}+{r['teacher_nfe']:.0f} FD {fmt(r['mean']['fd'])}{d}"
               + (f"  acc {fmt(r['mean']['acc'], 3)}" if "acc" in r["mean"] else ""), flush=True)
         return r
 
     settings = {"cond": ["weakcfg"], "uncond": ["small"]} if args.smoke else SETTINGS
-    t1, t2, t3, t4 = ("Table 1: first-step teacher call (k = 1, lam 0.5), renoising options",
-                      "Table 2: 4+1 vs 5 vs 5+1 vs 6", "Table 3: lam sweep",
-                      "Placement: where the one teacher call goes (guidance form)")
+    t0, t1, t2, t3, t4, t5 = ("Table 0: plain students at 1-6 steps, and the teacher",
+                              f"Table 1: first-step teacher call (lam 0.5, {STEPS} steps), renoising options",
+                              "Table 2: 4+1 vs 5 vs 5+1 vs 6", f"Table 3: lam sweep ({STEPS} steps)",
+                              f"Placement: where the teacher call goes (guidance form, {STEPS} steps)",
+                              f"Summary: every student, {STEPS} steps, plain vs teacher calls")
     for mode, students in settings.items():
-        for steps, sched in ([(40, "karras")] if args.smoke else [(5, "trailing"), (5, "karras"), (40, "karras")]):
-            label = f"DPM++ 2M, {steps} steps ({'Karras' if sched == 'karras' else 'trailing'})"
-            add("Teacher alone", mode, "teacher", label,
+        teacher_rows = [(40, "karras")] if args.smoke else [(40, "karras"), (STEPS, "trailing"), (STEPS + 1, "trailing"),
+                                                            (STEPS + 2, "trailing")]
+        for steps, sched in teacher_rows:
+            label = f"DPM++ 2M, {steps} steps ({'Karras, sigma 80' if sched == 'karras' else 'trailing'})"
+            add(t0, mode, "teacher", label, (mode, "teacher", steps, sched),
                 lambda seed, steps=steps, sched=sched: bench.teacher_run(mode, steps, seed, sched))
         for who in students:
-            run = lambda seed, steps=5, **kw: bench.student_run(mode, who, steps, seed, **kw)
-            plain = add(t1, mode, who, "plain, 5 steps", run)
+            def run(steps=STEPS, guide=None, who=who, mode=mode):
+                key = (mode, who, steps, json.dumps(guide, sort_keys=True))
+                return key, lambda seed: bench.student_run(mode, who, steps, seed, guide)
+
+            plain = {}
+            for steps in ([STEPS] if args.smoke else range(1, 7)):
+                plain[steps] = add(t0, mode, who, f"plain, {steps} steps", *run(steps))
+            base = plain[STEPS]
             renoise = {"random/next (paper)": RENOISE["random/next (paper)"]} if args.smoke else RENOISE
             for name, rn in renoise.items():
-                add(t1, mode, who, f"5 + first step, {name}", lambda seed, rn=rn: run(seed, guide=first_k(1, 0.5), renoise=rn),
-                    baseline=plain)
+                add(t1, mode, who, f"first step, {name}", *run(guide=first_k(1, 0.5, rn)), baseline=base)
             if not args.smoke:
-                p4 = add(t2, mode, who, "plain, 4 steps", lambda seed: run(seed, steps=4))
-                add(t2, mode, who, "4 + 1 (first step)", lambda seed: run(seed, steps=4, guide=first_k(1, 0.5)), baseline=p4)
-                add(t2, mode, who, "plain, 5 steps", lambda seed: run(seed), baseline=p4)
-                add(t2, mode, who, "5 + 1 (first step)", lambda seed: run(seed, guide=first_k(1, 0.5)), baseline=plain)
-                add(t2, mode, who, "plain, 6 steps", lambda seed: run(seed, steps=6), baseline=plain)
+                add(t2, mode, who, "4 + first-step call, lam 0.5", *run(4, first_k(1, 0.5)), baseline=plain[4])
+                add(t2, mode, who, "plain, 5 steps", *run(5), baseline=plain[4])
+                add(t2, mode, who, "5 + first-step call, lam 0.5", *run(5, first_k(1, 0.5)), baseline=plain[5])
+                add(t2, mode, who, "plain, 6 steps", *run(6), baseline=plain[5])
+                add(t2, mode, who, "4 + last-step call, lam 0.5, guidance", *run(4, placement([-1], 0.5)),
+                    baseline=plain[4])
                 for lam in (0.1, 0.25, 0.5, 1.0):
-                    add(t3, mode, who, f"5 + first step, lam {lam}", lambda seed, lam=lam: run(seed, guide=first_k(1, lam)),
-                        baseline=plain)
-                for lam in (0.25, 0.5, 1.0):
-                    add(t3, mode, who, f"5 + last step (guidance), lam {lam}",
-                        lambda seed, lam=lam: run(seed, guide=placement([-1], lam), renoise=("guidance", None)),
-                        baseline=plain)
-            where = {"first step": [0], "middle step": [2], "last step": [-1], "every step": [0, 1, 2, 3, 4]}
+                    add(t3, mode, who, f"first step, lam {lam:g}", *run(guide=first_k(1, lam)), baseline=base)
+                for lam in (0.1, 0.25, 0.5, 1.0):
+                    add(t3, mode, who, f"last step, lam {lam:g}, guidance", *run(guide=placement([-1], lam)),
+                        baseline=base)
+            where = {"first step": [0], "middle step": [STEPS // 2], "last step": [-1], "every step": list(range(STEPS))}
             if args.smoke:
                 where = {"last step": [-1]}
             for lam in ([1.0] if args.smoke else (0.5, 1.0)):
                 for name, steps_ in where.items():
-                    add(t4, mode, who, f"guidance, {name}, lam {lam:g}",
-                        lambda seed, s=steps_, lam=lam: run(seed, guide=placement(s, lam), renoise=("guidance", None)),
-                        baseline=plain)
+                    add(t4, mode, who, f"{name}, lam {lam:g}", *run(guide=placement(steps_, lam)), baseline=base)
             if not args.smoke:
-                add(t4, mode, who, "5 + teacher on first step, lam 0.5",
-                    lambda seed: run(seed, guide=first_k(1, 0.5)), baseline=plain)
+                add(t5, mode, who, f"plain, {STEPS} steps", *run())
+                for label, guide in SUMMARY.items():
+                    add(t5, mode, who, label + (" (recommended)" if label == RECOMMENDED else ""), *run(guide=guide),
+                        baseline=base)
 
     prov = provenance(Path(args.weights).with_name(PROVENANCE.name))
     meta = {"command": "python benchmarks/learned.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seeds": args.seeds, "n": args.n, "threads": args.threads, "torch": torch.__version__,
-            "machine": f"{platform.machine()}, {platform.python_version()}",
-            "weights_revision": prov["git_revision"], "floor_fd": floor}
+            "machine": f"{platform.machine()}, {platform.python_version()}", "steps": STEPS,
+            "recommended": RECOMMENDED, "weights_revision": prov["git_revision"], "floor_fd": floor}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "learned_smoke" if args.smoke else "learned"

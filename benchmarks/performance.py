@@ -2,6 +2,9 @@
 
     python benchmarks/performance.py [--quick] [--out benchmarks/results]
 
+``--quick`` writes into a new temporary folder unless ``--out`` is given (never over the committed results
+by default).
+
 1. Sampler overhead at lam = 0 against k-diffusion's samplers with a cheap denoiser
    (median and IQR of the per-repeat time ratios, interleaved repeats; target <= 1.02).
 2. Cost of a guided step against a student step when student and teacher are the same
@@ -17,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,8 +165,11 @@ def main(argv=None) -> None:
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke test)")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results; with --quick a new "
+                   "temporary folder)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="kdpp-performance-quick-") if args.quick else str(HERE / "results")
     torch.set_num_threads(1)
     repeats = 5 if args.quick else 41
     shape = (8, 4, 64, 64)
@@ -179,6 +186,7 @@ def main(argv=None) -> None:
     (out / "performance.json").write_text(json.dumps(result, indent=2))
     (out / "performance.md").write_text(markdown(result))
     print(markdown(result))
+    print(f"wrote {out / 'performance.json'} and {out / 'performance.md'}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Consistency distillation of kdpp.toy's MLP student from the exact ring teacher, on the CPU.
 
-    python benchmarks/train_toy_student.py [--iters 4000] [--out kdpp/toy/ring_cd_student.pt]
+    python benchmarks/train_toy_student.py [--iters 4000] [--out PATH [--overwrite]]
+
+Without ``--out`` the student goes to a new temporary folder (printed); the shipped weights are replaced
+only when asked: ``--out kdpp/toy/ring_cd_student.pt --overwrite`` (an existing file is never overwritten
+without ``--overwrite``).
 
 Consistency distillation (Song et al. 2023, Algorithm 2): for x0 ~ ring, a pair of adjacent
 Karras levels s_{n+1} > s_n, x = x0 + s_{n+1} z, one Heun step of the probability-flow ODE
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,7 +27,7 @@ from kdpp.toy import ring
 from kdpp.toy.trained import WEIGHTS, MLPConsistencyStudent
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=4000)
     p.add_argument("--batch", type=int, default=1024)
@@ -29,11 +35,21 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(WEIGHTS))
+    p.add_argument("--out", default=None, help=f"weights file (default: a new temporary folder; the shipped one is "
+                   f"kdpp/toy/{WEIGHTS.name})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the shipped student: 2)")
     args = p.parse_args(argv)
+    if args.out is None:
+        out = Path(tempfile.mkdtemp(prefix="kdpp-toy-student-")) / WEIGHTS.name
+    else:
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise SystemExit(f"{out} exists; pass --overwrite to replace it (the shipped weights are replaced only "
+                             f"when asked)")
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     teacher = ring(dtype=torch.float32)
     levels = karras_sigmas(args.levels, 0.002, 80.0)[:-1].float().flip(0)  # increasing
     student = MLPConsistencyStudent()
@@ -62,8 +78,9 @@ def main(argv=None) -> None:
                 pt.lerp_(ps, 1 - args.ema)
         if it % 500 == 0 or it == args.iters - 1:
             print(f"iter {it:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:6.1f}s", flush=True)
-    torch.save({"config": target.config, "state_dict": target.state_dict()}, args.out)
-    print(f"wrote {args.out} after {time.perf_counter() - t0:.1f}s")
+    torch.save({"config": target.config, "state_dict": target.state_dict()}, out)
+    print(f"wrote {out} after {time.perf_counter() - t0:.1f}s")
+    return out
 
 
 if __name__ == "__main__":

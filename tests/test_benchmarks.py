@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -61,3 +62,91 @@ def test_median_iqr_contains_the_median():
         median, (low, high) = performance.median_iqr(values)
         assert low <= median <= high
     assert performance.median_iqr(range(41)) == (20, [10, 30])
+
+
+def test_claims_quick_writes_to_a_fresh_temporary_folder_with_counted_calls_and_no_verdicts(tmp_path, monkeypatch):
+    """A --quick run never touches benchmarks/results or docs/img unless --out / --figures say so; every row
+    carries the teacher calls counted by a wrapper; 2 seeds give no better/worse verdicts."""
+    pytest.importorskip("matplotlib")
+    import claims
+    from kdpp.toy import FlowMapStudent
+
+    committed = {p: p.stat().st_mtime_ns for p in [*(ROOT / "benchmarks/results").glob("claims.*"),
+                                                    *(ROOT / "docs/img").glob("sweep_*.png")]}
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    real_sample = claims.sample
+
+    def quick_sample(truth, student, teacher, solver, steps, lam, k, seed, n, **options):
+        """The real sampler on 16 points, scored on a cheap stand-in sample: the counts are real."""
+        _, seconds, calls = real_sample(truth, student, teacher, solver, steps, lam, k, seed, 16, **options)
+        return truth.sample(n, torch.Generator().manual_seed(seed)), seconds, calls
+
+    monkeypatch.setattr(claims, "sample", quick_sample)
+    # every table's student: the cheap 2-step flow map (the exact ones integrate an ODE per call)
+    monkeypatch.setattr(claims, "students_for", lambda truth, name: dict.fromkeys(
+        ["weights", "wide", "truncated", "trained"], FlowMapStudent(truth, steps=2)))
+    result = claims.main(["--quick", "--n", "64"])
+    (out,) = tmp_path.glob("kdpp-claims-quick-*")
+    assert {p.name for p in out.iterdir()} == {"claims.json", "claims.md", "sweep_lam.png", "sweep_k.png"}
+    assert {p: p.stat().st_mtime_ns for p in committed} == committed
+    assert {(row["solver"], row["teacher_calls"]) for row in result["table1"]} == {("euler", 1), ("lcm", 1)}
+    assert [row["teacher_calls"] for row in result["sweeps"]["k"]] == [0, 1, 2]
+    md = (out / "claims.md").read_text()
+    assert "(better)" not in md and "(worse)" not in md and "(n.s.)" not in md and "(n/a)" in md
+
+
+def test_claims_counts_the_calls_a_two_stage_step_makes():
+    """A guided DPM++ 2S ancestral step corrects both stages: k = 1 is 2 teacher calls, counted, not k."""
+    import claims
+    from kdpp.toy import ring
+
+    truth = ring()
+    student = claims.students_for(truth, "ring")["weights"]
+    _, _, calls = claims.sample(truth, student, truth.denoiser, "dpmpp_2s_ancestral", 4, 1.0, 1, 0, 64)
+    assert calls == 2
+    _, _, calls = claims.sample(truth, student, None, "euler", 4, 0.0, 0, 0, 64)
+    assert calls == 0
+
+
+def test_claims_verdict_needs_three_seeds():
+    import claims
+
+    assert claims.verdict(claims.interval([-0.015, -0.015])) == "n/a"  # zero width, 2 seeds: no claim
+    assert claims.verdict(claims.interval([-1.0, -1.1, -0.9])) == "better"
+    assert claims.verdict(claims.interval([1.0, 1.1, 0.9])) == "worse"
+    assert claims.verdict(claims.interval([-1.0, 1.1, 0.1])) == "n.s."
+
+
+def test_performance_quick_writes_to_a_fresh_temporary_folder(tmp_path, monkeypatch):
+    import performance
+
+    committed = {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks/results").glob("performance.*")}
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setattr(performance, "overhead", lambda repeats, shape: [])
+    monkeypatch.setattr(performance, "guided_step_cost", lambda repeats: [])
+    monkeypatch.setattr(performance, "peak_memory", lambda counts: [])
+    performance.main(["--quick"])
+    (out,) = tmp_path.glob("kdpp-performance-quick-*")
+    assert {p.name for p in out.iterdir()} == {"performance.json", "performance.md"}
+    assert {p: p.stat().st_mtime_ns for p in committed} == committed
+
+
+@pytest.mark.parametrize("script", ["train_learned", "train_toy_student"])
+def test_training_scripts_never_overwrite_weights_unless_asked(script, tmp_path, monkeypatch):
+    module = __import__(script)
+    weights = tmp_path / "nets.pt"
+    weights.write_bytes(b"shipped")
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        module.main(["--out", str(weights)])
+    assert weights.read_bytes() == b"shipped"
+
+
+def test_learned_training_defaults_to_a_fresh_temporary_folder(tmp_path, monkeypatch):
+    import argparse
+
+    import train_learned
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    out = train_learned.output_path(argparse.Namespace(out=None, overwrite=False))
+    assert out.parent.parent == tmp_path and out.parent.name.startswith("kdpp-learned-train-")
+    assert out.parent != train_learned.WEIGHTS.parent

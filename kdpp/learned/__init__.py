@@ -7,11 +7,12 @@ students distilled from its ODE endpoints, and metrics in a fixed classifier's f
 from .data import NULL_CLASS, load_digits, split, to_images
 from .metrics import DigitsMetrics, class_accuracy, frechet_distance, histogram, mean_ci
 from .nets import DigitsClassifier, EDMDenoiser
-from .trained import (PROVENANCE, STUDENTS, TEACHER_CFG, WEIGHTS, conditioning, guided_teacher, load_nets,
-                      provenance, sample_teacher)
+from .trained import (PROVENANCE, STUDENTS, TEACHER_CFG, WEIGHTS, CountedNet, TeacherODEStudent, conditioning, guided_teacher,
+                      load_nets, provenance, sample_student, sample_teacher)
 
 __all__ = [
-    "NULL_CLASS", "PROVENANCE", "STUDENTS", "TEACHER_CFG", "WEIGHTS", "DigitsClassifier", "DigitsMetrics",
-    "EDMDenoiser", "class_accuracy", "conditioning", "frechet_distance", "guided_teacher", "histogram",
-    "load_digits", "load_nets", "mean_ci", "provenance", "sample_teacher", "split", "to_images",
+    "NULL_CLASS", "PROVENANCE", "STUDENTS", "TEACHER_CFG", "WEIGHTS", "CountedNet", "DigitsClassifier", "DigitsMetrics",
+    "EDMDenoiser", "TeacherODEStudent", "class_accuracy", "conditioning", "frechet_distance", "guided_teacher",
+    "histogram", "load_digits", "load_nets", "mean_ci", "provenance", "sample_student", "sample_teacher", "split",
+    "to_images",
 ]
