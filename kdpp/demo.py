@@ -1,6 +1,10 @@
-"""``python -m kdpp.demo``: Distillation++ on an analytic toy problem, in about a minute on a CPU.
+"""``python -m kdpp.demo``: Distillation++ in pictures, in about a minute on a CPU.
 
-A fast student (an imperfect endpoint predictor of a 2-D Gaussian mixture) is
+By default, the learned digits (:mod:`kdpp.learned.demo`; needs scikit-learn and matplotlib:
+``pip install 'kdpp[demo]'``): trained and distilled nets, the class as the prompt, every student plain,
+with its teacher call, and the teacher alone at equal cost, as image grids with FD and accuracy.
+
+``--toy``: the analytic toy problem. A fast student (an imperfect endpoint predictor of a 2-D Gaussian mixture) is
 sampled with ``N`` steps, with ``N + 1`` steps, and with ``N`` steps of which the
 first ``k`` are corrected by the exact teacher ("student++"); the teacher alone
 runs at the student++ run's number of model calls (counted) and with many steps.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -52,11 +57,41 @@ def make_student(kind: str, truth):
 #: (about 12 per mode of the 8-mode ring, 6 per mode of the 16-mode grid); with fewer (n = 1: zero-width
 #: intervals) the table's intervals mean nothing
 MIN_N = 100
+#: fewest bootstrap resamples --boot accepts (fewer give intervals that mean nothing)
+MIN_BOOT = 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The digits demo's options, or with ``--toy`` the toy demo's (:func:`parse_toy_args`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--toy" in argv:
+        return parse_toy_args(argv)
+    from .learned import demo as digits
+
     p = argparse.ArgumentParser(prog="python -m kdpp.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy", action="store_true", help="the analytic toy demo instead (its options: python -m "
+                   "kdpp.demo --toy --help)")
+    digits.add_arguments(p)
+    args, unknown = p.parse_known_args(argv)
+    toy_only = {a.split("=")[0] for a in unknown} & TOY_OPTIONS
+    if toy_only:
+        p.error(f"{', '.join(sorted(toy_only))}: an option of the toy demo; add --toy")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    digits.check_args(p, args)
+    return args
+
+
+#: the options only the toy demo has
+TOY_OPTIONS = {"--solver", "--student", "--distribution", "--seed"}
+
+
+def parse_toy_args(argv=None) -> argparse.Namespace:
+    """The toy demo's options (``--toy`` is accepted and implied)."""
+    p = argparse.ArgumentParser(prog="python -m kdpp.demo --toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy", action="store_true", default=True, help="the analytic toy demo (this one)")
     p.add_argument("--solver", default="euler", choices=[s for s in kdpp.SAMPLERS if "cfg_pp" not in s])
     p.add_argument("--student", default="weights", choices=sorted(STUDENTS))
     p.add_argument("--distribution", default="ring", choices=sorted(DISTRIBUTIONS))
@@ -67,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=2000, help=f"samples per run, at least {MIN_N} (for the bootstrap "
                    "intervals and the mode-mass TV)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--boot", type=int, default=None, help=f"bootstrap resamples per interval, at least {MIN_BOOT} "
+                   "(default: each metric's own, 100 for sliced W2, 200 for NLL and mode-mass TV; fewer is faster "
+                   "and coarser)")
     p.add_argument("--out", default="kdpp-demo-out", help="folder for the figures and results.json")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures (no matplotlib needed)")
     args = p.parse_args(argv)
@@ -76,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--k must be between 0 and --steps ({args.steps}), got {args.k}")
     if not math.isfinite(args.lam):
         p.error(f"--lam must be finite, got {args.lam}")
+    if args.boot is not None and args.boot < MIN_BOOT:
+        p.error(f"--boot must be >= {MIN_BOOT} (or left out), got {args.boot}")
     if args.n < MIN_N:
         p.error(f"--n must be >= {MIN_N} (the bootstrap intervals and the mode-mass TV need several samples "
                 f"per mode), got {args.n}")
@@ -94,6 +134,7 @@ class CallCounter:
 
 
 def run(args: argparse.Namespace) -> dict:
+    boot = {} if args.boot is None else {"n_boot": args.boot}
     torch.manual_seed(args.seed)
     truth = DISTRIBUTIONS[args.distribution]()
     student = make_student(args.student, truth)
@@ -129,8 +170,8 @@ def run(args: argparse.Namespace) -> dict:
         samples[name] = out
         rows.append({
             "run": name, "student_nfe": s.calls, "teacher_nfe": t.calls, "seconds": seconds,
-            "nll": nll(out, truth), "mode_tv": mode_coverage(out, truth),
-            "sliced_w2": sliced_wasserstein(out, reference),
+            "nll": nll(out, truth, **boot), "mode_tv": mode_coverage(out, truth, **boot),
+            "sliced_w2": sliced_wasserstein(out, reference, **boot),
         })
 
     progress = tqdm(total=5, desc="kdpp demo", unit="run")
@@ -163,12 +204,12 @@ def run(args: argparse.Namespace) -> dict:
     floor = truth.sample(args.n, g)
     samples["truth (another sample)"] = floor
     rows.append({"run": "truth (another sample)", "student_nfe": 0, "teacher_nfe": 0, "seconds": 0.0,
-                 "nll": nll(floor, truth), "mode_tv": mode_coverage(floor, truth),
-                 "sliced_w2": sliced_wasserstein(floor, reference)})
+                 "nll": nll(floor, truth, **boot), "mode_tv": mode_coverage(floor, truth, **boot),
+                 "sliced_w2": sliced_wasserstein(floor, reference, **boot)})
     baseline = rows[0]["run"]
     for r in rows[1:4]:  # the runs at about the student's cost; each starts from the student's x_T and noise
         r["sliced_w2_minus_student"] = paired_difference(
-            sliced_wasserstein, samples[r["run"]], samples[baseline], reference, n_boot=100)
+            sliced_wasserstein, samples[r["run"]], samples[baseline], reference, n_boot=args.boot or 100)
     return {"args": vars(args), "rows": rows, "samples": samples, "trajectories": trajectories, "truth": truth,
             "sigmas": sigmas}
 
@@ -262,6 +303,20 @@ def have_matplotlib() -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.toy:
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            print("the digits demo needs scikit-learn: pip install 'kdpp[demo]' (or run the toy demo: "
+                  "python -m kdpp.demo --toy)", file=sys.stderr)
+            return 1
+        from .learned import demo as digits
+
+        return digits.main(args)
+    return toy_main(args)
+
+
+def toy_main(args: argparse.Namespace) -> int:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if not args.no_figures and not have_matplotlib():  # say so before computing, not after
         print("matplotlib is not installed: no figures this run (pip install 'kdpp[demo]' adds it; "

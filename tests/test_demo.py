@@ -1,4 +1,4 @@
-"""The newcomer's main job: python -m kdpp.demo."""
+"""The newcomer's main job: python -m kdpp.demo (the learned digits by default, the analytic toy with --toy)."""
 import json
 import os
 import subprocess
@@ -15,9 +15,13 @@ from kdpp.toy import Estimate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_and_writes_results_and_figures(tmp_path):
+#: the toy demo with few bootstrap resamples: the intervals get coarser, nothing else changes
+TOY = ["--toy", "--boot", "20"]
+
+
+def test_toy_demo_runs_and_writes_results_and_figures(tmp_path):
     pytest.importorskip("matplotlib")
-    assert demo.main(["--n", "300", "--out", str(tmp_path), "--student", "truncated"]) == 0
+    assert demo.main([*TOY, "--n", "300", "--out", str(tmp_path), "--student", "truncated"]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     names = [r["run"] for r in result["rows"]]
     assert names[:3] == ["student 4 steps", "student 5 steps", "student++ 4 steps, k=1"]
@@ -29,18 +33,28 @@ def test_demo_runs_and_writes_results_and_figures(tmp_path):
 
 
 @pytest.mark.parametrize("solver", ["euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm"])
-def test_demo_options(solver, tmp_path):
-    assert demo.main(["--n", "200", "--out", str(tmp_path), "--no-figures", "--solver", solver, "--student",
+def test_toy_demo_options(solver, tmp_path):
+    assert demo.main([*TOY, "--n", "100", "--out", str(tmp_path), "--no-figures", "--solver", solver, "--student",
                       "truncated", "--k", "2", "--lam", "0.5", "--renoise", "deterministic", "--seed", "3"]) == 0
 
 
 def test_demo_module_entry_point(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "kdpp.demo", "--help"], capture_output=True, text=True, check=True)
-    assert "--solver" in out.stdout and "--student" in out.stdout
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "kdpp.demo", "--help"], capture_output=True, text=True, check=True,
+                         env=env)
+    assert "--toy" in out.stdout and "--students" in out.stdout and "--solver" not in out.stdout
+
+
+def test_toy_help_lists_the_toy_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(["--toy", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--solver" in out and "--student" in out and "--boot" in out
 
 
 def test_table_prints_intervals_not_plus_minus():
-    """Issue 10 item 14: the demo's table shows each bootstrap interval as [low, high] (they are asymmetric)."""
+    """The toy demo's table shows each bootstrap interval as [low, high] (they are asymmetric), never ±."""
     est = Estimate(0.264, 0.222, 0.495)
     rows = [{"run": "a", "student_nfe": 4, "teacher_nfe": 0, "seconds": 1.0, "nll": est, "mode_tv": est,
              "sliced_w2": est},
@@ -67,13 +81,11 @@ BLOCK_MATPLOTLIB = textwrap.dedent("""
 
 
 def test_demo_without_matplotlib_says_so_up_front_and_still_reports(tmp_path):
-    """Issue 10 item 17: without matplotlib the demo notes it before computing, skips the figures, exits 0.
-
-    (Before: ~40 s of sampling, then a ModuleNotFoundError traceback and no results.json.)
-    """
+    """Without matplotlib the demo notes it before computing, skips the figures, still writes results.json and
+    exits 0 (no traceback after the sampling)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, "--n", "100", "--student", "truncated", "--out",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, *TOY, "--n", "100", "--student", "truncated",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "pip install 'kdpp[demo]'" in lines[0]  # before the run starts
@@ -85,16 +97,14 @@ def test_demo_without_matplotlib_says_so_up_front_and_still_reports(tmp_path):
 
 
 def _run(*options: str) -> dict:
-    return demo.run(demo.parse_args(["--n", "100", "--student", "truncated", "--no-figures", *options]))
+    return demo.run(demo.parse_args([*TOY, "--n", "100", "--student", "truncated", "--no-figures", *options]))
 
 
 @pytest.mark.parametrize("solver", ["euler_ancestral", "dpmpp_2s_ancestral", "lcm"])
 @pytest.mark.parametrize("off", [["--k", "0"], ["--lam", "0"]])
 def test_student_pp_without_teacher_is_the_student_for_stochastic_solvers(solver, off):
-    """Each run gets a fresh solver noise sampler from the same seed, so the comparison is paired.
-
-    (Before: one stateful sampler shared by all runs; euler_ancestral with --k 0 gave mode TV 0.115 vs 0.095.)
-    """
+    """Each run gets a fresh solver noise sampler from the same seed, so the comparison is paired: with no
+    teacher call student++ is the student, sample for sample."""
     result = _run("--solver", solver, *off)
     student, pp = result["rows"][0], result["rows"][2]
     assert torch.equal(result["samples"][student["run"]], result["samples"][pp["run"]])
@@ -108,7 +118,8 @@ def _nfe(rows: list[dict]) -> list[tuple[int, int]]:
 
 
 def test_nfe_column_counts_real_model_calls():
-    """NFE S+T is counted, not steps + k. (Before: --steps 1 showed 1+1, --k 4 of 4 showed 4+4, 2s-ancestral 4+1.)"""
+    """NFE S+T is counted model calls, not steps + k (a step to sigma 0 may call no teacher; a two-stage solver
+    calls the student twice per step)."""
     with pytest.warns(UserWarning):  # the core's warning: no teacher call when the renoise level is 0
         one = _run("--steps", "1")["rows"]
     assert _nfe(one)[:4] == [(1, 0), (2, 0), (1, 0), (0, 1)]  # the teacher at equal NFE: 1 call
@@ -145,11 +156,11 @@ def test_nfe_of_the_student_matches_k_diffusion():
 @pytest.mark.parametrize("options, named", [
     (["--steps", "0"], "--steps"), (["--steps", "-2"], "--steps"), (["--lam", "nan"], "--lam"),
     (["--lam", "inf"], "--lam"), (["--n", "1"], "--n"), (["--n", "99"], "--n"), (["--k", "-1"], "--k"),
-    (["--k", "5"], "--k"),
+    (["--k", "5"], "--k"), (["--boot", "5"], "--boot"),
 ])
-def test_bad_options_are_argparse_errors_naming_the_option(options, named, capsys):
+def test_bad_toy_options_are_argparse_errors_naming_the_option(options, named, capsys):
     with pytest.raises(SystemExit) as exc:
-        demo.parse_args(options)
+        demo.parse_args(["--toy", *options])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"error: {named} must" in err and "Traceback" not in err
@@ -157,7 +168,7 @@ def test_bad_options_are_argparse_errors_naming_the_option(options, named, capsy
 
 def test_trajectories_figure_explains_its_arrows(tmp_path, monkeypatch):
     """trajectories.png has a legend for the blue paths and the red D -> R(D) arrows and a caption saying what
-    they are and how many guided steps are drawn (before: red arrows, explained nowhere in the figure)."""
+    they are and how many guided steps are drawn."""
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
@@ -180,3 +191,80 @@ def test_table_says_the_time_is_one_run():
     out = demo.table([{"run": "a", "student_nfe": 4, "teacher_nfe": 0, "seconds": 1.0, "nll": est, "mode_tv": est,
                        "sliced_w2": est}])
     assert out.splitlines()[0].endswith("time (1 run)") and out.splitlines()[2].endswith(" 1.00s")
+
+
+# the digits demo (the default)
+
+DIGITS = ["--students", "small", "weakcfg", "--n", "200", "--steps", "3"]
+
+
+def test_default_demo_is_the_learned_digits_with_every_trained_student():
+    from kdpp.learned import STUDENTS
+
+    args = demo.parse_args([])
+    assert not args.toy and args.students == list(STUDENTS) and args.steps == 4
+
+
+def test_toy_options_without_toy_say_to_add_it(capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(["--solver", "lcm"])
+    assert exc.value.code == 2
+    assert "error: --solver: an option of the toy demo; add --toy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--steps", "0"], "--steps"), (["--n", "100"], "--n"), (["--k", "5"], "--k"), (["--lam", "nan"], "--lam"),
+    (["--guided-steps", "4"], "--guided-steps"), (["--seeds", "0"], "--seeds"),
+])
+def test_bad_digits_options_are_argparse_errors_naming_the_option(options, named, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(options)
+    assert exc.value.code == 2
+    assert f"error: {named} must" in capsys.readouterr().err
+
+
+def test_digits_demo_shows_students_plain_with_the_teacher_and_the_teacher_at_equal_cost(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    assert demo.main([*DIGITS, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["run"]: r for r in result["rows"]}
+    names = list(rows)
+    assert names[0] == "small, 3 steps" and names[2] == "weakcfg, 3 steps"
+    assert names[1].startswith("small + teacher (k=1, lam 0.5")
+    # counted network evaluations per sample: a CFG teacher call is 2; the teacher alone gets the same budget
+    assert [(r["student_evals"], r["teacher_evals"]) for r in result["rows"]] == [
+        (3, 0), (3, 2), (3, 0), (3, 2), (0, 4), (0, 80)]
+    assert names[4] == "teacher, 2 steps (equal NFE)" and names[5] == "teacher, 40 steps"
+    for r in result["rows"]:
+        assert len(r["fd"]) == 3 and r["fd_ci"][1] <= r["fd_ci"][0] <= r["fd_ci"][2]
+        assert 0 <= r["acc_ci"][0] <= 1
+    # student++ minus plain, per seed (paired)
+    pp, plain = rows[names[3]], rows[names[2]]
+    assert pp["fd_diff"][0] == pytest.approx(sum(a - b for a, b in zip(pp["fd"], plain["fd"])) / 3)
+    assert "fd_diff" not in plain
+    assert (tmp_path / "digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "python -m kdpp.demo --toy" in out and "(n/a" not in out
+
+
+def test_digits_demo_with_two_seeds_claims_no_significance(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    assert demo.main(["--students", "small", "--n", "200", "--steps", "2", "--seeds", "2", "--no-figures", "--out",
+                      str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (pp,) = [line for line in lines if line.startswith("small + teacher")]
+    assert pp.count("(n/a: 2 seeds)") == 2 and "*" not in pp and "n.s." not in pp
+
+
+BLOCK_SKLEARN = BLOCK_MATPLOTLIB.replace('"matplotlib"', '"sklearn"')
+
+
+def test_digits_demo_without_scikit_learn_says_how_to_get_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", BLOCK_SKLEARN, "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 1
+    assert "the digits demo needs scikit-learn: pip install 'kdpp[demo]'" in proc.stderr
+    assert "python -m kdpp.demo --toy" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
