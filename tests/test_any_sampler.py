@@ -62,6 +62,6 @@ def test_wrapper_pulls_a_biased_student_toward_the_truth_on_the_toy(sampler):
     torch.manual_seed(0)
     plain = sampler(student, x, sigmas, disable=True)
     torch.manual_seed(0)
-    guided = sampler(DistillationDenoiser(student, mix.denoiser, sigmas, 1.0, 2, renoise_seed=1), x, sigmas, disable=True)
+    guided = sampler(DistillationDenoiser(student, mix.denoiser, sigmas, 1.0, 2, seed=1), x, sigmas, disable=True)
     before, after = mode_coverage(plain, mix), mode_coverage(guided, mix)
     assert after.high < before.low, (before, after)
