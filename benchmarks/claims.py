@@ -19,7 +19,7 @@ wrapper around the teacher (batched model calls per run), never inferred from ``
 4. lam and k sweeps (figures);
 5. a sharp toy on which the teacher itself is poor at few steps: does student++ beat both
    the student and the teacher at equal NFE?
-6. DPM++ 2M history: unrefined (MATH.md) vs refined, with several guided steps.
+6. DPM++ 2M history: unrefined (docs/method.md) vs refined, with several guided steps.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import torch
 from scipy import stats
 
 import kdpp
+from kdpp.noise import initial_noise
 from kdpp.schedules import timestep_sigmas, trailing_timesteps
 from kdpp.toy import FlowMapStudent, grid, high_dim, mode_coverage, nll, ring, sliced_wasserstein
 from kdpp.toy.trained import load_trained_student
@@ -67,15 +68,13 @@ class CountedCalls:
 
 
 def sample(truth, student, teacher, solver, steps, lam, k, seed, n, **options):
-    """One seeded run; returns the samples, the wall time and the teacher's counted calls."""
+    """One run; ``seed`` draws its initial, solver and renoise noise (runs of one seed are paired). Returns the
+    samples, the wall time and the teacher's counted calls."""
     sigmas = timestep_sigmas(trailing_timesteps(steps))
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, truth.d, generator=g, dtype=torch.float64) * sigmas[0]
-    noise = {} if solver == "dpmpp_2m" else {"noise_sampler": kdpp.seeded_noise_sampler(x, seed + 10_000)}
+    x = initial_noise(seed, (n, truth.d), torch.float64) * sigmas[0]
     counted = None if teacher is None else CountedCalls(teacher)
     t0 = time.perf_counter()
-    out = kdpp.SAMPLERS[solver](student, counted, x, sigmas, lam, k, renoise_seed=seed + 20_000, disable=True,
-                                **noise, **options)
+    out = kdpp.SAMPLERS[solver](student, counted, x, sigmas, lam, k, seed=seed, disable=True, **options)
     return out, time.perf_counter() - t0, 0 if counted is None else counted.calls
 
 

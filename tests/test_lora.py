@@ -93,17 +93,19 @@ def test_parameters_are_held_once():
     assert storages(unet) == shared  # nothing fused or copied by a guided run
 
 
-def run_diffusers(unet, scheduler, steps, seed, generator=None):
-    """diffusers' denoising loop for one image at 128 x 128 (no CFG, as the LoRA students run)."""
+def run_diffusers(unet, scheduler, steps, seed, generators=None):
+    """diffusers' denoising loop for one image at 128 x 128 (no CFG, as the LoRA students run); step j's
+    scheduler noise from ``generators(j)``."""
     scheduler.set_timesteps(steps)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
     kw = COND.to("cpu", torch.float32)
     kw = SDXLConditioning(*(getattr(kw, f)[1:2] for f in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                                                         "negative_pooled_prompt_embeds"))).unet_kwargs(time_ids(128, 128))
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for j, t in enumerate(scheduler.timesteps):
             out = unet(scheduler.scale_model_input(latents, t), t, **kw).sample
-            step = scheduler.step(out, t, latents, **({"generator": generator} if generator else {}), return_dict=False)
+            step = scheduler.step(out, t, latents, **({"generator": generators(j)} if generators else {}),
+                                  return_dict=False)
             latents, denoised = step[0], step[1] if len(step) > 1 else None
     return latents if denoised is None else denoised
 
@@ -121,7 +123,8 @@ def test_lam0_run_is_the_lora_student_under_its_diffusers_scheduler(preset, sche
                                                               "pooled_prompt_embeds", "negative_pooled_prompt_embeds")))
     got = generate_sdxl(unet, cond, preset, seeds=[seed], height=128, width=128, lam=0.0, dtype=torch.float32,
                         disable=True)
-    want = run_diffusers(unet, scheduler(), 4, seed, generator=torch.Generator().manual_seed(stream_seed(seed, 1)))
+    solver_stream = lambda j: torch.Generator().manual_seed(stream_seed(stream_seed(seed, 1), j))  # noqa: E731 (kdpp.noise)
+    want = run_diffusers(unet, scheduler(), 4, seed, generators=solver_stream)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     guided = generate_sdxl(unet, cond, preset, seeds=[seed], height=128, width=128, dtype=torch.float32, disable=True)
     assert not torch.equal(guided, got)  # the default lam guides

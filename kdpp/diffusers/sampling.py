@@ -9,7 +9,6 @@ here too. Nothing here imports diffusers.
 """
 from __future__ import annotations
 
-import inspect
 import numbers
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import SEED_RANGE, _index, _ints
-from ..noise import seeded_noise_sampler, stream_seed
+from ..noise import initial_noise
 from ..refine import Denoiser, RenoiseSigma
 from ..solvers import SAMPLERS
 
@@ -126,8 +125,8 @@ def sample_batch(
 
     Image ``b`` starts from ``noise_scale * randn(shape)`` drawn on the CPU by
     ``torch.Generator().manual_seed(seeds[b])`` (so images reproduce across devices and batch
-    sizes); its solver noise and renoise noise are streams 1 and 2 of the same seed
-    (:func:`kdpp.noise.stream_seed`). ``lam``, ``k`` and ``renoise`` default to the preset's;
+    sizes); its solver noise, renoise noise and random levels are the seed's streams
+    (:mod:`kdpp.noise`). ``lam``, ``k`` and ``renoise`` default to the preset's;
     ``guided_steps`` (step indices, negative ones from the end) replaces ``k`` and is passed on
     only when given, as is ``renoise_sigma``. The sampler warns when a guided step can call no
     teacher (its renoise level is 0).
@@ -142,15 +141,12 @@ def sample_batch(
         k = preset.k
     if renoise_sigma is not None:
         options["renoise_sigma"] = renoise_sigma
-    noise = seeded_noise_sampler(torch.empty(len(seeds), *shape), seeds)(0.0, 0.0)  # on the CPU
-    x = (noise * noise_scale).to(device=device, dtype=dtype)
+    x = (initial_noise(seeds, (len(seeds), *shape)) * noise_scale).to(device=device, dtype=dtype)
     sampler = SAMPLERS[preset.sampler]
-    if "noise_sampler" in inspect.signature(sampler).parameters:  # DPM++ 2M (and its CFG++ form) draws none
-        options["noise_sampler"] = seeded_noise_sampler(x, [stream_seed(s, 1) for s in seeds])
     with torch.no_grad():
         return sampler(
             student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
-            renoise=renoise, renoise_seed=[stream_seed(s, 2) for s in seeds], disable=disable, callback=callback,
+            renoise=renoise, seed=seeds, disable=disable, callback=callback,
             **options)
 
 
