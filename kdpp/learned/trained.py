@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import kdpp
-from kdpp.noise import stream_seed
+from kdpp.noise import initial_noise
 from kdpp.schedules import karras_sigmas, timestep_sigmas, trailing_timesteps
 
 from .data import NULL_CLASS
@@ -93,7 +93,7 @@ def sample_teacher(teacher: torch.nn.Module, labels: Tensor | None, steps: int =
         n = len(labels)
     sigmas = (karras_sigmas(steps, 0.002, SIGMA_MAX) if schedule == "karras"
               else timestep_sigmas(trailing_timesteps(steps)))
-    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(seed)) * sigmas[0].item()
+    x = initial_noise(seed, (n, 64)) * sigmas[0].item()
     _, targs = conditioning(labels, w)
     return kdpp.sample_dpmpp_2m_distpp(guided_teacher(teacher, labels, w), None, x, sigmas, 0.0, 0,
                                        extra_args=targs, disable=True)
@@ -153,9 +153,9 @@ def sample_student(student, labels: Tensor | None, steps: int, seed: int = 0, n:
     ``steps`` multistep consistency steps (``kdpp.sample_lcm_distpp``) on the LCM trailing schedule
     ``timestep_sigmas(trailing_timesteps(steps))`` (sigma 14.6 -> 0), from seeded noise.
 
-    ``labels=None`` samples ``n`` unconditional digits. The initial noise is drawn from a CPU generator
-    seeded ``seed``; the solver noise from ``stream_seed(seed, 1)`` and the renoise noise from
-    ``stream_seed(seed, 2)``.
+    ``labels=None`` samples ``n`` unconditional digits. ``seed`` draws everything: the initial noise
+    (:func:`kdpp.noise.initial_noise`), the solver and the renoise noise (the sampler's streams), so runs of
+    one seed with and without teacher calls are paired.
     """
     if labels is None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -165,11 +165,9 @@ def sample_student(student, labels: Tensor | None, steps: int, seed: int = 0, n:
         check_labels(labels, "labels", None, allow_null=True)
         n = len(labels)
     sigmas = timestep_sigmas(trailing_timesteps(steps))
-    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(seed)) * sigmas[0].item()
+    x = initial_noise(seed, (n, 64)) * sigmas[0].item()
     sargs, targs = conditioning(labels, w)
     if not distpp:
         distpp = {"lam": 0.0, "k": 0}
     return kdpp.sample_lcm_distpp(student, None if teacher is None else guided_teacher(teacher, labels, w), x, sigmas,
-                                  extra_args=sargs, teacher_extra_args=targs, disable=True,
-                                  noise_sampler=kdpp.seeded_noise_sampler(x, stream_seed(seed, 1)),
-                                  renoise_seed=stream_seed(seed, 2), **distpp)
+                                  extra_args=sargs, teacher_extra_args=targs, disable=True, seed=seed, **distpp)
