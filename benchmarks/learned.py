@@ -53,9 +53,9 @@ SETTINGS = {"uncond": ["strong", "teacher_init", "small", "oracle"],
 STEPS = 4
 #: the fewest seeds a paired difference needs for a significance mark
 MIN_SEEDS = 3
-RENOISE = {  # Table 1: (renoise, renoise_sigma)
-    "random/next (paper)": ("random", "next"),
-    "deterministic/next": ("deterministic", "next"),
+RENOISE = {  # Table 1: (renoise, renoise_sigma); None: the sampler's default level "auto"
+    "random/auto": ("random", None),
+    "deterministic/auto": ("deterministic", None),
     "random/current": ("random", "current"),
     "random/random": ("random", "random"),
     "guidance (eq. 10)": ("guidance", None),
@@ -66,7 +66,7 @@ def renoising(renoise: tuple[str, str | None]) -> dict:
     return {"renoise": renoise[0]} | ({} if renoise[1] is None else {"renoise_sigma": renoise[1]})
 
 
-def first_k(k: int, lam: float, renoise=("random", "next")) -> dict:
+def first_k(k: int, lam: float, renoise=("random", None)) -> dict:
     """Sampler kwargs: the first ``k`` steps guided with ``lam``."""
     return {"k": k, "lam": lam} | renoising(renoise)
 
@@ -78,14 +78,16 @@ def placement(steps: list[int], lam: float, renoise=("guidance", None)) -> dict:
 
 #: the teacher-call settings of the summary table (5): the paper's, the last-step ones, and the recommendation
 SUMMARY = {
-    "first step, lam 0.5, random/next (paper)": first_k(1, 0.5),
-    "first step, lam 0.25, random/next": first_k(1, 0.25),
+    "first step, lam 0.5 (paper: k = 1, random, tau = next)": first_k(1, 0.5),
+    "first step, lam 0.25": first_k(1, 0.25),
+    "first step, lam 0.1": first_k(1, 0.1),
     "last step, lam 0.25, guidance": placement([-1], 0.25),
     "last step, lam 0.5, guidance": placement([-1], 0.5),
     "last step, lam 1, guidance": placement([-1], 1.0),
+    "last step, lam 0.5, random/auto": placement([-1], 0.5, ("random", None)),
 }
 #: the recommended default (a key of SUMMARY): see docs/learned.md for the evidence
-RECOMMENDED = "first step, lam 0.25, random/next"
+RECOMMENDED = "first step, lam 0.25"
 
 
 class Bench:
@@ -176,7 +178,9 @@ def markdown(rows, floor, meta) -> str:
             dacc = fmt_diff(r["diff"]["acc"], seeds, 3) if "diff" in r and "acc" in r["diff"] else "-"
             dfd = fmt_diff(r["diff"]["fd"], seeds) if "diff" in r else "-"
             ratio = f" ({r['time_ratio']:.2f}x)" if "time_ratio" in r else ""
-            out.append(f"| {r['mode']} | {r['who']} | {r['label']} | {r['student_nfe']:.0f} + {r['teacher_nfe']:.0f} | "
+            label = r["label"] + (" **(recommended)**" if r["table"].startswith("Summary")
+                                  and r["label"] == meta.get("recommended") else "")
+            out.append(f"| {r['mode']} | {r['who']} | {label} | {r['student_nfe']:.0f} + {r['teacher_nfe']:.0f} | "
                        f"{r['teacher_calls']} | {fmt(r['mean']['fd'])} | {dfd} | {acc} | {dacc} | "
                        f"{fmt(r['mean']['tv'], 3)} | {r.get('vs', '')} | {r['seconds'] * 1e3:.0f}{ratio} |")
         out.append("")
@@ -184,8 +188,8 @@ def markdown(rows, floor, meta) -> str:
 
 
 def figure(rows, path):
-    """Sample grids: the first 20 samples of seed 0 (cond: the digits 0-9 twice), plain vs recommended vs the
-    last-step call, for every conditional student, and the teacher."""
+    """Sample grids: the first 20 samples of seed 0 (cond: the digits 0-9 twice), plain vs the paper's first-step
+    call vs a last-step call, for every conditional student, and the teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +197,8 @@ def figure(rows, path):
 
     summary = [r for r in rows if r["table"].startswith("Summary") and r["mode"] == "cond"]
     students = list(dict.fromkeys(r["who"] for r in summary))
-    columns = [f"plain, {STEPS} steps", RECOMMENDED, "last step, lam 0.5, guidance"]
+    columns = [f"plain, {STEPS} steps", "first step, lam 0.5 (paper: k = 1, random, tau = next)",
+               "last step, lam 0.5, guidance"]
     fig, axes = plt.subplots(len(students) + 1, len(columns), figsize=(2.3 * len(columns), 2.0 * (len(students) + 1)),
                              squeeze=False)
     teachers = [r for r in rows if r["mode"] == "cond" and r["who"] == "teacher"][:len(columns)]
@@ -227,7 +232,16 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results; with --smoke a new "
                    "temporary folder)")
     p.add_argument("--figure", default=None, help="PNG path for the sample grids")
+    p.add_argument("--render", action="store_true", help="only re-render learned.md from the learned.json in --out, "
+                   "marking the current RECOMMENDED setting")
     args = p.parse_args(argv)
+    if args.render:
+        out = Path(args.out or HERE / "results")
+        stored = json.loads((out / "learned.json").read_text())
+        stored["meta"]["recommended"] = RECOMMENDED
+        (out / "learned.json").write_text(json.dumps(stored, indent=1) + "\n")
+        (out / "learned.md").write_text(markdown(stored["rows"], stored["meta"]["floor_fd"], stored["meta"]) + "\n")
+        return stored["rows"]
     if args.smoke:
         args.seeds, args.n = 2, 100
     if args.out is None:
@@ -251,7 +265,7 @@ def main(argv=None) -> list[dict]:
 
     settings = {"cond": ["weakcfg"], "uncond": ["small"]} if args.smoke else SETTINGS
     t0, t1, t2, t3, t4, t5 = ("Table 0: plain students at 1-6 steps, and the teacher",
-                              f"Table 1: first-step teacher call (lam 0.5, {STEPS} steps), renoising options",
+                              f"Table 1: one teacher call (lam 0.5, {STEPS} steps), first or last step, renoising",
                               "Table 2: 4+1 vs 5 vs 5+1 vs 6", f"Table 3: lam sweep ({STEPS} steps)",
                               f"Placement: where the teacher call goes (guidance form, {STEPS} steps)",
                               f"Summary: every student, {STEPS} steps, plain vs teacher calls")
@@ -271,9 +285,11 @@ def main(argv=None) -> list[dict]:
             for steps in ([STEPS] if args.smoke else range(1, 7)):
                 plain[steps] = add(t0, mode, who, f"plain, {steps} steps", *run(steps))
             base = plain[STEPS]
-            renoise = {"random/next (paper)": RENOISE["random/next (paper)"]} if args.smoke else RENOISE
+            renoise = {"random/auto": RENOISE["random/auto"]} if args.smoke else RENOISE
             for name, rn in renoise.items():
                 add(t1, mode, who, f"first step, {name}", *run(guide=first_k(1, 0.5, rn)), baseline=base)
+            for name, rn in ({} if args.smoke else RENOISE).items():
+                add(t1, mode, who, f"last step, {name}", *run(guide=placement([-1], 0.5, rn)), baseline=base)
             if not args.smoke:
                 add(t2, mode, who, "4 + first-step call, lam 0.5", *run(4, first_k(1, 0.5)), baseline=plain[4])
                 add(t2, mode, who, "plain, 5 steps", *run(5), baseline=plain[4])
@@ -295,8 +311,7 @@ def main(argv=None) -> list[dict]:
             if not args.smoke:
                 add(t5, mode, who, f"plain, {STEPS} steps", *run())
                 for label, guide in SUMMARY.items():
-                    add(t5, mode, who, label + (" (recommended)" if label == RECOMMENDED else ""), *run(guide=guide),
-                        baseline=base)
+                    add(t5, mode, who, label, *run(guide=guide), baseline=base)
 
     prov = provenance(Path(args.weights).with_name(PROVENANCE.name))
     meta = {"command": "python benchmarks/learned.py " + " ".join(argv if argv is not None else sys.argv[1:]),

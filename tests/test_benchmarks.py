@@ -150,3 +150,42 @@ def test_learned_training_defaults_to_a_fresh_temporary_folder(tmp_path, monkeyp
     out = train_learned.output_path(argparse.Namespace(out=None, overwrite=False))
     assert out.parent.parent == tmp_path and out.parent.name.startswith("kdpp-learned-train-")
     assert out.parent != train_learned.WEIGHTS.parent
+
+
+#: the extra of setup.cfg that provides a module a benchmark imports
+EXTRA_OF = {"k_diffusion": "k-diffusion", "diffusers": "diffusers", "peft": "diffusers", "matplotlib": "demo",
+            "kdpp.learned": "learned", "kdpp.diffusers": "diffusers", "comfyui_env": "test", "comfy": "test"}
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_docs_list_the_extras_every_benchmark_needs():
+    """docs/benchmarks.md has a row per script in benchmarks/, naming extras that exist in setup.cfg and cover the
+    third-party packages the script imports (at the top or inside a function)."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    extras = set(cfg["options.extras_require"])
+    documented = {}
+    for line in (ROOT / "docs/benchmarks.md").read_text().splitlines():
+        m = re.match(r"\| `benchmarks/(\w+)\.py` \| [^|]+ \| ([^|]+) \|", line)
+        if m:
+            documented[m.group(1)] = set(re.findall(r"`([a-z][\w-]*)`", m.group(2)))
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    assert set(documented) == scripts
+    for script, named in documented.items():
+        assert named <= extras, (script, named - extras)
+        needed = {extra for module in _imports(ROOT / "benchmarks" / f"{script}.py") for prefix, extra in EXTRA_OF.items()
+                  if module == prefix or module.startswith(prefix + ".")}
+        assert needed <= named or "test" in named, (script, needed, named)  # the test extra has them all

@@ -127,7 +127,7 @@ def test_benchmark_smoke_runs_end_to_end_with_placement(tmp_path, monkeypatch, c
     by = {(r["mode"], r["label"]): r for r in rows}
     # network-evaluation accounting: a CFG teacher call is 1 call and 2 evaluations, an unconditional one 1, plain none
     assert (by[("cond", "plain, 4 steps")]["teacher_nfe"], by[("cond", "plain, 4 steps")]["teacher_calls"]) == (0, 0)
-    paper = by[("cond", "first step, random/next (paper)")]
+    paper = by[("cond", "first step, random/auto")]
     assert (paper["student_nfe"], paper["teacher_nfe"], paper["teacher_calls"]) == (4, 2, 1)
     assert (by[("uncond", "last step, lam 1")]["teacher_nfe"], by[("uncond", "last step, lam 1")]["teacher_calls"]) == (1, 1)
     assert all("diff" in r for r in rows if not r["label"].startswith("plain") and r["who"] != "teacher")
