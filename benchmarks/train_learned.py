@@ -311,7 +311,7 @@ def main(argv=None) -> Path:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--min-delta", type=float, default=0.01, help="relative improvement that resets the patience")
-    p.add_argument("--lr-drops", type=int, default=2)
+    p.add_argument("--lr-drops", type=int, default=1)
     p.add_argument("--max-iters", type=int, default=40000)
     p.add_argument("--label-dropout", type=float, default=0.15)
     p.add_argument("--sigma-data", type=float, default=0.75)
