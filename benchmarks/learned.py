@@ -270,8 +270,7 @@ def main(argv=None) -> list[dict]:
                               f"Placement: where the teacher call goes (guidance form, {STEPS} steps)",
                               f"Summary: every student, {STEPS} steps, plain vs teacher calls")
     for mode, students in settings.items():
-        teacher_rows = [(40, "karras")] if args.smoke else [(40, "karras"), (STEPS, "trailing"), (STEPS + 1, "trailing"),
-                                                            (STEPS + 2, "trailing")]
+        teacher_rows = [(40, "karras")] if args.smoke else [(40, "karras")] + [(n, "trailing") for n in range(2, 7)]
         for steps, sched in teacher_rows:
             label = f"DPM++ 2M, {steps} steps ({'Karras, sigma 80' if sched == 'karras' else 'trailing'})"
             add(t0, mode, "teacher", label, (mode, "teacher", steps, sched),
