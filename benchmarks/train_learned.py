@@ -334,6 +334,7 @@ def main(argv=None) -> Path:
         log(f"== {name}: {times[name]} s")
 
     load_before = os.getloadavg()
+    revision = git_revision()  # the code that trains, before the run writes anything (its output may be tracked)
     x, y = load_digits()
     if args.teacher_from:
         reused = load_nets(args.teacher_from)
@@ -392,7 +393,7 @@ def main(argv=None) -> Path:
         "command": " ".join([Path(sys.executable).name, "benchmarks/train_learned.py", *(argv if argv is not None else sys.argv[1:])]),
         "args": vars(args) | {"out": str(out.relative_to(ROOT)) if out.is_absolute() and ROOT in out.parents else str(out)},
         "seed": args.seed,
-        "git_revision": git_revision(),
+        "git_revision": revision,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
