@@ -156,12 +156,13 @@ def fmt_diff(ci: list[float], digits: int, seeds: int) -> str:
 
 def table(result: dict) -> str:
     seeds = result["args"]["seeds"]
-    head = f"{'run':44} {'NFE S+T':>8} {'FD':>22} {'ΔFD vs plain':>26} {'accuracy':>24} {'Δacc vs plain':>28}"
+    width = max(len(r["run"]) for r in result["rows"]) + 1
+    head = f"{'run':{width}} {'NFE S+T':>8} {'FD':>22} {'ΔFD vs plain':>26} {'accuracy':>24} {'Δacc vs plain':>28}"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         dfd = fmt_diff(r["fd_diff"], 2, seeds) if "fd_diff" in r else "-"
         dacc = fmt_diff(r["acc_diff"], 3, seeds) if "acc_diff" in r else "-"
-        lines.append(f"{r['run']:44} {r['student_evals']:>3.0f}+{r['teacher_evals']:<4.0f} {fmt(r['fd_ci'], 2):>22} "
+        lines.append(f"{r['run']:{width}} {r['student_evals']:>3.0f}+{r['teacher_evals']:<4.0f} {fmt(r['fd_ci'], 2):>22} "
                      f"{dfd:>26} {fmt(r['acc_ci'], 3):>24} {dacc:>28}")
     return "\n".join(lines)
 
