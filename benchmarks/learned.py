@@ -19,8 +19,8 @@ alignment headroom) and ``oracle`` (``TeacherODEStudent``: the teacher's own ODE
 Tables: (0) plain students at 1..6 steps against the teacher; (1) one teacher call on the first step
 with every renoising option; (2) 4 + 1 vs 5 vs 5 + 1 vs 6; (3) lam sweeps, first and last step; (4)
 placement: one teacher call on the first, a middle or the last step, or on every step, in the guidance
-form (paper eq. 10); (5) the summary: every student x {plain, the paper's first-step call, last-step
-calls, the recommended default}.
+form (paper eq. 10); (5) the summary, a view of rows of 1-4: every student x {plain, first-step calls (the
+paper's among them), last-step calls, the recommended default}.
 
 Every row's network evaluations and teacher calls are counted by wrappers around the nets (a CFG call is
 one teacher call and 2 evaluations), never inferred from ``k``. Metrics (kdpp.learned.metrics): FD in the
@@ -76,18 +76,39 @@ def placement(steps: list[int], lam: float, renoise=("guidance", None)) -> dict:
     return {"guided_steps": steps, "lam": lam} | renoising(renoise)
 
 
-#: the teacher-call settings of the summary table (5): the paper's, the last-step ones, and the recommendation
+#: the teacher-call settings of the summary table (5), each run by one of the tables 1-4 (the summary is a view)
 SUMMARY = {
-    "first step, lam 0.5 (paper: k = 1, random, tau = next)": first_k(1, 0.5),
-    "first step, lam 0.25": first_k(1, 0.25),
     "first step, lam 0.1": first_k(1, 0.1),
+    "first step, lam 0.25": first_k(1, 0.25),
+    "first step, lam 0.5 (paper: k = 1, random, tau = next)": first_k(1, 0.5),
+    "first step, lam 0.5, deterministic": first_k(1, 0.5, ("deterministic", None)),
+    "first step, lam 1": first_k(1, 1.0),
+    "last step, lam 0.1, guidance": placement([-1], 0.1),
     "last step, lam 0.25, guidance": placement([-1], 0.25),
     "last step, lam 0.5, guidance": placement([-1], 0.5),
-    "last step, lam 1, guidance": placement([-1], 1.0),
     "last step, lam 0.5, random/auto": placement([-1], 0.5, ("random", None)),
 }
 #: the recommended default (a key of SUMMARY): see docs/learned.md for the evidence
-RECOMMENDED = "first step, lam 0.25"
+RECOMMENDED = "first step, lam 0.1"
+SUMMARY_TITLE = f"Summary: every student, {STEPS} steps, plain vs teacher calls (rows of the tables above)"
+
+
+def run_key(mode: str, who: str, steps: int, guide: dict | None) -> tuple:
+    """What identifies a student run (rows with equal keys are the same runs)."""
+    return (mode, who, steps, json.dumps(guide, sort_keys=True))
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """The summary table (5): for every student, its plain run and each SUMMARY setting at STEPS steps, taken from
+    the tables' rows (the same runs, differences against the same plain run)."""
+    by_key = {r["key"]: r for r in rows if not r["table"].startswith("Summary")}
+    out = []
+    for mode, who in dict.fromkeys((r["mode"], r["who"]) for r in rows if r["who"] != "teacher"):
+        for label, guide in {f"plain, {STEPS} steps": None, **SUMMARY}.items():
+            row = by_key.get(repr(run_key(mode, who, STEPS, guide)))
+            if row is not None:
+                out.append(row | {"table": SUMMARY_TITLE, "label": label})
+    return out
 
 
 class Bench:
@@ -188,36 +209,36 @@ def markdown(rows, floor, meta) -> str:
 
 
 def figure(rows, path):
-    """Sample grids: the first 20 samples of seed 0 (cond: the digits 0-9 twice), plain vs the paper's first-step
-    call vs a last-step call, for every conditional student, and the teacher."""
+    """Sample grids: the first 20 samples of seed 0 (the digits 0-9 twice) of every conditional student, plain, with
+    the recommended call, the paper's first-step call and a guidance-form last-step call, and of the teacher."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = [r for r in rows if r["table"].startswith("Summary") and r["mode"] == "cond"]
-    students = list(dict.fromkeys(r["who"] for r in summary))
-    columns = [f"plain, {STEPS} steps", "first step, lam 0.5 (paper: k = 1, random, tau = next)",
-               "last step, lam 0.5, guidance"]
-    fig, axes = plt.subplots(len(students) + 1, len(columns), figsize=(2.3 * len(columns), 2.0 * (len(students) + 1)),
+    cond = [r for r in summary(rows) if r["mode"] == "cond"]
+    students = list(dict.fromkeys(r["who"] for r in cond))
+    columns = {f"plain, {STEPS} steps": "plain", RECOMMENDED: f"{RECOMMENDED} (recommended)",
+               "first step, lam 0.5 (paper: k = 1, random, tau = next)": "first step, lam 0.5 (paper)",
+               "last step, lam 0.25, guidance": "last step, lam 0.25, guidance"}
+    teachers = {f"DPM++ 2M, {n} steps ({sched})": title for n, sched, title in (
+        (40, "Karras, sigma 80", "teacher, 40 steps"), (3, "trailing", "teacher, 3 steps (equal NFE)"),
+        (STEPS, "trailing", f"teacher, {STEPS} steps"))}
+    panels = [[(r, f"{who}, {title}") for label, title in columns.items() for r in cond
+               if r["who"] == who and r["label"] == label] for who in students]
+    panels.append([(r, title) for label, title in teachers.items() for r in rows
+                   if r["mode"] == "cond" and r["who"] == "teacher" and r["label"] == label])
+    fig, axes = plt.subplots(len(panels), len(columns), figsize=(2.6 * len(columns), 0.95 * len(panels)),
                              squeeze=False)
-    teachers = [r for r in rows if r["mode"] == "cond" and r["who"] == "teacher"][:len(columns)]
-    for i, who in enumerate(students + ["teacher"]):
-        for j in range(len(columns)):
-            ax = axes[i][j]
+    for ax_row, row in zip(axes, panels):
+        for ax in ax_row:
             ax.axis("off")
-            if who == "teacher":
-                match = teachers[j:j + 1]
-            else:
-                match = [r for r in summary if r["who"] == who and r["label"] == columns[j]]
-            if not match:
-                continue
-            r = match[0]
+        for ax, (r, title) in zip(ax_row, row):
             imgs = torch.nn.functional.pad(to_images(r["sample"]), (0, 1, 0, 1))  # [20, 9, 9]: a 1-pixel gap
             grid = imgs.reshape(2, 10, 9, 9).permute(0, 2, 1, 3).reshape(18, 90)
             ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_title(f"{who}: {r['label']}\nFD {r['mean']['fd'][0]:.1f}, acc {r['mean']['acc'][0]:.3f}", fontsize=6)
-    fig.tight_layout()
+            ax.set_title(f"{title}\nFD {r['mean']['fd'][0]:.1f}, acc {r['mean']['acc'][0]:.3f}", fontsize=6)
+    fig.tight_layout(pad=0.3, h_pad=0.4)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
@@ -232,16 +253,17 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results; with --smoke a new "
                    "temporary folder)")
     p.add_argument("--figure", default=None, help="PNG path for the sample grids")
-    p.add_argument("--render", action="store_true", help="only re-render learned.md from the learned.json in --out, "
-                   "marking the current RECOMMENDED setting")
+    p.add_argument("--render", action="store_true", help="only re-render learned.md (its summary table from the "
+                   "current SUMMARY and RECOMMENDED) from the learned.json in --out")
     args = p.parse_args(argv)
     if args.render:
         out = Path(args.out or HERE / "results")
         stored = json.loads((out / "learned.json").read_text())
+        rows = [r for r in stored["rows"] if not r["table"].startswith("Summary")]
         stored["meta"]["recommended"] = RECOMMENDED
-        (out / "learned.json").write_text(json.dumps(stored, indent=1) + "\n")
-        (out / "learned.md").write_text(markdown(stored["rows"], stored["meta"]["floor_fd"], stored["meta"]) + "\n")
-        return stored["rows"]
+        (out / "learned.json").write_text(json.dumps(stored | {"rows": rows}, indent=1) + "\n")
+        (out / "learned.md").write_text(markdown(rows + summary(rows), stored["meta"]["floor_fd"], stored["meta"]) + "\n")
+        return rows
     if args.smoke:
         args.seeds, args.n = 2, 100
     if args.out is None:
@@ -264,11 +286,10 @@ def main(argv=None) -> list[dict]:
         return r
 
     settings = {"cond": ["weakcfg"], "uncond": ["small"]} if args.smoke else SETTINGS
-    t0, t1, t2, t3, t4, t5 = ("Table 0: plain students at 1-6 steps, and the teacher",
-                              f"Table 1: one teacher call (lam 0.5, {STEPS} steps), first or last step, renoising",
-                              "Table 2: 4+1 vs 5 vs 5+1 vs 6", f"Table 3: lam sweep ({STEPS} steps)",
-                              f"Placement: where the teacher call goes (guidance form, {STEPS} steps)",
-                              f"Summary: every student, {STEPS} steps, plain vs teacher calls")
+    t0, t1, t2, t3, t4 = ("Table 0: plain students at 1-6 steps, and the teacher",
+                          f"Table 1: one teacher call (lam 0.5, {STEPS} steps), first or last step, renoising",
+                          "Table 2: 4+1 vs 5 vs 5+1 vs 6", f"Table 3: lam sweep ({STEPS} steps)",
+                          f"Placement: where the teacher call goes (guidance form, {STEPS} steps)")
     for mode, students in settings.items():
         teacher_rows = [(40, "karras")] if args.smoke else [(40, "karras")] + [(n, "trailing") for n in range(2, 7)]
         for steps, sched in teacher_rows:
@@ -277,8 +298,7 @@ def main(argv=None) -> list[dict]:
                 lambda seed, steps=steps, sched=sched: bench.teacher_run(mode, steps, seed, sched))
         for who in students:
             def run(steps=STEPS, guide=None, who=who, mode=mode):
-                key = (mode, who, steps, json.dumps(guide, sort_keys=True))
-                return key, lambda seed: bench.student_run(mode, who, steps, seed, guide)
+                return run_key(mode, who, steps, guide), lambda seed: bench.student_run(mode, who, steps, seed, guide)
 
             plain = {}
             for steps in ([STEPS] if args.smoke else range(1, 7)):
@@ -307,10 +327,6 @@ def main(argv=None) -> list[dict]:
             for lam in ([1.0] if args.smoke else (0.5, 1.0)):
                 for name, steps_ in where.items():
                     add(t4, mode, who, f"{name}, lam {lam:g}", *run(guide=placement(steps_, lam)), baseline=base)
-            if not args.smoke:
-                add(t5, mode, who, f"plain, {STEPS} steps", *run())
-                for label, guide in SUMMARY.items():
-                    add(t5, mode, who, label, *run(guide=guide), baseline=base)
 
     prov = provenance(Path(args.weights).with_name(PROVENANCE.name))
     meta = {"command": "python benchmarks/learned.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -320,7 +336,7 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "learned_smoke" if args.smoke else "learned"
-    (out / f"{stem}.md").write_text(markdown(rows, floor, meta) + "\n")
+    (out / f"{stem}.md").write_text(markdown(rows + summary(rows), floor, meta) + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": [{k: v for k, v in r.items() if k != "sample"}
                                                                         for r in rows]}, indent=1) + "\n")
     if args.figure:

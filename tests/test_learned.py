@@ -133,6 +133,11 @@ def test_benchmark_smoke_runs_end_to_end_with_placement(tmp_path, monkeypatch, c
     assert all("diff" in r for r in rows if not r["label"].startswith("plain") and r["who"] != "teacher")
     md = (out / "learned_smoke.md").read_text()
     assert "(n/a)" in md and "]*" not in md
+    # the summary is a view of the tables' rows: the same runs, the same differences
+    summary = {r["label"]: r for r in bench.summary(rows) if r["mode"] == "cond"}
+    assert summary["plain, 4 steps"]["values"] == by[("cond", "plain, 4 steps")]["values"]
+    assert summary["first step, lam 0.5 (paper: k = 1, random, tau = next)"]["diff"] == paper["diff"]
+    assert f"### {bench.SUMMARY_TITLE}" in md
 
 
 @pytest.mark.parametrize("where", [[0], [2], [-1]])
