@@ -229,17 +229,18 @@ def test_digits_demo_shows_students_plain_with_the_teacher_and_the_teacher_at_eq
     result = json.loads((tmp_path / "results.json").read_text())
     rows = {r["run"]: r for r in result["rows"]}
     names = list(rows)
-    assert names[0] == "small, 3 steps" and names[2] == "weakcfg, 3 steps"
-    assert names[1].startswith("small + teacher (k=1, lam 0.5")
+    assert names[0] == "small, 3 steps" and names[3] == "weakcfg, 3 steps"
+    # one student++ run per --lam: the documented default (0.1) and the paper's scale (0.5)
+    assert names[1] == "small + teacher (k=1, lam 0.1, random)" and names[2] == "small + teacher (k=1, lam 0.5, random)"
     # counted network evaluations per sample: a CFG teacher call is 2; the teacher alone gets the same budget
     assert [(r["student_evals"], r["teacher_evals"]) for r in result["rows"]] == [
-        (3, 0), (3, 2), (3, 0), (3, 2), (0, 4), (0, 80)]
-    assert names[4] == "teacher, 2 steps (equal NFE)" and names[5] == "teacher, 40 steps"
+        (3, 0), (3, 2), (3, 2), (3, 0), (3, 2), (3, 2), (0, 4), (0, 80)]
+    assert names[6] == "teacher, 2 steps (equal NFE)" and names[7] == "teacher, 40 steps"
     for r in result["rows"]:
         assert len(r["fd"]) == 3 and r["fd_ci"][1] <= r["fd_ci"][0] <= r["fd_ci"][2]
         assert 0 <= r["acc_ci"][0] <= 1
     # student++ minus plain, per seed (paired)
-    pp, plain = rows[names[3]], rows[names[2]]
+    pp, plain = rows[names[5]], rows[names[3]]
     assert pp["fd_diff"][0] == pytest.approx(sum(a - b for a, b in zip(pp["fd"], plain["fd"])) / 3)
     assert "fd_diff" not in plain
     assert (tmp_path / "digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -249,8 +250,8 @@ def test_digits_demo_shows_students_plain_with_the_teacher_and_the_teacher_at_eq
 
 def test_digits_demo_with_two_seeds_claims_no_significance(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    assert demo.main(["--students", "small", "--n", "200", "--steps", "2", "--seeds", "2", "--no-figures", "--out",
-                      str(tmp_path)]) == 0
+    assert demo.main(["--students", "small", "--n", "200", "--steps", "2", "--seeds", "2", "--lam", "0.5",
+                      "--no-figures", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     (pp,) = [line for line in lines if line.startswith("small + teacher")]
     assert pp.count("(n/a: 2 seeds)") == 2 and "*" not in pp and "n.s." not in pp
