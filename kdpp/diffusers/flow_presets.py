@@ -1,11 +1,14 @@
 """How the distilled flow students sample, and their teachers (plain data; no diffusers import).
 
-Each student preset names its family (``"sd3"`` or ``"flux"``), its step count, its kdpp sampler
-(``"euler"``: diffusers' ``FlowMatchEulerDiscreteScheduler`` step, which is deterministic Euler),
-a copy of the published ``FlowMatchEulerDiscreteScheduler`` config of its model repository (pass
-``pipe.scheduler.config`` to ``generate`` to use the loaded one instead), its own guidance
-(FLUX's distilled-guidance input for students with a guidance embedding; true CFG scale) and its
-teacher. ``generate`` computes the schedule from the config as the family's pipeline does.
+Each student preset names its family (``"sd3"``, ``"flux"`` or ``"wan"``), its step count, its kdpp
+sampler (``"euler"``: diffusers' ``FlowMatchEulerDiscreteScheduler`` step, which is deterministic
+Euler; ``"lcm"``: its ``stochastic_sampling`` step, ``x0`` plus fresh noise), a copy of the
+published ``FlowMatchEulerDiscreteScheduler`` config of its model repository (pass
+``pipe.scheduler.config`` to ``generate`` to use the loaded one instead), how the schedule's base
+sigmas are chosen (``schedule``: the family's pipeline's, or the distillation recipe's linear grid),
+its own guidance (FLUX's distilled-guidance input for students with a guidance embedding; true CFG
+scale) and its teacher. ``generate`` computes the schedule from the config as the family's pipeline
+(or recipe) does.
 
 **Distillation++ starting points, not tuned values.** ``lam = 0.5`` on the first step only
 (``k = 1``, the paper's setting in all its quantitative results), the teacher renoised to the
@@ -29,6 +32,11 @@ _FLUX_SHIFT = {"num_train_timesteps": 1000, "base_image_seq_len": 256, "max_imag
 FLUX_SCHNELL_SCHEDULER = MappingProxyType({**_FLUX_SHIFT, "shift": 1.0, "use_dynamic_shifting": False})
 #: black-forest-labs/FLUX.1-dev: resolution-dependent (dynamic) shift
 FLUX_DEV_SCHEDULER = MappingProxyType({**_FLUX_SHIFT, "shift": 3.0, "use_dynamic_shifting": True})
+#: the lightx2v Wan 2.1 T2V 4-step LoRA recipe (ModelTC/LightX2V configs/distill/wan21/wan_t2v_distill_lora_4step_cfg.json:
+#: sample_shift 5, no CFG; its WanStepDistillScheduler steps x0 + fresh noise): the same step and shift in diffusers' scheduler
+WAN_LIGHTX2V_SCHEDULER = MappingProxyType({"num_train_timesteps": 1000, "shift": 5.0, "use_dynamic_shifting": False,
+                                           "stochastic_sampling": True})
+SCHEDULES = ("pipeline", "linear")
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class FlowTeacherPreset:
     """A flow teacher: true CFG (``cfg_scale != 1``, SD3.5 Large) or distilled guidance (``guidance``, FLUX.1-dev)."""
 
     name: str
-    family: str  #: "sd3" or "flux"
+    family: str  #: "sd3", "flux" or "wan"
     cfg_scale: float = 1.0  #: true CFG, one batched [uncond, cond] call; 1 = the conditional model alone
     guidance: float | None = None  #: the guidance-embedding input (FLUX.1-dev); None for models without one
     notes: str = ""
@@ -47,6 +55,8 @@ SD35_LARGE = FlowTeacherPreset("sd3.5-large", "sd3", cfg_scale=3.5,
                                notes="model card: 28 steps, guidance_scale 3.5 (diffusers' release post: 40 steps, 4.5)")
 #: FLUX.1-dev with distilled guidance 3.5 (one forward per call), as its model card samples it (50 steps)
 FLUX_DEV = FlowTeacherPreset("flux.1-dev", "flux", guidance=3.5, notes="model card: 50 steps, guidance_scale 3.5")
+#: Wan 2.1 T2V with CFG 5.0, WanPipeline's default guidance_scale (and its example's)
+WAN21_T2V = FlowTeacherPreset("wan2.1-t2v", "wan", cfg_scale=5.0, notes="WanPipeline: guidance_scale 5.0, 50 steps")
 
 
 @dataclass(frozen=True)
@@ -54,11 +64,12 @@ class FlowStudentPreset:
     """How one distilled flow student samples, its teacher, and its Distillation++ starting point."""
 
     name: str
-    family: str  #: "sd3" or "flux"
+    family: str  #: "sd3", "flux" or "wan"
     steps: int
     scheduler_config: Mapping[str, Any]
     teacher: FlowTeacherPreset
     sampler: str = "euler"  #: a key of kdpp.SAMPLERS
+    schedule: str = "pipeline"  #: "pipeline": the family pipeline's base sigmas; "linear": linspace(1, 1/N, N), then the shift
     cfg_scale: float = 1.0  #: the student's own true CFG (1: none)
     guidance: float | None = None  #: the student's guidance-embedding input (FLUX.1-dev LoRAs); None without one
     lam: float = 0.5
@@ -68,6 +79,8 @@ class FlowStudentPreset:
 
     def __post_init__(self):
         check_sampler(self.sampler, "FlowStudentPreset.sampler")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"FlowStudentPreset.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not isinstance(self.teacher, FlowTeacherPreset):
             raise TypeError(f"FlowStudentPreset.teacher must be a FlowTeacherPreset, got {type(self.teacher).__name__}")
 
@@ -96,5 +109,21 @@ def flux_dev_lora(steps: int = 8, guidance: float = 3.5) -> FlowStudentPreset:
                              notes="the LoRA on FLUX.1-dev's scheduler; guidance 3.5 as the base")
 
 
-STUDENTS = {"sd3.5-large-turbo": sd35_large_turbo, "flux.1-schnell": flux_schnell, "flux.1-dev-lora": flux_dev_lora}
+def wan21_lightx2v(steps: int = 4) -> FlowStudentPreset:
+    """Wan 2.1 T2V with lightx2v's step-distilled LoRA: 4 steps of ``x0`` + fresh noise (kdpp's ``"lcm"``) at the
+    flow times ``shift_5(1 - j/4)`` = 1, 0.9375, 0.8333, 0.625, no CFG; teacher: the base model (the LoRA off), CFG 5.
+
+    The recipe of ModelTC/LightX2V (``configs/distill/wan21/wan_t2v_distill_lora_4step_cfg.json``: 4 steps,
+    ``denoising_step_list`` [1000, 750, 500, 250], ``sample_shift`` 5, ``enable_cfg`` false; its
+    ``WanStepDistillScheduler`` takes ``x0 = x - sigma v`` and renoises to the next sigma with fresh
+    noise). The LoRA is distilled for 4 steps; other counts keep the linear grid.
+    """
+    steps = check_steps(steps, range(1, 9), "the lightx2v Wan 2.1 LoRA", "is distilled for 4 steps (1 to 8 allowed)")
+    return FlowStudentPreset(f"wan2.1-lightx2v-{steps}step", "wan", steps, WAN_LIGHTX2V_SCHEDULER, WAN21_T2V,
+                             sampler="lcm", schedule="linear", **one_step_defaults(steps),
+                             notes="lightx2v: 4 steps, shift 5, guidance_scale 1 (no CFG), LCM-style stochastic step")
+
+
+STUDENTS = {"sd3.5-large-turbo": sd35_large_turbo, "flux.1-schnell": flux_schnell, "flux.1-dev-lora": flux_dev_lora,
+            "wan2.1-lightx2v": wan21_lightx2v}
 """Flow student families by name: each a function of the step count returning a :class:`FlowStudentPreset`."""

@@ -1,17 +1,36 @@
-"""What every diffusers family's ``generate`` shares: argument checks, per-image seeds, the preset's sampler, images.
+"""The one diffusers generation body: a model family hands over denoisers, a schedule and a latent shape.
 
-A family module (:mod:`kdpp.diffusers.sdxl`, ...) turns its models and conditioning into a
-student and a teacher VE denoiser plus their keyword arguments; :func:`sample_batch` draws the
-initial noise and runs the preset's kdpp sampler; :func:`decode` turns latents into PIL images
-through the family's VAE, as diffusers' pipelines decode. The checks of what every ``generate``
-takes (:func:`check_seeds`, :func:`check_image_size`, :func:`check_type`, :func:`check_vae`) live
-here too. Nothing here imports diffusers.
+A *family* (:class:`Family`: :class:`kdpp.diffusers.sdxl.SDXLFamily`,
+:class:`kdpp.diffusers.sd3.SD3Family`, :class:`kdpp.diffusers.flux.FluxFamily`,
+:class:`kdpp.diffusers.wan.WanFamily`) is built from the student and teacher models, the batch's
+conditioning, the student's preset and the output size. It checks them all before any model call and
+knows what the family's diffusers pipeline does around its models: how they become VE denoisers
+``D(x, sigma, **extra) -> x0`` with their keyword arguments, the latent shape of one image (video),
+the VE schedule of the preset, the VE scale of the initial unit noise, and how latents decode.
+
+:func:`sample` is the body every family runs: it reads the run's options (``lam``, ``k`` /
+``guided_steps``, ``renoise``, ``renoise_sigma``; the preset's by default), draws the initial noise
+(:func:`initial_latents`: one CPU generator per image, seeded with its seed, as diffusers'
+pipelines draw with a list of CPU generators; or the caller's ``latents``), and hands the preset's
+kdpp sampler the denoisers, the schedule and the seeds, nothing else about noise. Around the run it
+holds the LoRA pairs' adapter state (:meth:`kdpp.diffusers.lora.SharedLoRAModel.session`) and
+resets diffusers' cache hooks. :func:`generate` is the one-call form (build, sample, decode) that
+each family's ``generate`` forwards to.
+
+Every model call runs as the family's pipeline makes it (:class:`ModelCall`): inside the model's
+``cache_context`` where it has one (diffusers' cache hooks, e.g. ``FirstBlockCacheConfig``; the
+student in context ``"student"``, the teacher in ``"teacher"``), with the caller's attention
+keyword arguments (the pipelines' ``cross_attention_kwargs`` / ``joint_attention_kwargs`` /
+``attention_kwargs``, e.g. a LoRA ``scale``). Nothing here imports diffusers.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
-from typing import Any, Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -21,12 +40,22 @@ from ..noise import seeded_noise_sampler, stream_seed
 from ..refine import Denoiser, RenoiseSigma
 from ..solvers import SAMPLERS
 
+#: the cache contexts of the two roles (diffusers' cache hooks keep one state per context name)
+STUDENT_CONTEXT, TEACHER_CONTEXT = "student", "teacher"
+
+
 def model_device(model: Any) -> torch.device:
     """The device of a module's first parameter (the CPU for parameter-less callables)."""
     try:
         return next(model.parameters()).device
-    except (AttributeError, StopIteration):
+    except (AttributeError, StopIteration, TypeError):
         return torch.device("cpu")
+
+
+def model_dtype(model: Any, default: torch.dtype) -> torch.dtype:
+    """A model's ``dtype`` (diffusers models have one), else ``default``."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else default
 
 
 def check_type(value: Any, expected: type | tuple[type, ...], name: str) -> None:
@@ -54,20 +83,22 @@ def check_seeds(seeds: Any) -> list[int]:
     return out
 
 
-#: the text-embedding fields both families' conditioning share: (name, ndim, shape)
+#: the text-embedding fields the SDXL and SD3/FLUX conditioning share: (name, ndim, shape)
 EMBEDDINGS = (("prompt_embeds", 3, "[batch, tokens, dim]"), ("negative_prompt_embeds", 3, "[batch, tokens, dim]"),
               ("pooled_prompt_embeds", 2, "[batch, dim]"), ("negative_pooled_prompt_embeds", 2, "[batch, dim]"))
 
 
-def check_embeddings(conditioning: Any, hint: str, negatives_optional: bool = False) -> None:
-    """Shape checks of a conditioning dataclass with the :data:`EMBEDDINGS` fields; errors name the field and ``hint``.
+def check_embeddings(conditioning: Any, hint: str, fields: Sequence[tuple[str, int, str]] = EMBEDDINGS,
+                     negatives_optional: bool = False) -> None:
+    """Shape checks of a conditioning dataclass; errors name the field and ``hint``.
 
-    Token embeddings ``[B, L, D]``, pooled ones ``[B, P]``, negatives shaped as the prompts (both
-    absent allowed with ``negatives_optional``), one batch size.
+    ``fields`` lists ``(name, ndim, shape)``; the negatives (``negative_`` + a prompt field) are
+    shaped as their prompts (all absent allowed with ``negatives_optional``); one batch size.
     """
     cls = type(conditioning).__name__
-    negatives = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
-    for name, ndim, what in EMBEDDINGS:
+    names = [name for name, _, _ in fields]
+    negatives = [name for name in names if name.startswith("negative_")]
+    for name, ndim, what in fields:
         value = getattr(conditioning, name)
         if value is None and negatives_optional and name in negatives:
             continue
@@ -77,15 +108,18 @@ def check_embeddings(conditioning: Any, hint: str, negatives_optional: bool = Fa
             raise ValueError(f"{cls}.{name} must be {what}, got shape {tuple(value.shape)} ({hint})")
     present = [getattr(conditioning, name) is not None for name in negatives]
     if any(present) and not all(present):
-        raise ValueError(f"{cls} needs both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+        raise ValueError(f"{cls} needs {' and '.join(negatives)}, or none of them")
     if all(present):
-        for neg, pos in zip(negatives, ("prompt_embeds", "pooled_prompt_embeds")):
+        for neg in negatives:
+            pos = neg[len("negative_"):]
             if getattr(conditioning, neg).shape != getattr(conditioning, pos).shape:
                 raise ValueError(f"{cls}.{neg} has shape {tuple(getattr(conditioning, neg).shape)}, "
                                  f"{pos} {tuple(getattr(conditioning, pos).shape)}; they must match ({hint})")
-    if conditioning.pooled_prompt_embeds.shape[0] != conditioning.prompt_embeds.shape[0]:
-        raise ValueError(f"{cls}.pooled_prompt_embeds has batch {conditioning.pooled_prompt_embeds.shape[0]}, "
-                         f"prompt_embeds {conditioning.prompt_embeds.shape[0]}")
+    batch = conditioning.prompt_embeds.shape[0]
+    for name in names:
+        value = getattr(conditioning, name)
+        if value is not None and value.shape[0] != batch:
+            raise ValueError(f"{cls}.{name} has batch {value.shape[0]}, prompt_embeds {batch}")
 
 
 def check_image_size(height: Any, width: Any, multiple: int, why: str) -> None:
@@ -97,61 +131,233 @@ def check_image_size(height: Any, width: Any, multiple: int, why: str) -> None:
             raise ValueError(f"{name} must be a positive multiple of {multiple} ({why}), got {size}")
 
 
-def check_vae(vae: Any, latent_channels: int, models: str) -> None:
-    """Refuse a VAE whose ``config.latent_channels`` is not the models' latent channel count."""
-    channels = getattr(getattr(vae, "config", None), "latent_channels", None)
+def check_vae(vae: Any, latent_channels: int, models: str, key: str = "latent_channels") -> None:
+    """Refuse a VAE whose ``config.<key>`` is not the models' latent channel count."""
+    channels = getattr(getattr(vae, "config", None), key, None)
     if channels is None or not callable(getattr(vae, "decode", None)):
-        raise TypeError(f"vae must be a diffusers VAE (with decode and config.latent_channels), got {type(vae).__name__}")
+        raise TypeError(f"vae must be a diffusers VAE (with decode and config.{key}), got {type(vae).__name__}")
     if channels != latent_channels:
         raise ValueError(f"vae has {channels} latent channels, {models} {latent_channels}: "
                          "the VAE must be the one of the models' latent space")
 
 
-def calls_teacher(preset: Any, lam: Any, k: int | None, guided_steps: Sequence[int] | None) -> bool:
-    """Whether a run may call the teacher: some step guided (``guided_steps``, else ``k``, else the
-    preset's ``k``) with a ``lam`` (else the preset's) that is not 0."""
-    lam = preset.lam if lam is None else lam
-    guided = bool(list(guided_steps)) if guided_steps is not None else bool(preset.k if k is None else k)
+def check_attention_kwargs(value: Any, name: str) -> dict[str, Any] | None:
+    """``None`` or a dict (a copy), else a ``TypeError`` naming ``name``."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict of attention keyword arguments (e.g. {{'scale': 0.8}}), "
+                        f"got {type(value).__name__}")
+    return dict(value)
+
+
+def calls_teacher(lam: Any, k: int | None, guided_steps: Sequence[int] | None) -> bool:
+    """Whether a run may call the teacher: some step guided (``guided_steps``, else ``k``) with a ``lam`` that is not 0."""
+    guided = bool(list(guided_steps)) if guided_steps is not None else bool(k)
     return guided and not (isinstance(lam, numbers.Real) and lam == 0)
 
 
-def sample_batch(
-    student: Denoiser, teacher: Denoiser, preset: Any, seeds: Sequence[int], shape: Sequence[int], *,
-    sigmas: Tensor, noise_scale: float, lam: float | None, k: int | None, renoise: str | None, dtype: torch.dtype,
-    device: torch.device | str, extra_args: Mapping[str, Any], teacher_extra_args: Mapping[str, Any],
-    disable: bool | None = None, callback: Callable[[dict], Any] | None = None, guided_steps: Sequence[int] | None = None,
-    renoise_sigma: RenoiseSigma = None,
-) -> Tensor:
-    """Sample one latent per seed with ``preset``'s kdpp sampler; returns ``[len(seeds), *shape]``.
+class ModelCall:
+    """A diffusers model called as its pipeline calls it, in one role (student or teacher).
 
-    Image ``b`` starts from ``noise_scale * randn(shape)`` drawn on the CPU by
-    ``torch.Generator().manual_seed(seeds[b])`` (so images reproduce across devices and batch
-    sizes); its solver noise and renoise noise are streams 1 and 2 of the same seed
-    (:func:`kdpp.noise.stream_seed`). ``lam``, ``k`` and ``renoise`` default to the preset's;
-    ``guided_steps`` (step indices, negative ones from the end) replaces ``k`` and is passed on
-    only when given, as is ``renoise_sigma``. The sampler warns when a guided step can call no
-    teacher (its renoise level is 0).
+    Each call runs inside ``model.cache_context(context)`` where the model has one (diffusers'
+    cache hooks raise "No cache context is set" without it; the state is kept per context name, so
+    student and teacher, also one shared LoRA model, never read each other's cache), and gets
+    ``attention_kwargs`` under the model's own keyword (``key``: ``cross_attention_kwargs`` for
+    UNets, ``joint_attention_kwargs`` for SD3/FLUX, ``attention_kwargs`` for Wan). ``config``,
+    ``dtype``, ``device`` and ``parameters`` read through to the model.
     """
-    seeds = check_seeds(seeds)
-    lam = preset.lam if lam is None else lam
-    renoise = preset.renoise if renoise is None else renoise
-    options: dict[str, Any] = {}
-    if guided_steps is not None:
-        options["guided_steps"] = list(guided_steps)
-    elif k is None:
-        k = preset.k
-    if renoise_sigma is not None:
-        options["renoise_sigma"] = renoise_sigma
-    noise = seeded_noise_sampler(torch.empty(len(seeds), *shape), seeds)(0.0, 0.0)  # on the CPU
-    x = (noise * noise_scale).to(device=device, dtype=dtype)
-    sampler = SAMPLERS[preset.sampler]
+
+    def __init__(self, model: Callable[..., Any], context: str, key: str, attention_kwargs: dict[str, Any] | None):
+        self.model, self.context, self.key, self.attention_kwargs = model, context, key, attention_kwargs
+        self._cache_context = getattr(model, "cache_context", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.attention_kwargs is not None:
+            kwargs[self.key] = dict(self.attention_kwargs)  # a copy per call: models may pop entries (a LoRA "scale")
+        if not callable(self._cache_context):
+            return self.model(*args, **kwargs)
+        with self._cache_context(self.context):
+            return self.model(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    @property
+    def dtype(self) -> Any:
+        return getattr(self.model, "dtype", None)
+
+    @property
+    def device(self) -> Any:
+        return getattr(self.model, "device", None)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.model.parameters()
+
+
+@dataclass
+class Denoisers:
+    """What a family hands the core: the two VE denoisers, their keyword arguments, and the core's ``lam``."""
+
+    student: Denoiser
+    teacher: Denoiser | None
+    extra_args: dict[str, Any]
+    teacher_extra_args: dict[str, Any]
+    lam: Any
+
+
+class Family(ABC):
+    """One diffusers model family, bound to its models, conditioning, preset and output size.
+
+    A subclass's constructor checks its arguments (errors name them) and sets:
+
+    - :attr:`preset`: the student's preset (``steps``/``timesteps``, ``sampler``, ``lam``, ``k``, ``renoise``);
+    - :attr:`student_model`, :attr:`teacher_model` (``None``: no teacher; only runs that never
+      call it are allowed), :attr:`teacher_arg` (the teacher argument's name, for errors);
+    - :attr:`shape`: one item's latent shape (``[C, h, w]``, video ``[C, F, h, w]``);
+    - :attr:`sigmas`: the VE schedule (float64, decreasing, ending in 0);
+    - :attr:`noise_scale`: the VE scale of unit initial noise (``sigma_0``, ``sqrt(1 + sigma_0^2)``
+      for VP families started from unit noise, ``1 / (1 - t_0)`` for flow families);
+    - :attr:`dtype`, :attr:`device`: the sampler state's.
+    """
+
+    name = ""
+    teacher_arg = "teacher"
+    preset: Any
+    student_model: Any
+    teacher_model: Any
+    shape: tuple[int, ...]
+    sigmas: Tensor
+    noise_scale: float
+    dtype: torch.dtype
+    device: torch.device
+
+    @abstractmethod
+    def check_batch(self, batch: int) -> None:
+        """Refuse conditioning whose batch is not ``batch`` (the number of seeds); errors name both."""
+
+    @abstractmethod
+    def denoisers(self, lam: Any, guided: bool) -> Denoisers:
+        """The run's denoisers; the teacher's (and what only it needs, e.g. negative embeddings) only when ``guided``."""
+
+    @abstractmethod
+    def check_vae(self, vae: Any) -> None:
+        """Refuse a VAE of another latent space than the models'."""
+
+    @abstractmethod
+    def decode(self, vae: Any, latents: Tensor) -> list:
+        """Latents as the family's pipeline decodes them (PIL images; a list of frames per video)."""
+
+
+def initial_latents(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """Unit Gaussian noise ``[len(seeds), *shape]`` (float32, CPU): item ``b`` from a CPU generator seeded ``seeds[b]``.
+
+    What diffusers' pipelines draw with ``generator=[torch.Generator().manual_seed(s) for s in seeds]``.
+    """
+    return seeded_noise_sampler(torch.empty(len(seeds), *shape), list(seeds))(0.0, 0.0)
+
+
+def run_sampler(sampler: Callable[..., Tensor], student: Denoiser, teacher: Denoiser | None, x: Tensor, sigmas: Tensor,
+                lam: Any, k: int | None, *, seeds: Sequence[int], **options: Any) -> Tensor:
+    """Call a kdpp sampler with per-image ``seeds``: its solver noise is stream 1 of each seed and its renoise
+    noise stream 2 (:func:`kdpp.noise.stream_seed`), drawn on ``x``'s device."""
     if "noise_sampler" in inspect.signature(sampler).parameters:  # DPM++ 2M (and its CFG++ form) draws none
         options["noise_sampler"] = seeded_noise_sampler(x, [stream_seed(s, 1) for s in seeds])
-    with torch.no_grad():
-        return sampler(
-            student, teacher, x, sigmas, lam, k, extra_args=extra_args, teacher_extra_args=teacher_extra_args,
-            renoise=renoise, renoise_seed=[stream_seed(s, 2) for s in seeds], disable=disable, callback=callback,
-            **options)
+    return sampler(student, teacher, x, sigmas, lam, k, renoise_seed=[stream_seed(s, 2) for s in seeds], **options)
+
+
+@contextlib.contextmanager
+def model_sessions(*models: Any) -> Iterator[None]:
+    """Around a run: each LoRA pair's adapter session, and diffusers' cache hooks reset before and after."""
+    from .lora import AdapterView
+
+    pairs = {id(m.pair): m.pair for m in models if isinstance(m, AdapterView)}
+    resets = [m._reset_stateful_cache for m in models if callable(getattr(m, "_reset_stateful_cache", None))]
+    with contextlib.ExitStack() as stack:
+        for pair in pairs.values():
+            stack.enter_context(pair.session())
+        for reset in resets:
+            reset()
+        stack.callback(lambda: [reset() for reset in resets])
+        yield
+
+
+def sample(
+    family: Family, *, seeds: Sequence[int], latents: Tensor | None = None, lam: Any = None, k: int | None = None,
+    guided_steps: Sequence[int] | None = None, renoise: str | None = None, renoise_sigma: RenoiseSigma = None,
+    callback: Callable[[dict], Any] | None = None, disable: bool | None = None,
+) -> Tensor:
+    """Sample one latent per seed with ``family``'s denoisers and its preset's kdpp sampler.
+
+    Args:
+        family: the bound family (:class:`Family`).
+        seeds: one int per image: its initial noise (:func:`initial_latents`, unless ``latents``
+            is given) and the core's solver and renoise noise streams.
+        latents: the initial unit noise ``[len(seeds), *family.shape]`` instead of the seeded one
+            (what a pipeline's ``latents=`` or ``generator=`` gives); scaled by ``family.noise_scale``.
+        lam: Distillation++ guidance scale (default: the preset's); 0 calls no teacher.
+        k: guide the first ``k`` steps (default: the preset's, unless ``guided_steps`` is given).
+        guided_steps: the step indices to guide instead (negative ones count from the end).
+        renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`; default: the preset's).
+        renoise_sigma: the renoising level (default: the core's).
+        callback: the sampler's per-step callback (its ``x`` is the VE state).
+        disable: disable the progress bar.
+    Returns:
+        the final latents ``[len(seeds), *family.shape]`` in ``family.dtype`` on ``family.device``.
+    """
+    check_type(family, Family, "family")
+    seeds = check_seeds(seeds)
+    guided_steps = None if guided_steps is None else list(guided_steps)  # an iterator is read more than once
+    preset = family.preset
+    lam = preset.lam if lam is None else lam
+    if guided_steps is None and k is None:
+        k = preset.k
+    renoise = preset.renoise if renoise is None else renoise
+    family.check_batch(len(seeds))
+    guided = calls_teacher(lam, k, guided_steps)
+    if guided and family.teacher_model is None:
+        raise ValueError(f"{family.teacher_arg} is None, but this run calls the teacher (lam={lam!r} on "
+                         f"{'guided_steps=' + repr(guided_steps) if guided_steps is not None else f'k={k}'}): pass the "
+                         "teacher model, or lam=0 (or k=0) for the plain student")
+    shape = (len(seeds), *family.shape)
+    if latents is None:
+        latents = initial_latents(seeds, family.shape)
+    elif not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
+        raise ValueError(f"latents must be a tensor of shape {shape} (one unit-noise latent per seed), got "
+                         f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
+    x = (latents.float() * family.noise_scale).to(device=family.device, dtype=family.dtype)
+    den = family.denoisers(lam, guided)
+    options: dict[str, Any] = {"guided_steps": guided_steps} if guided_steps is not None else {}
+    if renoise_sigma is not None:
+        options["renoise_sigma"] = renoise_sigma
+    with model_sessions(family.student_model, family.teacher_model), torch.no_grad():
+        return run_sampler(SAMPLERS[preset.sampler], den.student, den.teacher if guided else None, x, family.sigmas,
+                           den.lam, k, seeds=seeds, extra_args=den.extra_args,
+                           teacher_extra_args=den.teacher_extra_args if guided else {}, renoise=renoise,
+                           disable=disable, callback=callback, **options)
+
+
+def generate(
+    family: type[Family], student_model: Any, teacher_model: Any, conditioning: Any, preset: Any, *,
+    seeds: Sequence[int], latents: Tensor | None = None, lam: Any = None, k: int | None = None,
+    guided_steps: Sequence[int] | None = None, renoise: str | None = None, renoise_sigma: RenoiseSigma = None,
+    vae: Any = None, callback: Callable[[dict], Any] | None = None, disable: bool | None = None,
+    **family_options: Any,
+) -> Any:
+    """Build ``family`` from the models, conditioning, preset and ``family_options``, :func:`sample`, decode.
+
+    The sampling options (``seeds``, ``latents``, ``lam``, ``k``, ``guided_steps``, ``renoise``,
+    ``renoise_sigma``, ``callback``, ``disable``) are :func:`sample`'s; ``vae`` decodes the latents
+    as the family's pipeline does (else the latents are returned). Everything is checked before
+    the first model call.
+    """
+    run = family(student_model, teacher_model, conditioning, preset, **family_options)
+    if vae is not None:
+        run.check_vae(vae)
+    latents = sample(run, seeds=seeds, latents=latents, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
+                     renoise_sigma=renoise_sigma, callback=callback, disable=disable)
+    return latents if vae is None else run.decode(vae, latents)
 
 
 def to_pil(images: Tensor) -> list:
@@ -166,24 +372,25 @@ def unscale_latents(vae: Any, latents: Tensor) -> Tensor:
     """The VAE's latents from the model's, as diffusers' pipelines unscale them before ``vae.decode``.
 
     ``latents * latents_std / scaling_factor + latents_mean`` where the config has
-    ``latents_mean`` and ``latents_std`` (per channel; the SDXL pipeline), else
-    ``latents / scaling_factor + shift_factor`` (no shift where the VAE has none: SD/SDXL's).
+    ``latents_mean`` and ``latents_std`` (per channel; SDXL's and Wan's pipelines; Wan's VAE has no
+    scaling factor: 1), else ``latents / scaling_factor + shift_factor`` (no shift where the VAE has
+    none: SD/SDXL's).
     """
     config = vae.config
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    scaling = getattr(config, "scaling_factor", None) or 1.0
     if mean is not None and std is not None:
         per_channel = (1, -1) + (1,) * (latents.ndim - 2)
         mean, std = (torch.tensor(v).view(per_channel).to(latents.device, latents.dtype) for v in (mean, std))
-        return latents * std / config.scaling_factor + mean
-    return latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        return latents * std / scaling + mean
+    return latents / scaling + (getattr(config, "shift_factor", None) or 0.0)
 
 
-def decode(vae: Any, latents: Tensor) -> list:
-    """Latents as PIL images through ``vae``, as diffusers' SDXL pipeline decodes them.
+def vae_decode(vae: Any, latents: Tensor) -> Tensor:
+    """``vae.decode`` of the unscaled latents in the VAE's dtype, on its device.
 
-    The latents are unscaled (:func:`unscale_latents`) and decoded in the VAE's dtype, except
-    that a float16 VAE whose ``config.force_upcast`` is set (SDXL's VAE overflows in float16) is
-    cast to float32 for the decode and back to float16 afterwards, as the pipeline does.
+    A float16 VAE whose ``config.force_upcast`` is set (SDXL's VAE overflows in float16) is cast
+    to float32 for the decode and back to float16 afterwards, as the SDXL pipeline does.
     """
     upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
     with torch.no_grad():
@@ -191,8 +398,12 @@ def decode(vae: Any, latents: Tensor) -> list:
             vae.to(dtype=torch.float32)
         try:
             z = latents.to(device=getattr(vae, "device", latents.device), dtype=vae.dtype)
-            images = vae.decode(unscale_latents(vae, z), return_dict=False)[0]
+            return vae.decode(unscale_latents(vae, z), return_dict=False)[0]
         finally:
             if upcast:
                 vae.to(dtype=torch.float16)
-    return to_pil(images)
+
+
+def decode(vae: Any, latents: Tensor) -> list:
+    """Image latents as PIL images through ``vae`` (:func:`vae_decode`), as diffusers' image pipelines decode them."""
+    return to_pil(vae_decode(vae, latents))
