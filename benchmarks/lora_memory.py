@@ -28,6 +28,7 @@ Sizes: ``--size small`` (CPU default: SDXL layout at 2/5 of the channels, 4 of i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -69,6 +70,8 @@ def add_lora(unet, rank: int = 64) -> None:
     from peft import LoraConfig
 
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS), adapter_name="student")
+    if unet.device.type == "meta":  # structure only (the switching measurement): no values to draw
+        return
     gen = torch.Generator(device=unet.device).manual_seed(1)
     with torch.no_grad():
         for name, p in unet.named_parameters():
@@ -171,12 +174,64 @@ def time_pairs(size: str, device: str, px: int, repeats: int) -> dict:
             "ratio": medians["shared"] / medians["separate"]}
 
 
+class LayersOnly(torch.nn.Module):
+    """A UNet's modules, PEFT layers included, behind a forward that computes nothing: the host-side cost of a
+    guided run's adapter switching, timed alone."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def peft_config(self) -> dict:  # the loaded adapters, as on the UNet
+        return self.unet.peft_config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def switching_ms(size: str, repeats: int) -> dict:
+    """Host time of one guided run's calls (student, teacher, 3 x student: LCM-LoRA 4 steps, k = 1) through the shared
+    pair, as ``generate`` drives it (inside ``pair.session()`` where the package has one), minus the same five calls
+    of the bare model; the UNet built on the meta device (structure and PEFT layers, no weights)."""
+    from kdpp.diffusers.lora import SharedLoRAModel
+
+    unet = sdxl_unet(size, "meta", torch.float32)
+    add_lora(unet)
+    model = LayersOnly(unet)
+    pair = SharedLoRAModel(model)
+    x = torch.zeros(())
+    calls = [pair.student, pair.teacher, pair.student, pair.student, pair.student]
+    session = getattr(pair, "session", contextlib.nullcontext)
+
+    def shared() -> None:
+        with session():
+            for call in calls:
+                call(x)
+
+    def plain() -> None:
+        for _ in calls:
+            model(x)
+
+    times: dict[str, list[float]] = {"shared": [], "plain": []}
+    for round_ in range(repeats + 1):
+        for name, run in (("shared", shared), ("plain", plain)):
+            t0 = time.perf_counter()
+            run()
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
+    layers = sum(1 for m in unet.modules() if hasattr(m, "_disable_adapters"))
+    return {"size": size, "peft_layers": layers, "repeats": repeats, "shared_ms": round(ms["shared"], 3),
+            "plain_ms": round(ms["plain"], 3), "switching_ms": round(ms["shared"] - ms["plain"], 3)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", choices=["small", "full"], help="default: small on the CPU, full on CUDA")
     p.add_argument("--px", type=int, help="image size (default: 256 on the CPU, 1024 on CUDA)")
-    p.add_argument("--time-px", type=int, help="image size of the timed runs (default: --px)")
+    p.add_argument("--time-px", type=int, nargs="+", help="image size(s) of the timed runs (default: --px)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each pair (after one untimed warm-up each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for the results ('' for none)")
@@ -185,7 +240,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     size = args.size or ("full" if args.device == "cuda" else "small")
     px = args.px or (1024 if args.device == "cuda" else 256)
-    time_px = args.time_px or px
+    time_px = args.time_px or [px]
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device", file=sys.stderr)
         return 2
@@ -201,7 +256,8 @@ def main(argv=None) -> int:
                    "--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-    timing = time_pairs(size, args.device, time_px, args.repeats)
+    timings = [time_pairs(size, args.device, tpx, args.repeats) for tpx in time_px]
+    switching = switching_ms("full", 50)
     shared, separate = rows
     ratio = shared["peak_above_baseline_mib"] / separate["peak_above_baseline_mib"]
     measure = "CUDA max_memory_allocated" if args.device == "cuda" else "peak RSS (ru_maxrss)"
@@ -217,15 +273,21 @@ def main(argv=None) -> int:
         lines.append(f"| {r['case']} | {r['weights_mib']} | {r['parameter_storages']} | {r['baseline_mib']} | {r['peak_mib']} | "
                      f"{r['peak_above_baseline_mib']} | {r['finite_output']} |")
     lines += ["", f"shared / separate peak above baseline: **{ratio:.3f}**", "",
-              f"Wall time at {time_px} px, one process, {timing['repeats']} interleaved runs of each after a warm-up "
-              f"(median s): shared {timing['seconds']['shared']}, separate (plain student + one base call) "
-              f"{timing['seconds']['separate']}; shared / separate **{timing['ratio']:.3f}**"]
+              f"Wall time, one process, {args.repeats} interleaved runs of each pair after a warm-up (median s; "
+              "separate = the plain student plus one call of a plain base UNet):", "",
+              "| px | shared s | separate s | shared / separate |", "|---|---|---|---|"]
+    for t in timings:
+        lines.append(f"| {t['px']} | {t['seconds']['shared']} | {t['seconds']['separate']} | **{t['ratio']:.3f}** |")
+    lines += ["", f"Adapter switching alone, full-size SDXL UNet structure ({switching['peft_layers']} PEFT layers, "
+                  f"meta device, no compute): {switching['switching_ms']} ms per guided run (shared "
+                  f"{switching['shared_ms']} ms vs {switching['plain_ms']} ms for the same five calls of the bare model; "
+                  f"median of {switching['repeats']})."]
     print("\n".join(lines))
     if args.out:
         stem = Path(args.out) / ("lora_memory_cuda" if args.device == "cuda" else "lora_memory")
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "ratio": ratio,
-                                                         "timing": timing}, indent=1) + "\n")
+                                                         "timing": timings, "switching": switching}, indent=1) + "\n")
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 

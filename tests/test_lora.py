@@ -205,6 +205,20 @@ def test_deleted_adapters_are_refused_or_followed():
     assert torch.equal(call(pair.student), call(two)) and not torch.allclose(call(pair.student), call(BASE), atol=1e-4)
 
 
+@pytest.mark.parametrize("targets", [("ff.net.2", "proj_in"), ("to_q", "to_k", "to_v", "to_out.0")],
+                         ids=["other-modules", "same-modules"])
+def test_an_adapter_reloaded_under_its_name_is_followed(targets):
+    """delete_adapters then an adapter of the same name (on other modules, or the same ones), with no run in between:
+    the teacher is still the base model and the student the model as it is now."""
+    unet = add_lora(tiny_unet(seed=0), "distill")
+    pair = SharedLoRAModel(unet)
+    call(pair.teacher)
+    unet.delete_adapters("distill")
+    add_lora(unet, "distill", seed=9, targets=targets)
+    torch.testing.assert_close(call(pair.teacher), call(BASE), rtol=0, atol=1e-6)
+    assert torch.equal(call(pair.student), call(unet)) and not torch.allclose(call(unet), call(BASE), atol=1e-4)
+
+
 def test_adapters_disabled_or_fused_after_the_pair_was_built_are_refused():
     unet = add_lora(tiny_unet(seed=0))
     pair = SharedLoRAModel(unet)
