@@ -15,7 +15,7 @@ interval excludes 0. Tables:
 4. lam and k sweeps (figures);
 5. a sharp toy on which the teacher itself is poor at few steps: does student++ beat both
    the student and the teacher at equal NFE?
-6. DPM++ 2M history: unrefined (MATH.md) vs refined, with several guided steps.
+6. DPM++ 2M history: unrefined (docs/method.md) vs refined, with several guided steps.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def sample(truth, student, teacher, solver, steps, lam, k, seed, n, **options):
     x = torch.randn(n, truth.d, generator=g, dtype=torch.float64) * sigmas[0]
     noise = {} if solver == "dpmpp_2m" else {"noise_sampler": kdpp.seeded_noise_sampler(x, seed + 10_000)}
     t0 = time.perf_counter()
-    out = kdpp.SAMPLERS[solver](student, teacher, x, sigmas, lam, k, renoise_seed=seed + 20_000, disable=True,
+    out = kdpp.SAMPLERS[solver](student, teacher, x, sigmas, lam, k, seed=seed + 20_000, disable=True,
                                 **noise, **options)
     return out, time.perf_counter() - t0
 

@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import comfyui_env  # noqa: E402  (tests/comfyui_env.py: fetch and import ComfyUI, tiny models)
 
 SOLVERS = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp",
-           "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"]
+           "dpmpp_2s_ancestral_cfg_pp_per_stage", "dpmpp_2m_cfg_pp_guided_history"]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -95,7 +95,7 @@ class Bench:
         t0 = time.perf_counter()
         out = kdpp.sample_lcm_distpp(s, guided_teacher(t, labels), x, sigmas, extra_args=sargs, teacher_extra_args=targs, disable=True,
                                      noise_sampler=kdpp.seeded_noise_sampler(x, seed + 10_000),
-                                     renoise=renoise[0], renoise_sigma=renoise[1], renoise_seed=seed + 20_000,
+                                     renoise=renoise[0], renoise_sigma=renoise[1], seed=seed + 20_000,
                                      **guide)
         seconds = time.perf_counter() - t0
         return out, self.metrics(out, labels), s.evals, t.evals, seconds

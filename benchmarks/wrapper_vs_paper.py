@@ -40,13 +40,13 @@ def main(argv=None) -> None:
     sigmas = timestep_sigmas(trailing_timesteps(4))
     samplers = {
         "kdpp Euler (paper form)": lambda x, k, seed: kdpp.sample_euler_distpp(
-            student, mix.denoiser, x, sigmas, 1.0, k, renoise_seed=seed, disable=True),
+            student, mix.denoiser, x, sigmas, 1.0, k, seed=seed, disable=True),
         "k-diffusion Euler + wrapper": lambda x, k, seed: ks.sample_euler(
-            DistillationDenoiser(student, mix.denoiser, sigmas, 1.0, k, renoise_seed=seed), x, sigmas, disable=True),
+            DistillationDenoiser(student, mix.denoiser, sigmas, 1.0, k, seed=seed), x, sigmas, disable=True),
         "k-diffusion Heun + wrapper": lambda x, k, seed: ks.sample_heun(
-            DistillationDenoiser(student, mix.denoiser, sigmas, 1.0, k, renoise_seed=seed), x, sigmas, disable=True),
+            DistillationDenoiser(student, mix.denoiser, sigmas, 1.0, k, seed=seed), x, sigmas, disable=True),
         "k-diffusion DPM++ 2M SDE + wrapper": lambda x, k, seed: ks.sample_dpmpp_2m_sde(
-            DistillationDenoiser(student, mix.denoiser, sigmas, 1.0, k, renoise_seed=seed), x, sigmas, disable=True),
+            DistillationDenoiser(student, mix.denoiser, sigmas, 1.0, k, seed=seed), x, sigmas, disable=True),
     }
     rows = []
     for name, fn in samplers.items():

@@ -7,13 +7,13 @@ Model Distillation"). ``import kdpp`` imports neither k-diffusion nor diffusers.
 """
 from . import schedules
 from .cfg import CFGDenoiser
-from .noise import default_noise_sampler, seeded_noise_sampler
+from .noise import initial_noise, seeded_noise_sampler
 from .refine import Refined, TeacherRefinement
 from .solvers import (
     SAMPLERS,
-    sample_dpmpp_2m_cfg_pp_distpp,
+    sample_dpmpp_2m_cfg_pp_guided_history_distpp,
     sample_dpmpp_2m_distpp,
-    sample_dpmpp_2s_ancestral_cfg_pp_distpp,
+    sample_dpmpp_2s_ancestral_cfg_pp_per_stage_distpp,
     sample_dpmpp_2s_ancestral_distpp,
     sample_euler_ancestral_cfg_pp_distpp,
     sample_euler_ancestral_distpp,
@@ -32,15 +32,15 @@ __all__ = [
     "TeacherRefinement",
     "schedules",
     "ancestral_step",
-    "default_noise_sampler",
-    "sample_dpmpp_2m_cfg_pp_distpp",
+    "sample_dpmpp_2m_cfg_pp_guided_history_distpp",
     "sample_dpmpp_2m_distpp",
-    "sample_dpmpp_2s_ancestral_cfg_pp_distpp",
+    "sample_dpmpp_2s_ancestral_cfg_pp_per_stage_distpp",
     "sample_dpmpp_2s_ancestral_distpp",
     "sample_euler_ancestral_cfg_pp_distpp",
     "sample_euler_ancestral_distpp",
     "sample_euler_cfg_pp_distpp",
     "sample_euler_distpp",
+    "initial_noise",
     "sample_lcm_distpp",
     "seeded_noise_sampler",
 ]

@@ -25,28 +25,30 @@ def check_x(x: Tensor) -> None:
         raise ValueError("x contains NaN or inf")
 
 
-def check_sigmas(sigmas: Tensor | Sequence[float]) -> list[float]:
+def check_sigmas(sigmas: Tensor | Sequence[float], name: str = "sigmas") -> list[float]:
     """Validate a noise schedule and return it as Python floats.
 
-    The schedule must be 1-D, finite, strictly decreasing, with every entry but
-    the last positive. The last entry may be 0 (a full sampling run) or positive
-    (the run stops at that noise level, as k-diffusion allows: hosts split one
-    schedule into stages that way).
+    The schedule must be 1-D, at least two entries, finite, strictly decreasing, with every
+    entry but the last positive. The last entry may be 0 (a full sampling run) or positive
+    (the run stops at that noise level, as k-diffusion allows: hosts split one schedule into
+    stages that way). Errors name the argument ``name``.
     """
     s = sigmas.detach() if isinstance(sigmas, Tensor) else torch.as_tensor(sigmas, dtype=torch.float64)
     if s.ndim != 1:
-        raise ValueError(f"sigmas must be 1-D, got shape {tuple(s.shape)}")
-    if s.numel() == 0:
-        raise ValueError("sigmas must not be empty")
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(s.shape)}")
+    if s.numel() < 2:
+        raise ValueError(f"{name} must have at least 2 entries (a schedule of N steps has N + 1 levels), got "
+                         f"{s.tolist()}")
     if not s.is_floating_point():
         s = s.double()
     values = s.cpu().double().tolist()
     if not all(v == v and abs(v) != float("inf") for v in values):
-        raise ValueError(f"sigmas must be finite, got {values}")
-    if values[-1] < 0 or any(v <= 0 for v in values[:-1]):
-        raise ValueError(f"sigmas must be positive except the last, which may be 0; got {values}")
+        raise ValueError(f"{name} must be finite, got {values}")
     if any(a <= b for a, b in zip(values, values[1:])):
-        raise ValueError(f"sigmas must be strictly decreasing, got {values}")
+        flipped = " (it is increasing: pass it reversed, e.g. sigmas.flip(0))" if values[0] < values[-1] else ""
+        raise ValueError(f"{name} must be strictly decreasing{flipped}, got {values}")
+    if values[-1] < 0:
+        raise ValueError(f"{name} must be positive except the last, which may be 0; got {values}")
     return values
 
 
@@ -142,6 +144,36 @@ def check_callable(value: Any, name: str, optional: bool = True) -> Any:
     if not callable(value):
         raise TypeError(f"{name} must be a callable{' or None' if optional else ''}, got {value!r}")
     return value
+
+
+def check_denoiser_call(fn: Callable, who: str, kwargs: Mapping[str, Any], kwargs_name: str, fix: str = "") -> None:
+    """Refuse, before sampling, a denoiser ``who`` that cannot be called as ``fn(x, sigma, **kwargs)``.
+
+    The error names the model, the keyword arguments' source ``kwargs_name`` and ``fix``; callables
+    without an introspectable signature are found out at the call.
+    """
+    try:
+        params = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        params.bind(None, None, **kwargs)
+    except TypeError as e:
+        keys = ", ".join(map(repr, kwargs)) or "none"
+        raise TypeError(f"the {who} cannot be called as {who}(x, sigma, **{kwargs_name}) with {kwargs_name} keys "
+                        f"{keys}: {e} ({getattr(fn, '__name__', type(fn).__name__)}{params}){fix}") from None
+
+
+#: the interval of ``lam`` without a warning: 0 is the student, 1 the teacher's own estimate
+LAM_RANGE = (0.0, 2.0)
+
+
+def warn_unusual_lam(value: float, name: str) -> None:
+    """Warn when ``lam`` lies outside :data:`LAM_RANGE`: it is an interpolation weight, not a CFG scale."""
+    if not LAM_RANGE[0] <= value <= LAM_RANGE[1]:
+        warn_caller(f"{name}={value:g} is outside {LAM_RANGE[0]:g} .. {LAM_RANGE[1]:g}: lam interpolates the student's "
+                    "estimate (0) toward the teacher's (1), typically 0.05 .. 1 (it is not a CFG scale); above 1 "
+                    "it extrapolates past the teacher, below 0 away from it")
 
 
 def check_arity(fn: Callable, name: str, n_args: int, signature: str) -> None:

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
         f"student {args.steps + 1} steps": lambda s, t: sampler(
             s, None, x, timestep_sigmas(trailing_timesteps(args.steps + 1)), 0.0, disable=True, **noise(x)),
         f"student++ {args.steps} steps, k={args.k}": lambda s, t: sampler(
-            s, t, x, sigmas, args.lam, args.k, renoise=args.renoise, renoise_seed=args.seed + 2,
+            s, t, x, sigmas, args.lam, args.k, renoise=args.renoise, seed=args.seed + 2,
             callback=keep("student++"), disable=True, **noise(x)),
     }.items():
         measure(name, fn)

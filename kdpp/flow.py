@@ -1,4 +1,4 @@
-"""Rectified-flow (flow-matching) models as VE denoisers, and back.
+"""Rectified-flow (flow-matching) models as VE denoisers, and VE samplers for hosts that keep ``x`` in the RF frame.
 
 Rectified flow writes ``x_rf = (1 - t) x0 + t eps`` with ``t in [0, 1]``; dividing by
 ``1 - t`` gives the VE form ``x_ve = x0 + sigma eps`` with
@@ -8,21 +8,21 @@ Rectified flow writes ``x_rf = (1 - t) x0 + t eps`` with ``t in [0, 1]``; dividi
 A velocity model predicts ``v = eps - x0 = (x_rf - x0) / t``, an x0-model ``x0``
 itself. :class:`FlowDenoiser` wraps either as a VE denoiser, so every kdpp sampler runs
 flow students and teachers (mixed with VE ones if they share the data space);
-:class:`VelocityModel` goes the other way.
+:func:`sample_in_rf_frame` runs a VE sampler for a host whose ``x`` and schedule are RF-framed.
 
-**The start at t = 1.** Flow pipelines (SD3, FLUX) start from pure noise ``x_rf = eps`` at
-``t = 1``, which is ``sigma = inf``. kdpp caps the first time at :data:`T_MAX` ``= 1 - 2^-24``,
-the largest float32 number below 1 (``sigma_0 = 2^24 - 1``), and starts from
-``x_ve = eps / (1 - T_MAX) = 2^24 eps`` (:func:`flow_sigmas`, :func:`initial_noise_scale`):
-the model's first input ``x_rf = x_ve / (1 + sigma_0)`` is ``eps`` exactly (a power-of-two
-scale), its first time is ``t = 1`` up to float32 rounding (6e-8), and every later step is
-the VE form of the RF step up to terms of order ``1 / sigma_0``. Keep the sampler state in
-float32 (or wider): ``2^24 eps`` overflows float16 (the diffusers flow families'
-``generate`` does, whatever the models' dtype).
+**The start at t = 1.** Flow pipelines (SD3, FLUX) and hosts (ComfyUI's CONST models) start
+from pure noise ``x_rf = eps`` at ``t = 1``, which is ``sigma = inf``. kdpp caps the first time
+at :data:`T_MAX` ``= 1 - 2^-30`` (``sigma_0 = 2^30 - 1``) and starts from
+``x_ve = eps / (1 - T_MAX) = 2^30 eps`` (:func:`flow_sigmas`, :func:`initial_noise_scale`): the
+model's first input ``x_rf = x_ve / (1 + sigma_0)`` is ``eps`` exactly (a power-of-two scale),
+its first time ``t = 1 - 2^-30`` rounds to exactly 1 in float32 (and in half precision), so a
+float32 model sees the host's own first call, and every later step is the VE form of the RF step
+up to terms of order ``2^-30``. Keep the sampler state in float32 or wider: ``2^30 eps``
+overflows float16 (the diffusers flow families and :func:`sample_in_rf_frame` do).
 
-**Dtypes.** All frame conversions are computed in ``promote_types(dtype, float32)`` and cast
-back, so a float16 / bfloat16 run hands the model the same ``t`` as a float32 run (``t`` is
-computed from ``sigma`` in at least float32) and its inputs differ only by rounding.
+**Dtypes.** Frame conversions are computed in ``promote_types(x.dtype, sigma.dtype, float32)``
+and the model gets ``x_rf`` and ``t`` cast to the dtypes its host uses, so a float16 / bfloat16
+run hands the model the same ``t`` as a float32 run and inputs that differ only by rounding.
 """
 from __future__ import annotations
 
@@ -33,24 +33,14 @@ from torch import Tensor
 
 from ._shape import per_sample, sigma_dtype
 
-#: The first step's time: the largest float32 below 1 (``sigma = 2^24 - 1``). See the module docstring.
-T_MAX = 1.0 - 2.0**-24
+#: The first step's time, ``1 - 2^-30`` (``sigma = 2^30 - 1``): exactly 1 in float32. See the module docstring.
+T_MAX = 1.0 - 2.0**-30
 
-
-def sigma_from_t(t: Tensor | float) -> Tensor:
-    """``sigma = t / (1 - t)`` (float64 for Python numbers)."""
-    t = torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, Tensor) else t
-    return t / (1 - t)
-
-
-def t_from_sigma(sigma: Tensor | float) -> Tensor:
-    """``t = sigma / (1 + sigma)`` (float64 for Python numbers)."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float64) if not isinstance(sigma, Tensor) else sigma
-    return sigma / (1 + sigma)
+PREDICTIONS = ("velocity", "x0")
 
 
 def flow_sigmas(ts: Tensor | Sequence[float], t_max: float = T_MAX) -> Tensor:
-    """The VE schedule (float64) of a rectified-flow schedule ``ts`` (decreasing, e.g. a scheduler's ``sigmas``).
+    """The VE schedule ``sigma = t / (1 - t)`` (float64) of a rectified-flow schedule ``ts`` (decreasing, e.g. a scheduler's ``sigmas``).
 
     Times above ``t_max`` (the pipelines' first ``t = 1``) are capped at ``t_max``; a final
     ``t = 0`` stays 0.
@@ -62,7 +52,8 @@ def flow_sigmas(ts: Tensor | Sequence[float], t_max: float = T_MAX) -> Tensor:
         raise ValueError(f"t_max must be in (0, 1), got {t_max}")
     if bool((ts < 0).any()) or bool((ts > 1).any()):
         raise ValueError(f"ts must lie in [0, 1], got {ts.tolist()}")
-    return sigma_from_t(ts.clamp(max=t_max))
+    ts = ts.clamp(max=t_max)
+    return ts / (1 - ts)
 
 
 def initial_noise_scale(ts: Tensor | Sequence[float], t_max: float = T_MAX) -> float:
@@ -70,57 +61,49 @@ def initial_noise_scale(ts: Tensor | Sequence[float], t_max: float = T_MAX) -> f
     return float(1 + flow_sigmas(ts, t_max)[0])
 
 
-def rf_to_ve(x_rf: Tensor, t: Tensor | float) -> Tensor:
-    """``x_ve = x_rf / (1 - t)`` (``t`` a float or one value per batch item)."""
-    wide = sigma_dtype(x_rf.dtype)
-    t = torch.as_tensor(t, dtype=wide, device=x_rf.device).expand(x_rf.shape[0])
-    return (x_rf.to(wide) / per_sample(1 - t, x_rf.to(wide))).to(x_rf.dtype)
-
-
-def ve_to_rf(x_ve: Tensor, sigma: Tensor | float) -> Tensor:
-    """``x_rf = x_ve / (1 + sigma)``."""
-    wide = sigma_dtype(x_ve.dtype)
-    sigma = torch.as_tensor(sigma, dtype=wide, device=x_ve.device).expand(x_ve.shape[0])
-    return (x_ve.to(wide) / per_sample(1 + sigma, x_ve.to(wide))).to(x_ve.dtype)
-
-
 class FlowDenoiser:
     r"""A rectified-flow model ``f(x_rf, t, **extra)`` as a VE denoiser ``D(x_ve, sigma)``.
 
-    ``prediction="velocity"``: ``D = x_rf - t * v(x_rf, t)``; ``"x0"``: ``D = f(x_rf, t)``,
-    with ``t = sigma / (1 + sigma)`` and ``x_rf = x_ve / (1 + sigma)``. ``t`` reaches the model as
-    a ``[batch]`` tensor in ``promote_types(sigma.dtype, float32)`` (the same values for a float16,
-    bfloat16 or float32 ``x``), ``x_rf`` in the dtype of ``x``; ``D`` is returned in the dtype of ``x``.
+    With ``t = sigma / (1 + sigma)`` and ``x_rf = x_ve / (1 + sigma)``:
+    ``prediction="velocity"``: ``D = x_rf - t * v(x_rf, t)``; ``"x0"``: ``D = f(x_rf, t)``.
+    The conversions are computed in ``promote_types(x.dtype, sigma.dtype, float32)``; the model
+    gets ``x_rf`` in ``x_dtype`` (default: ``x``'s dtype) and ``t`` as a ``[batch]`` tensor in
+    ``t_dtype`` (default: that wide dtype, float32 or better), so a float16, bfloat16 or float32
+    ``x`` hands it the same ``t``; ``D`` is returned in ``x``'s dtype. A model with
+    ``guided_and_uncond(x_rf, t, **extra) -> (guided, uncond)`` (a CFG student for CFG++) keeps it,
+    converted the same way.
     """
 
-    def __init__(self, model: Callable[..., Tensor], prediction: str = "velocity"):
-        if prediction not in ("velocity", "x0"):
-            raise ValueError(f"prediction must be 'velocity' or 'x0', got {prediction!r}")
-        self.model, self.prediction = model, prediction
+    def __init__(self, model: Callable[..., Tensor], prediction: str = "velocity", *,
+                 x_dtype: torch.dtype | None = None, t_dtype: torch.dtype | None = None):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not callable(model):
+            raise TypeError(f"model must be a callable f(x_rf, t, **extra), got {type(model).__name__}")
+        self.model, self.prediction, self.x_dtype, self.t_dtype = model, prediction, x_dtype, t_dtype
+        if callable(getattr(model, "guided_and_uncond", None)):
+            self.guided_and_uncond = self._guided_and_uncond
+
+    def _frame(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(x_rf, t)`` in the wide dtype and as the model gets them."""
+        wide = torch.promote_types(sigma_dtype(x.dtype), sigma.dtype)
+        s = sigma.to(wide)
+        t, x_rf = s / (1 + s), x.to(wide) / per_sample(1 + s, x.to(wide))
+        return x_rf, t, x_rf.to(self.x_dtype or x.dtype), t.to(self.t_dtype or wide)
+
+    def _x0(self, out: Tensor, x_rf: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
+        if self.prediction == "x0":
+            return out.to(dtype)
+        return (x_rf - per_sample(t, x_rf) * out.to(x_rf.dtype)).to(dtype)
 
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
-        sigma = sigma.to(sigma_dtype(sigma.dtype))
-        t = sigma / (1 + sigma)
-        wide = sigma_dtype(x.dtype)
-        x_rf = x.to(wide) / per_sample(1 + sigma, x.to(wide))
-        out = self.model(x_rf.to(x.dtype), t, **extra)
-        if self.prediction == "x0":
-            return out.to(x.dtype)
-        return (x_rf - per_sample(t, x_rf) * out.to(wide)).to(x.dtype)
+        x_rf, t, model_x, model_t = self._frame(x, sigma)
+        return self._x0(self.model(model_x, model_t, **extra), x_rf, t, x.dtype)
 
-
-class VelocityModel:
-    r"""A VE denoiser ``D(x_ve, sigma)`` as a rectified-flow velocity model ``v(x_rf, t) = (x_rf - x0) / t``."""
-
-    def __init__(self, denoiser: Callable[..., Tensor]):
-        self.denoiser = denoiser
-
-    def __call__(self, x_rf: Tensor, t: Tensor, **extra) -> Tensor:
-        t = t.to(sigma_dtype(t.dtype))
-        sigma = t / (1 - t)
-        wide = sigma_dtype(x_rf.dtype)
-        x0 = self.denoiser((x_rf.to(wide) / per_sample(1 - t, x_rf.to(wide))).to(x_rf.dtype), sigma, **extra)
-        return ((x_rf.to(wide) - x0.to(wide)) / per_sample(t, x_rf.to(wide))).to(x_rf.dtype)
+    def _guided_and_uncond(self, x: Tensor, sigma: Tensor, **extra) -> tuple[Tensor, Tensor]:
+        x_rf, t, model_x, model_t = self._frame(x, sigma)
+        guided, uncond = self.model.guided_and_uncond(model_x, model_t, **extra)
+        return self._x0(guided, x_rf, t, x.dtype), self._x0(uncond, x_rf, t, x.dtype)
 
 
 class RFHostFrame:
@@ -128,23 +111,16 @@ class RFHostFrame:
 
     Hosts such as ComfyUI (CONST models: SD3, FLUX, ...) hand a sampler ``x_rf``, a schedule
     ``ts = [t_0 > ... > t_N]`` with ``t in [0, 1]`` and x0 denoisers ``D(x_rf, t)``. This
-    converts at the boundary: ``sigmas = t / (1 - t)``, ``x_ve = x_rf / (1 - t_0)``, denoisers
-    ``D_ve(x_ve, sigma) = D(x_ve / (1 + sigma), sigma / (1 + sigma))`` (x0 is frame-free) and the
-    result back with ``x_rf = x_ve / (1 + sigma_N)``; callbacks get the host-frame ``x`` and ``t`` (``sigma``,
+    converts at the boundary: ``sigmas = t / (1 - t)`` (:func:`flow_sigmas`, ``t = 1`` capped at
+    :data:`T_MAX`), ``x_ve = x_rf / (1 - t_0)`` in float64, denoisers
+    ``FlowDenoiser(D, "x0")`` with the host's ``x`` and ``t`` dtypes, and the result back with
+    ``x_rf = x_ve / (1 + sigma_N)``; callbacks get the host-frame ``x`` and ``t`` (``sigma``,
     ``sigma_hat`` and ``renoise_sigma`` all in the host's ``t``).
-
-    ``t = 1`` (pure noise, ``sigma = inf``) is capped at ``t_max = 1 - 1e-9`` (:func:`flow_sigmas`;
-    tighter than :data:`T_MAX` because the VE run is done in float64 here): the capped first step
-    differs from the exact limit by about ``1e-9`` relative, and the model still receives ``t = 1``
-    as the host would (``1 - 1e-9`` rounds to 1 in float32). Models receive ``x`` in the host's
-    dtype and ``t`` in the dtype of ``ts``.
     """
-
-    T_MAX = 1 - 1e-9
 
     def __init__(self, ts: Tensor, x_rf: Tensor):
         self.x_dtype, self.t_dtype = x_rf.dtype, ts.dtype
-        self.sigmas = flow_sigmas(ts, self.T_MAX)
+        self.sigmas = flow_sigmas(ts)
 
     def to_ve(self, x_rf: Tensor) -> Tensor:
         """The initial sample in the VE frame (float64)."""
@@ -154,9 +130,9 @@ class RFHostFrame:
         """``x_ve / (1 + sigma)`` in the host's dtype."""
         return (x_ve / (1 + sigma)).to(self.x_dtype)
 
-    def denoiser(self, model: Callable[..., Tensor] | None):
-        """``model(x_rf, t, **extra) -> x0`` as a float64 VE denoiser (``guided_and_uncond`` kept, ``None`` kept)."""
-        return None if model is None else _RFModel(model, self)
+    def denoiser(self, model: Callable[..., Tensor] | None) -> FlowDenoiser | None:
+        """``model(x_rf, t, **extra) -> x0`` as a float64 VE denoiser (``None`` kept)."""
+        return None if model is None else FlowDenoiser(model, "x0", x_dtype=self.x_dtype, t_dtype=self.t_dtype)
 
     def callback(self, callback: Callable[[dict], object] | None):
         """``callback`` fed the host's frame: ``x`` as ``x_rf``, ``sigma``/``sigma_hat`` as ``t``, ``renoise_sigma``
@@ -183,40 +159,19 @@ class RFHostFrame:
         return fn
 
 
-class _RFModel:
-    """An RF-frame x0 model seen as a float64 VE denoiser (see :class:`RFHostFrame`)."""
-
-    def __init__(self, model: Callable[..., Tensor], frame: RFHostFrame):
-        self.model, self.frame = model, frame
-
-    def _args(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        s = sigma.to(torch.float64)
-        return (x / (1 + per_sample(s, x))).to(self.frame.x_dtype), (s / (1 + s)).to(self.frame.t_dtype)
-
-    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
-        return self.model(*self._args(x, sigma), **extra).to(x.dtype)
-
-    def __getattr__(self, name: str):
-        if name != "guided_and_uncond" or not hasattr(self.model, name):
-            raise AttributeError(name)
-
-        def guided_and_uncond(x: Tensor, sigma: Tensor, **extra) -> tuple[Tensor, Tensor]:
-            guided, uncond = self.model.guided_and_uncond(*self._args(x, sigma), **extra)
-            return guided.to(x.dtype), uncond.to(x.dtype)
-
-        return guided_and_uncond
-
-
 def sample_in_rf_frame(sampler: Callable[..., Tensor], student, teacher, x_rf: Tensor, ts: Tensor, *args,
-                       callback: Callable[[dict], object] | None = None, **kwargs) -> Tensor:
+                       callback: Callable[[dict], object] | None = None, full_sigmas: Tensor | None = None,
+                       **kwargs) -> Tensor:
     """``sampler(student, teacher, x, sigmas, *args, **kwargs)`` (a kdpp sampler) run for an RF-frame host.
 
     ``student`` and ``teacher`` (or a list of teachers) are RF x0 models ``D(x_rf, t)``; see
-    :class:`RFHostFrame`. Solver noise samplers passed in ``kwargs`` keep their stream (build
-    them from ``x_rf``); each noise-adding step then reads ``x' = (1 - t') D + t' z`` in RF.
+    :class:`RFHostFrame`. ``full_sigmas`` (a split run's whole schedule) is in the host's ``t`` too.
+    Solver noise samplers passed in ``kwargs`` keep their stream (build them from ``x_rf``); each
+    noise-adding step then reads ``x' = (1 - t') D + t' z`` in RF.
     """
     frame = RFHostFrame(ts, x_rf)
     teacher_ve = [frame.denoiser(t) for t in teacher] if isinstance(teacher, (list, tuple)) else frame.denoiser(teacher)
+    full = None if full_sigmas is None else flow_sigmas(full_sigmas)
     out = sampler(frame.denoiser(student), teacher_ve, frame.to_ve(x_rf), frame.sigmas, *args,
-                  callback=frame.callback(callback), **kwargs)
+                  callback=frame.callback(callback), full_sigmas=full, **kwargs)
     return frame.to_rf(out, frame.sigmas[-1])

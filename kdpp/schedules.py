@@ -1,5 +1,7 @@
-"""Noise schedules (VE sigmas, decreasing, ending in 0)."""
+"""Noise schedules (VE sigmas, decreasing, ending in 0), and where a sigma or a stage lies in one."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -33,3 +35,57 @@ def timestep_sigmas(timesteps: list[int], alphas_cumprod: Tensor | None = None) 
     """The sigmas of the given VP timesteps, then 0 (default: the SD / SDXL schedule)."""
     sigmas = vp_sigmas(scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod)
     return torch.cat([sigmas[list(timesteps)], torch.zeros(1, dtype=torch.float64)])
+
+
+def match_tolerance(dtype: torch.dtype | None) -> float:
+    """The relative tolerance within which a sigma that passed through ``dtype`` is taken to be a schedule entry.
+
+    One rounding of ``dtype`` (``finfo(dtype).eps``: 1e-3 for float16, 8e-3 for bfloat16), and never
+    below 1e-6, so float32 copies of a float64 schedule match it.
+    """
+    eps = torch.finfo(dtype).eps if dtype is not None and dtype.is_floating_point else 0.0
+    return max(eps, 1e-6)
+
+
+def step_index(sigma: float, sigmas: Sequence[float], tolerance: float = 1e-6) -> tuple[int, float]:
+    """Which step of ``sigmas`` a model call at ``sigma`` belongs to, and ``sigma`` snapped to the schedule.
+
+    Step ``i`` covers ``sigmas[i] >= sigma > sigmas[i + 1]``; a ``sigma`` within ``tolerance``
+    (relative) of an entry is that entry (a call at ``sigmas[i + 1]``, a Heun corrector, starts
+    step ``i + 1``). Levels above ``sigmas[0]`` (a churned first step) belong to step 0, levels at
+    or below the last entry to the last step. The one place kdpp decides "which step is this".
+    """
+    n = len(sigmas) - 1
+    for j, entry in enumerate(sigmas):
+        if abs(entry - sigma) <= tolerance * entry:
+            return min(j, n - 1), float(entry)
+    below = sum(1 for entry in sigmas if entry > sigma)  # entries above sigma: the step's start is the last of them
+    return min(max(below - 1, 0), n - 1), float(sigma)
+
+
+def stage_offset(sigmas: Sequence[float], full_sigmas: Sequence[float], tolerance: float = 1e-6) -> int:
+    """Where a stage ``sigmas`` of a split run starts in the run's ``full_sigmas`` (its first step's index).
+
+    The stage must be a contiguous slice of the full schedule, except that its last entry may
+    be 0 where the full schedule goes on (ComfyUI's KSamplerAdvanced ends a stage that way);
+    anything else is a ``ValueError`` naming ``full_sigmas``.
+    """
+    first = sigmas[0]
+    starts = [j for j, entry in enumerate(full_sigmas[:-1]) if abs(entry - first) <= tolerance * entry]
+    if not starts:
+        raise ValueError(f"sigmas[0] = {first:.6g} is not a level of full_sigmas (the schedule this stage was cut "
+                         f"from): got full_sigmas {_short(full_sigmas)}")
+    offset = starts[0]
+    n = len(sigmas) - 1
+    expected = full_sigmas[offset:offset + n + 1]
+    inner_ok = len(expected) == n + 1 and all(abs(a - b) <= tolerance * b for a, b in zip(sigmas[:-1], expected[:-1]))
+    last_ok = inner_ok and (sigmas[-1] == 0 or abs(sigmas[-1] - expected[-1]) <= tolerance * expected[-1])
+    if not last_ok:
+        raise ValueError(f"sigmas {_short(sigmas)} is not a slice of full_sigmas {_short(full_sigmas)} starting at "
+                         f"step {offset} (a stage may only end in 0 early): pass the schedule it was cut from")
+    return offset
+
+
+def _short(values: Sequence[float]) -> str:
+    shown = ", ".join(f"{v:.4g}" for v in values[:8])
+    return f"[{shown}{', ...' if len(values) > 8 else ''}] ({len(values)} entries)"

@@ -16,7 +16,6 @@ comparison on the toy testbed.
 """
 from __future__ import annotations
 
-import bisect
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -26,6 +25,7 @@ from ._checks import check_callable, check_sigmas
 from ._shape import sigma_batch
 from .noise import NoiseSampler
 from .refine import Denoiser, Lam, RenoiseSigma, TeacherRefinement
+from .schedules import match_tolerance, step_index
 
 
 class DistillationDenoiser:
@@ -33,16 +33,19 @@ class DistillationDenoiser:
 
     Every evaluation at a noise level ``sigma`` with ``sigmas[i] >= sigma > sigmas[i+1]``
     belongs to step ``i`` (a Heun corrector evaluated at ``sigmas[i+1]`` belongs to step
-    ``i + 1``); the guided steps are the first ``k`` or those in ``guided_steps``, indices into
-    ``sigmas``. ``renoise_sigma="next"`` renoises to ``sigmas[i+1]``, ``"current"`` to
-    ``sigma``. The options are those of :class:`kdpp.TeacherRefinement`; the sampler's
+    ``i + 1``: :func:`kdpp.schedules.step_index`); the guided steps are the first ``k`` or those
+    in ``guided_steps``, indices into ``sigmas``. ``renoise_sigma="auto"`` (default) renoises to
+    ``sigmas[i+1]`` (to ``sigma`` on the step to 0), ``"current"`` to ``sigma``. Give the sampler's
+    whole schedule as ``sigmas``: a k-diffusion sampler run on a slice of it (a stage of a split
+    run) is then guided, and draws renoise noise, by the step of the whole schedule, so the
+    stages equal the unsplit run. The options are those of :class:`kdpp.TeacherRefinement`; the sampler's
     ``extra_args`` go to the student, ``teacher_extra_args`` to the teacher.
-    The options are validated here, except a per-item ``renoise_seed``'s length (checked
+    The options are validated here, except a per-item ``seed``'s length (checked
     against the batch at the first call).
 
     Each sampling run starts fresh: a call at the schedule's first level ``sigmas[0]`` (or
     above it, as a churned first step) after calls below it, or with a sample of another
-    shape, starts a new run, whose renoise noise is drawn anew from ``renoise_seed`` (or,
+    shape, starts a new run, whose renoise noise is drawn anew from ``seed`` (or,
     without one, from a seed derived from the global RNG state at that call), so reusing
     one wrapper gives the same results as a fresh one. :meth:`reset` starts a new run
     explicitly (for a run that does not begin at ``sigmas[0]``).
@@ -61,13 +64,12 @@ class DistillationDenoiser:
                  guided_steps: Sequence[int] | None = None, renoise: str = "random",
                  renoise_sigma: RenoiseSigma = None,
                  teacher_extra_args: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                 renoise_seed: int | Sequence[int] | None = None, renoise_noise_sampler: NoiseSampler | None = None):
+                 seed: int | Sequence[int] | None = None, renoise_noise_sampler: NoiseSampler | None = None):
         self.student, self.sigmas = check_callable(student, "student", optional=False), check_sigmas(sigmas)
         self.refinement = TeacherRefinement(teacher, lam, k, self.sigmas, None, guided_steps=guided_steps,
                                             renoise=renoise, renoise_sigma=renoise_sigma,
-                                            teacher_extra_args=teacher_extra_args, renoise_seed=renoise_seed,
+                                            teacher_extra_args=teacher_extra_args, seed=seed,
                                             renoise_noise_sampler=renoise_noise_sampler)
-        self._ascending = self.sigmas[::-1]
         self._shape: torch.Size | None = None  # the shape of the current run's sample (None: no run yet)
         self._last_level = self.sigmas[0]
         self._restart = True
@@ -76,20 +78,8 @@ class DistillationDenoiser:
         """Start a new sampling run at the next call (fresh renoise streams and output checks)."""
         self._restart = True
 
-    def _level(self, sigma: Tensor) -> tuple[int, float]:
-        """The step ``i`` with ``sigmas[i] >= s > sigmas[i+1]`` and the level ``s`` (snapped to the schedule)."""
-        s = float(sigma.reshape(-1)[0])
-        n = len(self.sigmas)
-        j = bisect.bisect_left(self._ascending, s)  # entries < s
-        tolerance = torch.finfo(sigma.dtype).eps * s if sigma.is_floating_point() else 0.0
-        for entry in self._ascending[max(j - 1, 0):j + 1]:
-            if abs(entry - s) <= tolerance:
-                s = entry
-        below = bisect.bisect_left(self._ascending, s)
-        return min(max(n - 1 - below, 0), n - 2), s
-
     def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
-        i, s = self._level(sigma)
+        i, s = step_index(float(sigma.reshape(-1)[0]), self.sigmas, match_tolerance(sigma.dtype))
         if self._restart or self._shape != x.shape or s >= self.sigmas[0] > self._last_level:  # a new run
             self.refinement.start(x)
             self._shape, self._restart = x.shape, False

@@ -87,8 +87,8 @@ def test_cfg_errors():
 
 CFG_PP = [(kdpp.sample_euler_cfg_pp_distpp, kdpp.sample_euler_distpp),
           (kdpp.sample_euler_ancestral_cfg_pp_distpp, kdpp.sample_euler_ancestral_distpp),
-          (kdpp.sample_dpmpp_2s_ancestral_cfg_pp_distpp, kdpp.sample_dpmpp_2s_ancestral_distpp),
-          (kdpp.sample_dpmpp_2m_cfg_pp_distpp, kdpp.sample_dpmpp_2m_distpp)]
+          (kdpp.sample_dpmpp_2s_ancestral_cfg_pp_per_stage_distpp, kdpp.sample_dpmpp_2s_ancestral_distpp),
+          (kdpp.sample_dpmpp_2m_cfg_pp_guided_history_distpp, kdpp.sample_dpmpp_2m_distpp)]
 
 
 @pytest.mark.parametrize("cfg_pp, plain", CFG_PP, ids=[p.__name__ for _, p in CFG_PP])
@@ -110,7 +110,8 @@ def test_cfg_pp_with_equal_branches_is_the_plain_sampler(cfg_pp, plain):
         torch.manual_seed(0)
         runs.append(fn(EqualBranches(), other_denoiser, x, sig, 0.5, 2, renoise="deterministic", disable=True))
     assert torch.equal(*runs)
-    assert cfg_pp.__name__ == plain.__name__.replace("_distpp", "_cfg_pp_distpp")
+    assert cfg_pp.cfg_pp and cfg_pp.__name__.startswith(plain.__name__.replace("_distpp", "_cfg_pp"))
+    assert kdpp.SAMPLERS[cfg_pp.__name__[len("sample_"):-len("_distpp")]] is cfg_pp
 
 
 def test_cfg_pp_student_gets_cond_and_uncond_in_one_call():
@@ -144,7 +145,7 @@ def test_dpmpp_2m_cfg_pp_closed_form():
     x1 = Dw(x0, s0) + s1 * (x0 - Du(x0, s0)) / s0
     r = math.log(s0 / s1) / math.log(s1 / s2)
     want = Dw(x1, s1) + s2 * (x1 - Du(x1, s1)) / s1 + (1 - s2 / s1) * (Dw(x1, s1) - Dw(x0, s0)) / (2 * r)
-    got = kdpp.sample_dpmpp_2m_cfg_pp_distpp(kdpp.CFGDenoiser(model, w), None, x0, [s0, s1, s2], 0.0,
+    got = kdpp.sample_dpmpp_2m_cfg_pp_guided_history_distpp(kdpp.CFGDenoiser(model, w), None, x0, [s0, s1, s2], 0.0,
                                              extra_args=args, disable=True)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
 
@@ -159,6 +160,6 @@ def test_dpmpp_2s_ancestral_cfg_pp_closed_form():
     mid = math.sqrt(s0 * down)
     x_mid = Dw(x0, s0) + mid * (x0 - Du(x0, s0)) / s0
     want = Dw(x_mid, mid) + down * (x0 - Du(x_mid, mid)) / s0 + up * z
-    got = kdpp.sample_dpmpp_2s_ancestral_cfg_pp_distpp(kdpp.CFGDenoiser(model, w), None, x0, [s0, s1], 0.0, eta=0.5,
+    got = kdpp.sample_dpmpp_2s_ancestral_cfg_pp_per_stage_distpp(kdpp.CFGDenoiser(model, w), None, x0, [s0, s1], 0.0, eta=0.5,
                                                        noise_sampler=lambda a, b: z, extra_args=args, disable=True)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)

@@ -2,7 +2,7 @@
 
 Data N(mu, s^2 I) has the exact linear denoiser D(y, t) = mu + s^2 / (s^2 + t^2) (y - mu).
 The teacher is exact for N(mu_t, s_t^2), the student for a shifted N(mu_s, s_s^2): its
-error is known. The references below are MATH.md's formulas written out directly.
+error is known. The references below are docs/method.md's formulas written out directly.
 """
 import math
 
@@ -132,7 +132,7 @@ def test_random_renoise_moments(sampler):
     mean = D + LAM * (MU_T + a * (D - MU_T) - D) + direction
     std = LAM * a * S1
     options = {} if sampler is kdpp.sample_euler_distpp else {"noise_sampler": fixed_noise(z)}
-    got = sampler(STUDENT, TEACHER, x0, [S0, S1], LAM, renoise_seed=3, disable=True, **options)
+    got = sampler(STUDENT, TEACHER, x0, [S0, S1], LAM, seed=3, disable=True, **options)
     se = std / math.sqrt(n)
     assert (got.mean(0) - mean[0]).abs().max() < 5 * se
     torch.testing.assert_close(got.std(0), torch.full((2,), std, dtype=torch.float64), rtol=0.03, atol=0)

@@ -18,7 +18,8 @@ from comfyui_env import comfyui_root, import_comfyui
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CONTEXT = 16
 # ComfyUI's built-in samplers that kdpp has and defines the same way, by the name both use
-# (dpmpp_2s_ancestral_cfg_pp and dpmpp_2m_cfg_pp are defined differently: test_cfg_pp_forms_comfyui_defines_differently)
+# (ComfyUI's dpmpp_2s_ancestral_cfg_pp and dpmpp_2m_cfg_pp differ from kdpp's, which have names of their own:
+# test_cfg_pp_forms_comfyui_defines_differently)
 BUILTIN = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp"]
 
 
@@ -107,9 +108,11 @@ def test_lam_zero_equals_comfyui_builtin_sampler(cf, student, name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp"])
-def test_cfg_pp_forms_comfyui_defines_differently(cf, student, name):
-    """Two CFG++ forms are defined differently in ComfyUI 0.3.75 and in kdpp (MATH.md: D_w leads, the same stage's D_u
+@pytest.mark.parametrize("name, ours", [("dpmpp_2s_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp_per_stage"),
+                                        ("dpmpp_2m_cfg_pp", "dpmpp_2m_cfg_pp_guided_history")])
+def test_cfg_pp_forms_comfyui_defines_differently(cf, student, name, ours):
+    """Two CFG++ forms are defined differently in ComfyUI 0.3.75 and in kdpp, which names them apart (docs/method.md:
+    D_w leads, the same stage's D_u
     gives the direction, the student's own estimates elsewhere):
 
     - 2S: ComfyUI ends a step with (s_down / s) (x + D1_w - D2_u) - expm1(-h) D2_w (the first stage's guided x0
@@ -121,16 +124,20 @@ def test_cfg_pp_forms_comfyui_defines_differently(cf, student, name):
     sigmas = schedule(cf, student)
     same = sigmas[-2:] if name.startswith("dpmpp_2s") else torch.cat([sigmas[:2], sigmas[-1:]])
     want = custom_sample(cf, student, cf.comfy.samplers.sampler_object(name), same)
-    got = custom_sample(cf, student, kdpp_sampler(cf, name), same)
+    got = custom_sample(cf, student, kdpp_sampler(cf, ours), same)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     full = custom_sample(cf, student, cf.comfy.samplers.sampler_object(name), sigmas)
-    assert (custom_sample(cf, student, kdpp_sampler(cf, name), sigmas) - full).abs().max() > 1e-2
+    assert (custom_sample(cf, student, kdpp_sampler(cf, ours), sigmas) - full).abs().max() > 1e-2
+    from kdpp.comfyui.nodes import DistillationPPSampler
+
+    offered = DistillationPPSampler.INPUT_TYPES()["required"]["solver"][0]
+    assert ours in offered and name not in offered  # one name, one sampler
 
 
 SOLVERS5 = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm"]
 
 
-@pytest.mark.parametrize("name", SOLVERS5 + ["euler_cfg_pp", "dpmpp_2m_cfg_pp"])
+@pytest.mark.parametrize("name", SOLVERS5 + ["euler_cfg_pp", "dpmpp_2m_cfg_pp_guided_history"])
 def test_teacher_evaluations_counted_inside_comfyui(cf, student, teacher, name):
     """0 at lam = 0 (the teacher is not even loaded); k per run (2S: two per guided step, one per stage)."""
     sigmas = schedule(cf, student)

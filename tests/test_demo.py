@@ -109,13 +109,12 @@ def _nfe(rows: list[dict]) -> list[tuple[int, int]]:
 
 def test_nfe_column_counts_real_model_calls():
     """NFE S+T is counted, not steps + k. (Before: --steps 1 showed 1+1, --k 4 of 4 showed 4+4, 2s-ancestral 4+1.)"""
-    with pytest.warns(UserWarning):  # the core's warning: no teacher call when the renoise level is 0
-        one = _run("--steps", "1")["rows"]
-    assert _nfe(one)[:4] == [(1, 0), (2, 0), (1, 0), (0, 1)]  # the teacher at equal NFE: 1 call
-    assert one[3]["run"] == "teacher 1 steps"
-    all_guided = _run("--k", "4")["rows"]  # the last step renoises to sigma 0: no teacher call there
-    assert _nfe(all_guided)[:4] == [(4, 0), (5, 0), (4, 3), (0, 7)]
-    assert all_guided[3]["run"] == "teacher 7 steps"
+    one = _run("--steps", "1")["rows"]  # the only step is a step to 0: renoised at its own level, one call
+    assert _nfe(one)[:4] == [(1, 0), (2, 0), (1, 1), (0, 2)]  # the teacher at equal NFE: 2 calls
+    assert one[3]["run"] == "teacher 2 steps"
+    all_guided = _run("--k", "4")["rows"]
+    assert _nfe(all_guided)[:4] == [(4, 0), (5, 0), (4, 4), (0, 8)]
+    assert all_guided[3]["run"] == "teacher 8 steps"
     two_stage = _run("--solver", "dpmpp_2s_ancestral")["rows"]
     # 2 calls per step, 1 on the last (k-diffusion takes an Euler step when sigma_down = 0); the guided step
     # corrects both stages; the teacher at equal NFE: 5 steps = 9 calls

@@ -311,21 +311,25 @@ def test_generate_gives_student_and_teacher_time_ids_of_the_image_size():
 
 @pytest.mark.parametrize("preset", [lightning(1), turbo(1), dmd2(1)], ids=lambda p: p.name)
 def test_one_step_presets_call_the_teacher(preset):
-    """One-step presets guide at the current level by default; the next level (0) warns."""
+    """One-step presets call the teacher once (its only step is a step to 0: the "auto" level is the current one);
+    the next level (0) calls none and warns."""
     teacher = RecordingUNet(tiny_unet(seed=1))
     cond = SDXLConditioning(torch.randn(1, 7, 64), torch.randn(1, 7, 64), torch.randn(1, 32), torch.randn(1, 32))
     plain = generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, lam=0.0, dtype=torch.float32, disable=True)
-    assert preset.renoise == "guidance" and not teacher.calls
+    assert preset.renoise == "random" and not teacher.calls
     guided = generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, dtype=torch.float32, disable=True)
     assert len(teacher.calls) == 1 and not torch.equal(plain, guided)
+    generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, renoise="random", dtype=torch.float32,
+             disable=True)
+    assert len(teacher.calls) == 2
     with pytest.warns(UserWarning, match="teacher is never called"):
-        generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, renoise="random", dtype=torch.float32,
-                 disable=True)
-    assert len(teacher.calls) == 1
+        generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, renoise="random", renoise_sigma="next",
+                 dtype=torch.float32, disable=True)
+    assert len(teacher.calls) == 2
 
 
 def test_presets_default_to_the_authors_guidance_strengths():
-    """X0-space 0.1 for the Euler-family students, epsilon-space 0.01 for LCM/DMD2; k = 1."""
+    """The authors' strengths: x0-space 0.1 for the Euler-family students, epsilon-space 0.01 for LCM/DMD2; k = 1."""
     for preset in (lightning(4), lightning(1), turbo(4)):
         assert (preset.lam, preset.k, preset.guidance_space) == (0.1, 1, "x0")
     for preset in (lcm(4), dmd2(4), dmd2(1)):
@@ -655,21 +659,20 @@ def test_decode_is_the_sdxl_pipelines(config, dtype):
     assert diff.max() <= 1
 
 
-def test_sdxl_guided_last_step_warns_and_renoise_sigma_current_guides_it():
-    """k == steps (or guided_steps=[-1]) guides the last step, whose next level is 0: a warning names the fix;
-    renoise_sigma='current' (now a generate option, as guided_steps) calls the teacher there."""
+def test_sdxl_guided_last_step_calls_the_teacher_unless_renoise_sigma_is_next():
+    """k == steps (or guided_steps=[-1]) guides the last step, a step to 0: the default level renoises it at its own
+    level; renoise_sigma='next' (level 0) calls no teacher there and warns."""
     teacher = RecordingUNet(tiny_unet(seed=1))
     options = dict(seeds=[0], height=64, width=64, disable=True)
-    with pytest.warns(UserWarning, match=r"guided step\(s\) \[1\] call no teacher.*renoise='guidance' or renoise_sigma='current'"):
-        generate(UNET, teacher, cond1(), lightning(2), k=2, **options)
-    assert len(teacher.calls) == 1  # step 0 only
-    with pytest.warns(UserWarning, match="the teacher is never called"):
-        generate(UNET, teacher, cond1(), lightning(2), guided_steps=[-1], **options)
-    assert len(teacher.calls) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        generate(UNET, teacher, cond1(), lightning(2), guided_steps=[-1], renoise_sigma="current", **options)
-    assert len(teacher.calls) == 2 and teacher.timesteps()[-1] == [lightning(2).timesteps[1]]
+        generate(UNET, teacher, cond1(), lightning(2), k=2, **options)
+        assert len(teacher.calls) == 2
+        generate(UNET, teacher, cond1(), lightning(2), guided_steps=[-1], **options)
+    assert len(teacher.calls) == 3 and teacher.timesteps()[-1] == [lightning(2).timesteps[1]]
+    with pytest.warns(UserWarning, match=r"guided step\(s\) \[1\] call no teacher \(the teacher is never called\)"):
+        generate(UNET, teacher, cond1(), lightning(2), guided_steps=[-1], renoise_sigma="next", **options)
+    assert len(teacher.calls) == 3
 
 
 def test_unets_in_other_dtypes_than_the_sampler_state():

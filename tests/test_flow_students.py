@@ -18,7 +18,7 @@ import kdpp
 
 from kdpp.diffusers import flow_presets, flux, sd3
 from kdpp.diffusers.flow_models import FlowConditioning, calculate_shift
-from kdpp.flow import T_MAX, FlowDenoiser, flow_sigmas, initial_noise_scale
+from kdpp.flow import FlowDenoiser, flow_sigmas, initial_noise_scale
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 pytest.importorskip("transformers", reason="the reference pipelines import transformers")
@@ -124,20 +124,6 @@ def test_sd35_schedule_is_the_pipelines():
     pipeline_sd3.retrieve_timesteps(scheduler, 4, "cpu")
     got = sd3.SD3Velocity(LARGE_TURBO).schedule(preset.scheduler_config, 4, (4, 16, 16))
     torch.testing.assert_close(got, scheduler.sigmas, rtol=0, atol=0)
-
-
-def test_start_at_t_max():
-    """t = 1 becomes T_MAX = 1 - 2^-24 (sigma 2^24 - 1); the start scale 2^24 maps x_rf = eps exactly."""
-    ts = torch.tensor([1.0, 0.75, 0.5, 0.0])
-    sigmas = flow_sigmas(ts)
-    assert float(sigmas[0]) == 2.0**24 - 1 and float(sigmas[-1]) == 0.0
-    torch.testing.assert_close(sigmas[1:3], torch.tensor([3.0, 1.0], dtype=torch.float64))
-    assert initial_noise_scale(ts) == 2.0**24
-    assert np.float32(T_MAX) == T_MAX < 1.0
-    with pytest.raises(ValueError, match="ts must lie in"):
-        flow_sigmas(torch.tensor([1.5, 0.0]))
-    with pytest.raises(ValueError, match="t_max must be in"):
-        flow_sigmas(ts, t_max=1.0)
 
 
 # ------------------------------------------------------------------ lam = 0 is the pipeline
@@ -356,6 +342,35 @@ def test_no_teacher_model_for_runs_that_never_call_it():
         flux.generate(SCHNELL, None, FLUX_COND, **options)
     with pytest.raises(ValueError, match=r"teacher_transformer is None.*guided_steps=\[1\]"):
         sd3.generate(LARGE_TURBO, None, SD3_COND, guided_steps=[1], **options)
+
+
+def test_the_body_samples_in_stages_as_in_one_go():
+    """kdpp.diffusers.sampling.sample from start to stop with the state x of the stage before (what a pipeline needs
+    to edit latents between steps) gives the run in one go: stochastic Euler ancestral steps, random renoising,
+    k = 2 guided steps counted on the whole schedule; latents= the seeded noise gives the seeded run."""
+    from kdpp.diffusers import sampling
+    from kdpp.noise import initial_noise
+
+    preset = dataclasses.replace(flow_presets.flux_schnell(4), sampler="euler_ancestral")
+    family = flux.FluxFamily(SCHNELL, DEV_TEACHER, FLUX_COND, preset, height=32, width=32)
+    with Calls(DEV_TEACHER) as calls:
+        whole = sampling.sample(family, seeds=SEEDS, k=2, disable=True)
+        assert len(calls.kwargs) == 2
+        x = None
+        for start, stop in ((0, 1), (1, 3), (3, 4)):
+            x = sampling.sample(family, seeds=SEEDS, x=x, start=start, stop=stop, k=2, disable=True)
+        assert len(calls.kwargs) == 4
+    torch.testing.assert_close(x, whole, rtol=0, atol=0)
+    given = sampling.sample(family, seeds=SEEDS, latents=initial_noise(SEEDS, (2, *family.shape)), k=2, disable=True)
+    torch.testing.assert_close(given, whole, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"start=1 needs x"):
+        sampling.sample(family, seeds=SEEDS, start=1)
+    with pytest.raises(ValueError, match="pass latents .* or x .*, not both"):
+        sampling.sample(family, seeds=SEEDS, latents=whole, x=whole, start=1)
+    with pytest.raises(ValueError, match=r"0 <= start < stop <= 4 .* got start=2, stop=2"):
+        sampling.sample(family, seeds=SEEDS, x=whole, start=2, stop=2)
+    with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(2, 4, 4, 4\)"):
+        sampling.sample(family, seeds=SEEDS, latents=whole[:1])
 
 
 # ------------------------------------------------------------------ seeds, dtypes
@@ -579,34 +594,35 @@ class TransformerCalls:
     (lambda: flow_presets.flux_schnell(1), "flux"), (lambda: flow_presets.sd35_large_turbo(1), "sd3"),
     (lambda: flow_presets.flux_dev_lora(1), "flux")], ids=["flux_schnell", "sd35_large_turbo", "flux_dev_lora"])
 def test_one_step_flow_presets_call_the_teacher(make, family):
-    """One-step flow presets guide at the current level (renoise='guidance'), as the SDXL ones: one teacher call;
-    renoise='random' renoises to the next level, 0, and warns."""
+    """One-step flow presets call the teacher once; renoise_sigma='next' renoises to level 0, calls none and warns."""
     preset = make()
     generate, student, teacher, cond = ((flux.generate, DEV if preset.guidance else SCHNELL, DEV_TEACHER, FLUX_COND)
                                         if family == "flux" else (sd3.generate, LARGE_TURBO, LARGE, SD3_COND))
-    assert preset.renoise == "guidance"
+    assert preset.renoise == "random"
     options = dict(seeds=SEEDS, height=32, width=32, disable=True)
     with TransformerCalls(teacher) as calls:
         plain = generate(student, teacher, cond, preset, lam=0.0, **options)
         assert calls.calls == 0
         guided = generate(student, teacher, cond, preset, **options)
         assert calls.calls == 1 and rel(plain, guided) > 1e-3
-        with pytest.warns(UserWarning, match=r"the teacher is never called.*renoise='guidance' or renoise_sigma='current'"):
-            generate(student, teacher, cond, preset, renoise="random", **options)
-        assert calls.calls == 1
+        generate(student, teacher, cond, preset, renoise="random", **options)
+        assert calls.calls == 2
+        with pytest.warns(UserWarning, match=r"the teacher is never called.*renoise_sigma='auto' guides them"):
+            generate(student, teacher, cond, preset, renoise="random", renoise_sigma="next", **options)
+        assert calls.calls == 2
 
 
-def test_guiding_the_last_flow_step_warns_unless_renoise_sigma_is_current():
+def test_guiding_the_last_flow_step_calls_the_teacher_unless_renoise_sigma_is_next():
     options = dict(seeds=SEEDS, height=32, width=32, disable=True)
     preset = flow_presets.flux_schnell(4)
     with TransformerCalls(DEV_TEACHER) as calls:
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, guided_steps=[-1], **options)
+        assert calls.calls == 1
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, k=4, **options)
+        assert calls.calls == 5
         with pytest.warns(UserWarning, match=r"guided step\(s\) \[3\] call no teacher"):
-            flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, guided_steps=[-1], **options)
-        with pytest.warns(UserWarning, match=r"guided step\(s\) \[3\] call no teacher"):
-            flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, k=4, **options)
-        assert calls.calls == 3
-        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, guided_steps=[-1], renoise_sigma="current", **options)
-        assert calls.calls == 4
+            flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, guided_steps=[-1], renoise_sigma="next", **options)
+        assert calls.calls == 5
 
 
 @pytest.mark.parametrize("height, width, error, message", [

@@ -1,6 +1,4 @@
-"""``guided_steps``: which steps are guided, not only the first k (issue 14's placement study, issue 11
-item 4). Oracle (lam = 0) and accounting cases live with the other options' in test_kdiffusion_oracle.py
-and test_refinement.py; this file checks the equivalences and the per-step lam forms."""
+"""Which steps are guided: k or guided_steps, per-step lam, and the levels that do (not) call the teacher."""
 import warnings
 
 import pytest
@@ -21,7 +19,7 @@ def x0(shape=(4, 3), seed=0):
 
 def student_for(name):
     """The student of a sampler form: a CFGDenoiser for the CFG++ forms."""
-    if name.endswith("cfg_pp"):
+    if getattr(kdpp.SAMPLERS[name], "cfg_pp", False):
         c, u = torch.ones(4, 1, dtype=torch.float64), -torch.ones(4, 1, dtype=torch.float64)
         model = kdpp.CFGDenoiser(lambda x, s, c: nonlinear_denoiser(x, s) + 0.1 * c, 0.6)
         return model, {"cond": {"c": c}, "uncond": {"c": u}}
@@ -32,7 +30,7 @@ def guided_run(name, **placement):
     student, extra = student_for(name)
     torch.manual_seed(3)
     return kdpp.SAMPLERS[name](student, other_denoiser, x0(), SIGMAS, 0.4, extra_args=extra, teacher_extra_args={},
-                               renoise_seed=5, disable=True, **placement)
+                               seed=5, disable=True, **placement)
 
 
 @pytest.mark.parametrize("name", list(kdpp.SAMPLERS))
@@ -50,12 +48,16 @@ def test_guided_steps_equal_a_per_step_lam_with_zeros(name):
     student, extra = student_for(name)
     torch.manual_seed(3)
     b = kdpp.SAMPLERS[name](student, other_denoiser, x0(), SIGMAS, [0.0, 0.4, 0.0, 0.0, 0.4], 5, extra_args=extra,
-                            teacher_extra_args={}, renoise="deterministic", disable=True)
+                            teacher_extra_args={}, renoise="deterministic", seed=5, disable=True)
     assert torch.equal(a, b)
 
 
-def test_per_step_lam_follows_the_order_of_guided_steps_and_callable_lam_sees_guided_steps():
-    """lam[j] weights guided_steps[j], as given: [3, 0] with [0.2, 0.7] puts 0.7 on step 0."""
+def test_per_step_lam_pairs_with_the_guided_steps_and_callable_lam_sees_each_one():
+    """lam[j] weights guided_steps[j], as given ([3, 0] with [0.2, 0.7] puts 0.7 on step 0), or the j-th of the
+    first k steps; lam_i = 0 skips step i; a callable lam is evaluated at each guided step with its sigma."""
+    teacher = Recorder(other_denoiser)
+    kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x0(), SIGMAS, [0.5, 0.0, 0.2], 3, disable=True)
+    assert teacher.sigmas == [SIGMAS[1], SIGMAS[3]]
     seen = []
     kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, [0.2, 0.7], guided_steps=[3, 0],
                              callback=seen.append, disable=True)
@@ -68,6 +70,10 @@ def test_per_step_lam_follows_the_order_of_guided_steps_and_callable_lam_sees_gu
     kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS,
                              lambda i, sigma: calls.append((i, sigma)) or 0.5, guided_steps=[-1, 2], disable=True)
     assert sorted(calls) == [(2, SIGMAS[2]), (4, SIGMAS[4])]
+    calls.clear()
+    kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS,
+                             lambda i, sigma: calls.append((i, sigma)) or 0.5, 2, disable=True)
+    assert calls == [(0, SIGMAS[0]), (1, SIGMAS[1])]
 
 
 def test_distillation_denoiser_guides_the_listed_steps():
@@ -97,27 +103,47 @@ def test_hosts_pass_guided_steps_and_a_call_time_placement_replaces_the_bound_on
 
 
 @pytest.mark.parametrize("options", [
-    {"sigmas": [14.6, 0.0]},                                          # a one-step student, default k and level
+    {"sigmas": [14.6, 0.0]},                                          # a one-step student
+    {"k": 3},                                                         # k = number of steps
+    {"guided_steps": [-1]},                                           # the last step
+])
+def test_auto_level_calls_the_teacher_on_a_guided_step_to_zero(options):
+    """The default level renoises a guided step to sigma 0 at the step's own level: one teacher call there."""
+    options = dict(options)
+    sigmas = torch.tensor(options.pop("sigmas", [14.6, 3.0, 0.7, 0.0]), dtype=torch.float64)
+    teacher = Recorder(other_denoiser)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 14.6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x, sigmas, 0.5, disable=True, **options)
+    guided = list(range(options.get("k", 1))) if "guided_steps" not in options else [len(sigmas) - 2]
+    levels = [float(sigmas[i + 1]) if sigmas[i + 1] > 0 else float(sigmas[i]) for i in guided]
+    assert teacher.sigmas == levels
+
+
+@pytest.mark.parametrize("options", [
+    {"sigmas": [14.6, 0.0]},                                          # a one-step student
     {"k": 3},                                                         # k = number of steps
     {"guided_steps": [-1]},                                           # the last step
     {"guided_steps": [0], "renoise_sigma": 0.0},                      # a constant level 0
 ])
 def test_guided_step_that_cannot_call_the_teacher_warns(options):
     """A guided step whose renoise level is 0 calls no teacher (R is the identity there): say so, naming the fix."""
-    options = dict(options)
+    options = {"renoise_sigma": "next", **options}
     sigmas = torch.tensor(options.pop("sigmas", [14.6, 3.0, 0.7, 0.0]), dtype=torch.float64)
     teacher = Recorder(other_denoiser)
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 14.6
-    with pytest.warns(UserWarning, match=r"call no teacher.*renoise='guidance' or renoise_sigma='current'"):
+    with pytest.warns(UserWarning, match=r"call no teacher.*renoise_sigma='auto' guides them"):
         kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x, sigmas, 0.5, disable=True, **options)
+    assert teacher.calls == (2 if options.get("k") == 3 else 0)  # k = 3: steps 0 and 1 still call it
 
 
 @pytest.mark.parametrize("options", [
     {"sigmas": [14.6, 0.0], "renoise": "guidance"},
     {"sigmas": [14.6, 0.0], "renoise_sigma": "current"},
-    {"k": 3, "lam": 0.0},
-    {"guided_steps": [-1], "lam": [0.0]},
-    {"sigmas": [14.6, 3.0, 0.7]},                                     # a stage that stops above 0
+    {"k": 3, "lam": 0.0, "renoise_sigma": "next"},
+    {"guided_steps": [-1], "lam": [0.0], "renoise_sigma": "next"},
+    {"sigmas": [14.6, 3.0, 0.7], "renoise_sigma": "next"},           # a stage that stops above 0
 ])
 def test_guided_steps_that_call_the_teacher_do_not_warn(options):
     options = dict(options)
@@ -132,5 +158,6 @@ def test_guided_steps_that_call_the_teacher_do_not_warn(options):
 def test_the_warning_points_at_the_callers_line():
     x = torch.randn(1, 2, dtype=torch.float64) * 14.6
     with pytest.warns(UserWarning, match="call no teacher") as record:
-        kdpp.sample_lcm_distpp(nonlinear_denoiser, other_denoiser, x, torch.tensor([14.6, 0.0]), 0.5, disable=True)
+        kdpp.sample_lcm_distpp(nonlinear_denoiser, other_denoiser, x, torch.tensor([14.6, 0.0]), 0.5,
+                               renoise_sigma="next", disable=True)
     assert record[0].filename == __file__

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import kdpp
-from kdpp.hosts import host_sampler, is_flow_model
+from kdpp.comfyui.host import COMFYUI
+from kdpp.hosts import KDIFFUSION, host_of, host_sampler
 
 MEAN, STD = 1.0, 0.5
 
@@ -20,7 +21,7 @@ def test_flow_host_at_lam_zero_samples_the_data_distribution(name):
     """The issue's symptom: in the VE arithmetic on RF x, euler_ancestral gave mean 1.6 and lcm 3.3."""
     ts = torch.linspace(1, 0, 9)  # starts at t = 1 (pure noise), as ComfyUI's flow schedules do
     x = torch.randn(40000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float32)  # x_rf at t = 1
-    out = host_sampler(kdpp.SAMPLERS[name])(rf_gaussian_x0, x, ts, extra_args={"seed": 3}, disable=True, flow=True)
+    out = host_sampler(kdpp.SAMPLERS[name])(rf_gaussian_x0, x, ts, seed=3, disable=True, flow=True)
     assert out.dtype == x.dtype and out.shape == x.shape
     # every step maps the mean exactly (to the 1e-9 of the capped t = 1); 8 ODE steps leave a
     # discretisation error in the spread
@@ -47,7 +48,7 @@ def test_flow_euler_equals_rf_euler_and_without_flow_ancestral_is_wrong():
     for t, t_next in zip(ts[:-1].double(), ts[1:].double()):
         want = want + (want - rf_gaussian_x0(want, t.expand(len(x)))) / t * (t_next - t)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    wrong = host_sampler(kdpp.sample_euler_ancestral_distpp)(rf_gaussian_x0, x, ts, extra_args={"seed": 3}, disable=True)
+    wrong = host_sampler(kdpp.sample_euler_ancestral_distpp)(rf_gaussian_x0, x, ts, seed=3, disable=True)
     assert abs(wrong.mean().item() - MEAN) > 0.3  # the VE ancestral step applied to an RF x
 
 
@@ -61,8 +62,9 @@ def test_flow_callbacks_report_the_host_frame():
     assert all(s["x"].dtype == x.dtype and s["denoised"].dtype == x.dtype for s in seen)
 
 
-def test_plain_callables_are_not_flow_models():
-    assert not is_flow_model(rf_gaussian_x0) and not is_flow_model(object())
+def test_plain_callables_are_k_diffusion_models_in_the_ve_frame():
+    assert not COMFYUI.owns(rf_gaussian_x0) and not COMFYUI.owns(object())
+    assert host_of(rf_gaussian_x0) is KDIFFUSION and not KDIFFUSION.is_flow(rf_gaussian_x0)
 
 
 def test_flow_callbacks_report_the_renoise_level_in_the_host_frame():
@@ -91,7 +93,7 @@ def test_flow_callbacks_convert_per_item_random_levels():
         return rf_gaussian_x0(x_rf, t, **extra)
 
     host_sampler(kdpp.sample_euler_distpp)(rf_gaussian_x0, x, ts, callback=seen.append, disable=True, flow=True,
-                                           teacher=teacher, lam=0.5, renoise_sigma="random", renoise_seed=[1, 2, 3])
+                                           teacher=teacher, lam=0.5, renoise_sigma="random", seed=[1, 2, 3])
     tau = seen[0]["renoise_sigma"]
     assert isinstance(tau, torch.Tensor) and tau.shape == (3,)
     torch.testing.assert_close(tau.double(), levels[0].double().reshape(-1), rtol=1e-6, atol=0)

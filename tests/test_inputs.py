@@ -57,7 +57,12 @@ def run(**overrides):
 
 @pytest.mark.parametrize("overrides, error, match", [
     ({"sigmas": SIGMAS[None]}, ValueError, "sigmas must be 1-D"),
-    ({"sigmas": torch.tensor([])}, ValueError, "sigmas must not be empty"),
+    ({"sigmas": torch.tensor([])}, ValueError, r"sigmas must have at least 2 entries"),
+    ({"sigmas": [1.0]}, ValueError, r"sigmas must have at least 2 entries \(a schedule of N steps has N \+ 1 levels\)"),
+    ({"sigmas": [0.0, 1.0, 8.0]}, ValueError, r"sigmas must be strictly decreasing \(it is increasing: pass it reversed"),
+    ({"sigmas": [8.0, 1.0, 1.0, 0.0]}, ValueError, r"sigmas must be strictly decreasing, got"),
+    ({"full_sigmas": [8.0, 3.0]}, ValueError, r"full_sigmas\b"),
+    ({"step_offset": 1.5}, TypeError, r"step_offset must be an int"),
     ({"sigmas": torch.tensor([1.0, 3.0, 0.0])}, ValueError, "sigmas must be strictly decreasing"),
     ({"sigmas": torch.tensor([3.0, 3.0, 0.0])}, ValueError, "sigmas must be strictly decreasing"),
     ({"sigmas": torch.tensor([3.0, 0.0, -1.0])}, ValueError, "sigmas must be positive except the last"),
@@ -85,14 +90,14 @@ def run(**overrides):
     ({"renoise": "guidance", "renoise_sigma": "next"}, ValueError, "renoise='guidance' evaluates the teacher at the current"),
     ({"renoise_sigma": lambda i, s, t: -2.0}, ValueError, "renoise_sigma\\(0, ...\\) must be >= 0"),
     ({"teacher_extra_args": [{}, {}]}, ValueError, "teacher_extra_args must be a dict or one dict per teacher"),
-    ({"renoise_seed": [1, 2, 3]}, ValueError, "seed has 3 entries, expected one per batch item \\(2\\)"),
+    ({"seed": [1, 2, 3]}, ValueError, "seed has 3 entries, expected one per batch item \\(2\\)"),
 ])
 def test_bad_input_names_the_argument(overrides, error, match):
     with pytest.raises(error, match=match):
         run(**overrides)
 
 
-# issue 10 item 12 and the placement option (issue 14): every option a user passes is named when it is wrong
+# every option a user passes is named when it is wrong
 OPTION_CASES = [
     ({"eta": math.nan}, ValueError, "eta must be finite"),
     ({"eta": -0.5}, ValueError, "eta must be >= 0"),
@@ -105,10 +110,10 @@ OPTION_CASES = [
     ({"s_tmax": math.nan}, ValueError, "s_tmax must be a number"),
     ({"noise_sampler": 3}, TypeError, "noise_sampler must be a callable or None"),
     ({"renoise_noise_sampler": "x"}, TypeError, "renoise_noise_sampler must be a callable or None"),
-    ({"renoise_seed": "abc"}, TypeError, "renoise_seed must be an int or one int per batch item"),
-    ({"renoise_seed": 1.5}, TypeError, "renoise_seed must be an int or one int per batch item"),
-    ({"renoise_seed": [1, 2, 3]}, ValueError, r"renoise_seed has 3 entries, expected one per batch item \(8\)"),
-    ({"renoise_seed": [1, "a"] * 4}, TypeError, r"renoise_seed\[1\] must be an int"),
+    ({"seed": "abc"}, TypeError, "seed must be an int or one int per batch item"),
+    ({"seed": 1.5}, TypeError, "seed must be an int or one int per batch item"),
+    ({"seed": [1, 2, 3]}, ValueError, r"seed has 3 entries, expected one per batch item \(8\)"),
+    ({"seed": [1, "a"] * 4}, TypeError, r"seed\[1\] must be an int"),
     ({"extra_args": [1, 2]}, TypeError, "extra_args must be a dict of keyword arguments, got list"),
     ({"teacher_extra_args": "t"}, ValueError, "teacher_extra_args must be a dict or one dict per teacher"),
     ({"callback": "print"}, TypeError, "callback must be a callable or None"),
@@ -133,10 +138,10 @@ OPTION_RUNS = [pytest.param(name, *case, id=f"{name}-" + ",".join(f"{k}={v!r}" f
 
 @pytest.mark.parametrize("name, overrides, error, match", OPTION_RUNS)
 def test_every_option_is_validated_by_name(name, overrides, error, match):
-    """Issue 10 item 12: each sampler that takes the option refuses a bad value, naming it."""
+    """Each sampler that takes the option refuses a bad value, naming it."""
     sampler = kdpp.SAMPLERS[name]
     args = {"lam": 0.5, "k": None, "disable": True, **overrides}
-    student = kdpp.CFGDenoiser(nonlinear_denoiser, 0.5) if name.endswith("cfg_pp") else nonlinear_denoiser
+    student = kdpp.CFGDenoiser(nonlinear_denoiser, 0.5) if getattr(sampler, "cfg_pp", False) else nonlinear_denoiser
     with pytest.raises(error, match=match):
         sampler(student, other_denoiser, torch.randn(8, 3) * 8, SIGMAS, args.pop("lam"), args.pop("k"), **args)
 
@@ -170,9 +175,34 @@ def test_non_finite_model_output_names_model_and_step(sampler, who):
                 renoise_sigma="current", disable=True)
 
 
-def test_one_entry_schedule_is_no_step():
-    x = torch.randn(2, 3)
-    assert torch.equal(kdpp.sample_euler_distpp(nonlinear_denoiser, None, x, [1.0], 0.0, disable=True), x)
+def test_a_denoiser_with_the_wrong_signature_is_named_before_sampling():
+    """The student or teacher that cannot take its keyword arguments is named with their source and the fix."""
+    calls = []
+
+    def teacher(x, sigma):
+        calls.append(sigma)
+        return x
+
+    extra = {"cond": torch.zeros(2, 3)}
+    student = lambda x, sigma, cond: nonlinear_denoiser(x, sigma)  # noqa: E731
+    with pytest.raises(TypeError, match=r"the teacher cannot be called as teacher\(x, sigma, \*\*extra_args "
+                                        r"\(teacher_extra_args defaults to it\)\) with .* keys 'cond'.*"
+                                        r"pass the teacher's own keyword arguments as teacher_extra_args"):
+        run(student=student, teacher=teacher, extra_args=extra)
+    with pytest.raises(TypeError, match=r"the student cannot be called as student\(x, sigma, \*\*extra_args\) "
+                                        r"with extra_args keys 'cond'"):
+        run(student=lambda x, sigma: x, extra_args=extra)
+    with pytest.raises(TypeError, match=r"teacher\[1\] cannot be called .*teacher_extra_args\[1\]"):
+        run(teacher=[other_denoiser, teacher], lam=[0.5, 0.5], teacher_extra_args=[{}, {"c": 1}])
+    assert not calls
+    run(student=student, teacher=teacher, extra_args=extra, teacher_extra_args={})  # the fix works
+
+
+@pytest.mark.parametrize("lam", [50.0, -0.5, [0.3, 7.0]])
+def test_lam_far_outside_the_interpolation_range_warns(lam):
+    placement = {"guided_steps": [0, 1]} if isinstance(lam, list) else {}
+    with pytest.warns(UserWarning, match=r"lam(\[1\])?=-?[\d.]+ is outside 0 .. 2: lam interpolates .* typically 0.05 .. 1"):
+        run(lam=lam, k=None, **placement)
 
 
 def test_cfg_pp_needs_a_guided_student():

@@ -72,7 +72,7 @@ def test_students_sample_in_every_setting(nets, name):
         sargs, targs = conditioning(lab, TEACHER_CFG)
         x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)) * sigmas[0].item()
         out = kdpp.sample_lcm_distpp(nets[name], guided_teacher(nets["teacher"], lab), x, sigmas, 0.5, 1,
-                                     extra_args=sargs, teacher_extra_args=targs, disable=True, renoise_seed=0)
+                                     extra_args=sargs, teacher_extra_args=targs, disable=True, seed=0)
         assert out.shape == (50, 64) and bool(torch.isfinite(out).all())
 
 

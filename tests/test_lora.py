@@ -249,15 +249,17 @@ def test_refuses_models_without_adapters_or_with_a_fused_lora():
 # ------------------------------------------------------------------ LoRA pairs of every family, through the one body
 
 
-def run_diffusers(unet, scheduler, steps, seed, generator=None):
-    """diffusers' denoising loop for one image at 128 x 128 (no CFG, as the LoRA students run)."""
+def run_diffusers(unet, scheduler, steps, seed, generators=None):
+    """diffusers' denoising loop for one image at 128 x 128 (no CFG, as the LoRA students run); step j's
+    scheduler noise from ``generators(j)``."""
     scheduler.set_timesteps(steps)
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed)) * scheduler.init_noise_sigma
     kw = one(COND).unet_kwargs(time_ids(128, 128))
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for j, t in enumerate(scheduler.timesteps):
             out = unet(scheduler.scale_model_input(latents, t), t, **kw).sample
-            step = scheduler.step(out, t, latents, **({"generator": generator} if generator else {}), return_dict=False)
+            step = scheduler.step(out, t, latents, **({"generator": generators(j)} if generators else {}),
+                                  return_dict=False)
             latents, denoised = step[0], step[1] if len(step) > 1 else None
     return latents if denoised is None else denoised
 
@@ -274,7 +276,8 @@ def test_lam0_run_is_the_lora_student_under_its_diffusers_scheduler(preset, sche
     seed = 7
     got = generate(pair.student, pair.teacher, one(COND), preset, seeds=[seed], height=128, width=128, lam=0.0,
                    disable=True)
-    want = run_diffusers(unet, scheduler(), 4, seed, generator=torch.Generator().manual_seed(stream_seed(seed, 1)))
+    solver_stream = lambda j: torch.Generator().manual_seed(stream_seed(stream_seed(seed, 1), j))  # noqa: E731 (kdpp.noise)
+    want = run_diffusers(unet, scheduler(), 4, seed, generators=solver_stream)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     guided = generate(pair.student, pair.teacher, one(COND), preset, seeds=[seed], height=128, width=128, disable=True)
     assert not torch.equal(guided, got)  # the default lam guides

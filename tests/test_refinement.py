@@ -69,20 +69,10 @@ def test_no_teacher_call_without_guidance(sampler, lam, k):
     sampler(nonlinear_denoiser, None, x0(), SIGMAS, lam, k, disable=True)  # no teacher needed
 
 
-def test_per_step_lam_skips_zero_steps_and_callable_lam_sees_step_sigma():
-    teacher = Recorder(other_denoiser)
-    kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x0(), SIGMAS, [0.5, 0.0, 0.2], 3, disable=True)
-    assert teacher.sigmas == [SIGMAS[1], SIGMAS[3]]
-    seen = []
-    lam = lambda i, sigma: seen.append((i, sigma)) or 0.5
-    kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, lam, 2, disable=True)
-    assert seen == [(0, SIGMAS[0]), (1, SIGMAS[1])]
-
-
 def test_random_constant_and_callable_levels():
     teacher = Recorder(other_denoiser)
     kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x0(), SIGMAS, 0.5, 5, renoise_sigma="random",
-                             renoise_seed=1, disable=True)
+                             seed=1, disable=True)
     assert teacher.calls == 5 and all(0.3 <= t <= 10.0 for t in teacher.sigmas)
     assert len(set(teacher.sigmas)) == 5
     teacher = Recorder(other_denoiser)
@@ -95,7 +85,7 @@ def test_random_constant_and_callable_levels():
 
 
 def test_random_levels_are_log_uniform_over_the_schedule():
-    ref = kdpp.TeacherRefinement(other_denoiser, 1.0, 1, SIGMAS, x0(), renoise_sigma="random", renoise_seed=0,
+    ref = kdpp.TeacherRefinement(other_denoiser, 1.0, 1, SIGMAS, x0(), renoise_sigma="random", seed=0,
                                  check=kdpp._checks.OutputChecker(x0()))
     u = torch.tensor([math.log(ref._tau(0, 10.0, 5.0)) for _ in range(4000)])
     lo, hi = math.log(0.3), math.log(10.0)
@@ -152,17 +142,17 @@ def test_reruns_are_bit_identical(sampler):
         runs.append(sampler(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, disable=True))
     assert torch.equal(*runs)
     torch.manual_seed(11)
-    reseeded = sampler(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=5, disable=True)
+    reseeded = sampler(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, seed=5, disable=True)
     assert not torch.equal(reseeded, runs[0])
 
 
-def test_per_item_renoise_seeds_do_not_depend_on_the_batch():
+def test_per_item_seeds_do_not_depend_on_the_batch():
     x = x0((4, 3))
     noise = kdpp.seeded_noise_sampler(x, [10, 11, 12, 13])(1.0, 0.5)
     alone = kdpp.seeded_noise_sampler(x[2:3], [12])(1.0, 0.5)
     assert torch.equal(noise[2:3], alone)
-    full = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x, SIGMAS, 0.5, 2, renoise_seed=[10, 11, 12, 13], disable=True)
-    part = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x[2:3], SIGMAS, 0.5, 2, renoise_seed=[12], disable=True)
+    full = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x, SIGMAS, 0.5, 2, seed=[10, 11, 12, 13], disable=True)
+    part = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x[2:3], SIGMAS, 0.5, 2, seed=[12], disable=True)
     torch.testing.assert_close(full[2:3], part, rtol=0, atol=1e-14)
 
 
@@ -198,13 +188,13 @@ def test_teacher_extra_args_default_to_extra_args_and_can_differ():
 def test_numpy_integer_seeds_are_accepted():
     import numpy as np
 
-    a = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=np.int64(4), disable=True)
-    b = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, renoise_seed=4, disable=True)
+    a = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, seed=np.int64(4), disable=True)
+    b = kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, 0.5, 2, seed=4, disable=True)
     assert torch.equal(a, b)
 
 
 def test_teacher_refinement_is_usable_alone_without_a_checker():
-    """Issue 10 item 13: the public class needs no private OutputChecker; it checks its teacher's outputs."""
+    """The public class needs no private OutputChecker; it checks its teacher's outputs."""
     x = x0()
     ref = kdpp.TeacherRefinement(other_denoiser, 0.5, 1, SIGMAS, x, renoise="deterministic")
     D = nonlinear_denoiser(x, torch.full((4,), SIGMAS[0], dtype=torch.float64))

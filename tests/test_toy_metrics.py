@@ -87,7 +87,7 @@ def _plain_and_guided(n: int):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 2, generator=g, dtype=torch.float64) * sigmas[0]
     plain = kdpp.sample_euler_distpp(student, None, x, sigmas, 0.0, disable=True)
-    guided = kdpp.sample_euler_distpp(student, truth.denoiser, x, sigmas, 1.0, 1, renoise_seed=2, disable=True)
+    guided = kdpp.sample_euler_distpp(student, truth.denoiser, x, sigmas, 1.0, 1, renoise="deterministic", disable=True)
     return truth, plain, guided, truth.sample(n, g)
 
 

@@ -78,6 +78,6 @@ def test_exact_teacher_pulls_a_biased_student_toward_the_truth(name):
     x = torch.randn(3000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * SD_4STEP[0]
     options = {} if name == "dpmpp_2m" else {"noise_sampler": kdpp.seeded_noise_sampler(x, 0)}
     plain = sampler(student, MIX.denoiser, x, SD_4STEP, 0.0, disable=True, **options)
-    guided = sampler(student, MIX.denoiser, x, SD_4STEP, 1.0, 2, renoise_seed=1, disable=True, **options)
+    guided = sampler(student, MIX.denoiser, x, SD_4STEP, 1.0, 2, seed=1, disable=True, **options)
     before, after = mode_coverage(plain, MIX), mode_coverage(guided, MIX)
     assert after.high < before.low, (before, after)

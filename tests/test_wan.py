@@ -48,6 +48,20 @@ def generators(seeds=SEEDS):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def solver_noise_of(seed, pipe_kwargs):
+    """Seed the global RNG, which the stochastic scheduler draws step j's noise from, with the kdpp seed's solver
+    stream of step j (kdpp.noise): before step 0, and after each step through the pipeline's callback_on_step_end."""
+    def seed_step(j):
+        torch.manual_seed(stream_seed(stream_seed(seed, 1), j))
+
+    def callback(pipe, i, t, tensors):
+        seed_step(i + 1)
+        return {}
+
+    seed_step(0)
+    return {**pipe_kwargs, "callback_on_step_end": callback}
+
+
 def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -98,11 +112,11 @@ def test_lightx2v_preset_is_the_published_recipe():
 
 def test_lam0_lora_student_is_wan_pipeline_with_the_recipe_scheduler():
     """The LoRA pair at lam = 0 is WanPipeline with the LoRA active and the recipe's stochastic Euler scheduler
-    (guidance_scale 1); the scheduler's step noise is the global RNG's, seeded with the kdpp seed's solver stream."""
+    (guidance_scale 1); the scheduler's step noise (the global RNG's) is seeded with the kdpp seed's solver stream."""
     pipe = tiny_wan_text_pipeline(TRANSFORMER, scheduler=RecipeScheduler(shift=5.0, stochastic_sampling=True))
-    torch.manual_seed(stream_seed(SEEDS[0], 1))
-    want = pipe(prompt_embeds=COND.prompt_embeds[:1], num_inference_steps=4, guidance_scale=1.0, output_type="latent",
-                generator=generators(SEEDS[:1]), **SIZE).frames
+    want = pipe(**solver_noise_of(SEEDS[0], dict(
+        prompt_embeds=COND.prompt_embeds[:1], num_inference_steps=4, guidance_scale=1.0, output_type="latent",
+        generator=generators(SEEDS[:1]), **SIZE))).frames
     with Calls(TRANSFORMER) as calls:
         got = wan.generate(PAIR.student, PAIR.teacher, first(COND), seeds=SEEDS[:1], lam=0.0, disable=True, **SIZE)
     assert got.shape == want.shape == (1, 16, 2, 4, 4)
@@ -130,9 +144,9 @@ def test_decoded_videos_are_the_pipelines():
     """With the Wan VAE (latents_mean/latents_std, 4x temporal compression), generate's frames are the pipeline's."""
     vae = tiny_wan_vae()
     pipe = tiny_wan_text_pipeline(TRANSFORMER, scheduler=RecipeScheduler(shift=5.0, stochastic_sampling=True), vae=vae)
-    torch.manual_seed(stream_seed(SEEDS[0], 1))
-    want = pipe(prompt_embeds=COND.prompt_embeds[:1], num_inference_steps=2, guidance_scale=1.0, output_type="np",
-                generator=generators(SEEDS[:1]), **SIZE).frames
+    want = pipe(**solver_noise_of(SEEDS[0], dict(
+        prompt_embeds=COND.prompt_embeds[:1], num_inference_steps=2, guidance_scale=1.0, output_type="np",
+        generator=generators(SEEDS[:1]), **SIZE))).frames
     got = wan.generate(PAIR.student, PAIR.teacher, first(COND), flow_presets.wan21_lightx2v(2), seeds=SEEDS[:1], lam=0.0,
                        vae=vae, disable=True, **SIZE)
     assert len(got) == 1 and len(got[0]) == SIZE["num_frames"] and got[0][0].size == (32, 32)

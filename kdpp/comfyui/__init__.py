@@ -7,11 +7,19 @@ Install (one step, with ComfyUI's Python)::
 which writes ``custom_nodes/kdpp_nodes/__init__.py``, a two-line shim that imports
 :mod:`kdpp.comfyui.nodes` when ComfyUI loads its custom nodes. ``import kdpp`` and
 ``import kdpp.comfyui`` import nothing of ComfyUI; :mod:`kdpp.comfyui.nodes` and
-:mod:`kdpp.comfyui.sampling` do, and are only imported by ComfyUI.
+:mod:`kdpp.comfyui.sampling` do, and are only imported by ComfyUI. ``import kdpp.comfyui``
+registers ComfyUI's host conventions (:mod:`kdpp.comfyui.host`) with :mod:`kdpp.hosts`, so kdpp
+samplers registered into ``comfy.k_diffusion.sampling`` with :func:`kdpp.hosts.register` follow
+ComfyUI's seeding and flow frames as the nodes do.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from ..hosts import register_host
+from .host import COMFYUI
+
+register_host(COMFYUI)
 
 #: the folder the shim is written to, under ComfyUI's ``custom_nodes``
 SHIM_NAME = "kdpp_nodes"

@@ -8,8 +8,8 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 
-from ..refine import RENOISE_MODES
-from .sampling import NODE_RENOISE_LEVELS, SOLVERS, DistillationSampler
+from ..refine import RENOISE_LEVELS, RENOISE_MODES
+from .sampling import SOLVERS, DistillationSampler
 
 CATEGORY = "sampling/distillation++"
 
@@ -28,7 +28,7 @@ TEACHER_INPUTS = {
     "renoise": (list(RENOISE_MODES), {"default": "random",
                                        "tooltip": "Renoising noise xi: random (paper Alg. 1), deterministic (the student's noise) "
                                                   "or guidance (paper eq. 10: teacher and student at the same input)."}),
-    "renoise_level": (list(NODE_RENOISE_LEVELS), {"default": "auto",
+    "renoise_level": (list(RENOISE_LEVELS), {"default": "auto",
                                                   "tooltip": "Renoising level tau: auto (default) = the next sigma, except on the "
                                                              "step to sigma 0 (the last step: any 1-step run, or k >= steps), where "
                                                              "the next sigma 0 would skip the teacher, the current one; next (the "
@@ -128,8 +128,7 @@ class DistillationPPKSampler:
             return (out,)
         sigmas = sigmas[start_at_step:]
         sampler = DistillationSampler(solver, teacher, teacher_positive, teacher_negative, teacher_cfg, lam, k, renoise,
-                                      renoise_level, full_sigmas=full_sigmas, guided=max(0, k - start_at_step),
-                                      start=start_at_step)
+                                      renoise_level, full_sigmas=full_sigmas, step_offset=start_at_step)
         if add_noise:
             noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         else:

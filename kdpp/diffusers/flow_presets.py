@@ -12,9 +12,9 @@ scale) and its teacher. ``generate`` computes the schedule from the config as th
 
 **Distillation++ starting points, not tuned values.** ``lam = 0.5`` on the first step only
 (``k = 1``, the paper's setting in all its quantitative results), the teacher renoised to the
-student's next noise level (one-step presets: ``renoise="guidance"``, at the current level, as the
-SDXL ones: the next level of a one-step schedule is 0); the paper evaluates no flow students (it
-names them as future work), so sweep ``lam`` (and ``k``) for your prompts.
+student's next noise level (the core's ``"auto"`` level: on a step to sigma 0, as the one step of a
+one-step preset, its current level); the paper evaluates no flow students (it names them as future
+work), so sweep ``lam`` (and ``k``) for your prompts.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .presets import check_sampler, check_steps, one_step_defaults
+from .presets import check_sampler, check_steps
 
 #: ``scheduler/scheduler_config.json`` of stabilityai/stable-diffusion-3.5-large and -large-turbo
 SD35_SCHEDULER = MappingProxyType({"num_train_timesteps": 1000, "shift": 3.0})
@@ -74,7 +74,7 @@ class FlowStudentPreset:
     guidance: float | None = None  #: the student's guidance-embedding input (FLUX.1-dev LoRAs); None without one
     lam: float = 0.5
     k: int = 1
-    renoise: str = "random"  #: the default renoising noise (one-step presets: "guidance")
+    renoise: str = "random"  #: the default renoising noise (see kdpp.TeacherRefinement)
     notes: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -89,14 +89,14 @@ def sd35_large_turbo(steps: int = 4) -> FlowStudentPreset:
     """SD3.5 Large Turbo (LADD-distilled SD3.5 Large): Euler, shift 3, no CFG; teacher SD3.5 Large with CFG 3.5."""
     steps = check_steps(steps, range(1, 9), "SD3.5 Large Turbo", "is meant for about 4 steps (1 to 8)")
     return FlowStudentPreset(f"sd3.5-large-turbo-{steps}step", "sd3", steps, SD35_SCHEDULER, SD35_LARGE,
-                             **one_step_defaults(steps), notes="model card: 4 steps, guidance_scale 0.0 (no CFG)")
+                             notes="model card: 4 steps, guidance_scale 0.0 (no CFG)")
 
 
 def flux_schnell(steps: int = 4) -> FlowStudentPreset:
     """FLUX.1-schnell: Euler, no shift, no guidance embedding; teacher FLUX.1-dev with guidance 3.5."""
     steps = check_steps(steps, range(1, 5), "FLUX.1-schnell", "is meant for 1 to 4 steps")
     return FlowStudentPreset(f"flux.1-schnell-{steps}step", "flux", steps, FLUX_SCHNELL_SCHEDULER, FLUX_DEV,
-                             **one_step_defaults(steps), notes="model card: 4 steps, guidance_scale 0.0, max_sequence_length 256")
+                             notes="model card: 4 steps, guidance_scale 0.0, max_sequence_length 256")
 
 
 def flux_dev_lora(steps: int = 8, guidance: float = 3.5) -> FlowStudentPreset:
@@ -105,7 +105,7 @@ def flux_dev_lora(steps: int = 8, guidance: float = 3.5) -> FlowStudentPreset:
     steps = check_steps(steps, range(1, 17), "step-distilled FLUX.1-dev LoRAs",
                         "come in 8 and 16 steps (1 to 16 allowed)")
     return FlowStudentPreset(f"flux.1-dev-lora-{steps}step", "flux", steps, FLUX_DEV_SCHEDULER, FLUX_DEV,
-                             guidance=guidance, **one_step_defaults(steps),
+                             guidance=guidance,
                              notes="the LoRA on FLUX.1-dev's scheduler; guidance 3.5 as the base")
 
 
@@ -120,7 +120,7 @@ def wan21_lightx2v(steps: int = 4) -> FlowStudentPreset:
     """
     steps = check_steps(steps, range(1, 9), "the lightx2v Wan 2.1 LoRA", "is distilled for 4 steps (1 to 8 allowed)")
     return FlowStudentPreset(f"wan2.1-lightx2v-{steps}step", "wan", steps, WAN_LIGHTX2V_SCHEDULER, WAN21_T2V,
-                             sampler="lcm", schedule="linear", **one_step_defaults(steps),
+                             sampler="lcm", schedule="linear",
                              notes="lightx2v: 4 steps, shift 5, guidance_scale 1 (no CFG), LCM-style stochastic step")
 
 

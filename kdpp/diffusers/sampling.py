@@ -10,7 +10,7 @@ the VE schedule of the preset, the VE scale of the initial unit noise, and how l
 
 :func:`sample` is the body every family runs: it reads the run's options (``lam``, ``k`` /
 ``guided_steps``, ``renoise``, ``renoise_sigma``; the preset's by default), draws the initial noise
-(:func:`initial_latents`: one CPU generator per image, seeded with its seed, as diffusers'
+(:func:`kdpp.noise.initial_noise`: one CPU generator per image, seeded with its seed, as diffusers'
 pipelines draw with a list of CPU generators; or the caller's ``latents``), and hands the preset's
 kdpp sampler the denoisers, the schedule and the seeds, nothing else about noise. Around the run it
 holds the LoRA pairs' adapter state (:meth:`kdpp.diffusers.lora.SharedLoRAModel.session`) and
@@ -26,7 +26,6 @@ keyword arguments (the pipelines' ``cross_attention_kwargs`` / ``joint_attention
 from __future__ import annotations
 
 import contextlib
-import inspect
 import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .._checks import SEED_RANGE, _index, _ints
-from ..noise import seeded_noise_sampler, stream_seed
+from ..noise import initial_noise
 from ..refine import Denoiser, RenoiseSigma
 from ..solvers import SAMPLERS
 
@@ -250,26 +249,10 @@ class Family(ABC):
         """Latents as the family's pipeline decodes them (PIL images; a list of frames per video)."""
 
 
-def initial_latents(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:
-    """Unit Gaussian noise ``[len(seeds), *shape]`` (float32, CPU): item ``b`` from a CPU generator seeded ``seeds[b]``.
-
-    What diffusers' pipelines draw with ``generator=[torch.Generator().manual_seed(s) for s in seeds]``.
-    """
-    return seeded_noise_sampler(torch.empty(len(seeds), *shape), list(seeds))(0.0, 0.0)
-
-
-def run_sampler(sampler: Callable[..., Tensor], student: Denoiser, teacher: Denoiser | None, x: Tensor, sigmas: Tensor,
-                lam: Any, k: int | None, *, seeds: Sequence[int], **options: Any) -> Tensor:
-    """Call a kdpp sampler with per-image ``seeds``: its solver noise is stream 1 of each seed and its renoise
-    noise stream 2 (:func:`kdpp.noise.stream_seed`), drawn on ``x``'s device."""
-    if "noise_sampler" in inspect.signature(sampler).parameters:  # DPM++ 2M (and its CFG++ form) draws none
-        options["noise_sampler"] = seeded_noise_sampler(x, [stream_seed(s, 1) for s in seeds])
-    return sampler(student, teacher, x, sigmas, lam, k, renoise_seed=[stream_seed(s, 2) for s in seeds], **options)
-
-
 @contextlib.contextmanager
-def model_sessions(*models: Any) -> Iterator[None]:
-    """Around a run: each LoRA pair's adapter session, and diffusers' cache hooks reset before and after."""
+def model_sessions(*models: Any, reset_before: bool = True, reset_after: bool = True) -> Iterator[None]:
+    """Around a run (or a stage of one): each LoRA pair's adapter session, and diffusers' cache hooks reset
+    before the run's first step and after its last."""
     from .lora import AdapterView
 
     pairs = {id(m.pair): m.pair for m in models if isinstance(m, AdapterView)}
@@ -277,25 +260,37 @@ def model_sessions(*models: Any) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for pair in pairs.values():
             stack.enter_context(pair.session())
-        for reset in resets:
-            reset()
-        stack.callback(lambda: [reset() for reset in resets])
+        if reset_before:
+            for reset in resets:
+                reset()
+        if reset_after:
+            stack.callback(lambda: [reset() for reset in resets])
         yield
 
 
 def sample(
-    family: Family, *, seeds: Sequence[int], latents: Tensor | None = None, lam: Any = None, k: int | None = None,
-    guided_steps: Sequence[int] | None = None, renoise: str | None = None, renoise_sigma: RenoiseSigma = None,
-    callback: Callable[[dict], Any] | None = None, disable: bool | None = None,
+    family: Family, *, seeds: Sequence[int], latents: Tensor | None = None, x: Tensor | None = None, start: int = 0,
+    stop: int | None = None, lam: Any = None, k: int | None = None, guided_steps: Sequence[int] | None = None,
+    renoise: str | None = None, renoise_sigma: RenoiseSigma = None, callback: Callable[[dict], Any] | None = None,
+    disable: bool | None = None,
 ) -> Tensor:
-    """Sample one latent per seed with ``family``'s denoisers and its preset's kdpp sampler.
+    """Sample one latent per seed with ``family``'s denoisers and its preset's kdpp sampler (or steps ``start`` to ``stop``).
 
     Args:
         family: the bound family (:class:`Family`).
-        seeds: one int per image: its initial noise (:func:`initial_latents`, unless ``latents``
-            is given) and the core's solver and renoise noise streams.
+        seeds: one int per image: its initial noise (:func:`kdpp.noise.initial_noise`: a CPU
+            generator seeded with it, unless ``latents`` or ``x`` is given) and every stream the core
+            draws from (solver noise, renoise noise, random levels; keyed by the absolute step).
         latents: the initial unit noise ``[len(seeds), *family.shape]`` instead of the seeded one
             (what a pipeline's ``latents=`` or ``generator=`` gives); scaled by ``family.noise_scale``.
+        x: the sampler state at step ``start`` (VE frame, what an earlier stage returned) to go on
+            from, instead of the initial noise; needed when ``start > 0``.
+        start: the first step to sample (an index into ``family.sigmas``).
+        stop: the step to stop at (default: the last, ``len(family.sigmas) - 1``). A run sampled in
+            stages (``start=0, stop=i``, then ``x=..., start=i``, ...) equals the run in one go (the
+            core keys ``k``, ``guided_steps`` and every noise stream on the whole schedule), except
+            that DPM++ 2M restarts its second-order history at a stage's first step; diffusers'
+            cache hooks are reset before step 0 and after the last step only.
         lam: Distillation++ guidance scale (default: the preset's); 0 calls no teacher.
         k: guide the first ``k`` steps (default: the preset's, unless ``guided_steps`` is given).
         guided_steps: the step indices to guide instead (negative ones count from the end).
@@ -304,7 +299,8 @@ def sample(
         callback: the sampler's per-step callback (its ``x`` is the VE state).
         disable: disable the progress bar.
     Returns:
-        the final latents ``[len(seeds), *family.shape]`` in ``family.dtype`` on ``family.device``.
+        the sampler state at ``stop`` (``[len(seeds), *family.shape]`` in ``family.dtype`` on
+        ``family.device``): the final latents at the last step (sigma 0), the VE state before.
     """
     check_type(family, Family, "family")
     seeds = check_seeds(seeds)
@@ -321,21 +317,42 @@ def sample(
                          f"{'guided_steps=' + repr(guided_steps) if guided_steps is not None else f'k={k}'}): pass the "
                          "teacher model, or lam=0 (or k=0) for the plain student")
     shape = (len(seeds), *family.shape)
-    if latents is None:
-        latents = initial_latents(seeds, family.shape)
-    elif not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
-        raise ValueError(f"latents must be a tensor of shape {shape} (one unit-noise latent per seed), got "
-                         f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
-    x = (latents.float() * family.noise_scale).to(device=family.device, dtype=family.dtype)
+    n_steps = len(family.sigmas) - 1
+    stop = n_steps if stop is None else stop
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a step index (int), got {value!r}")
+    if not 0 <= start < stop <= n_steps:
+        raise ValueError(f"start and stop must satisfy 0 <= start < stop <= {n_steps} (the preset's steps), "
+                         f"got start={start}, stop={stop}")
+    if x is not None:
+        if latents is not None:
+            raise ValueError("pass latents (the initial noise) or x (a stage's state), not both")
+        if not isinstance(x, Tensor) or tuple(x.shape) != shape:
+            raise ValueError(f"x must be the sampler state, a tensor of shape {shape}, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        x = x.to(device=family.device, dtype=family.dtype)
+    elif start > 0:
+        raise ValueError(f"start={start} needs x, the sampler state an earlier stage returned at that step")
+    else:
+        if latents is None:
+            latents = initial_noise(seeds, shape)
+        elif not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
+            raise ValueError(f"latents must be a tensor of shape {shape} (one unit-noise latent per seed), got "
+                             f"{tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__}")
+        x = (latents.float() * family.noise_scale).to(device=family.device, dtype=family.dtype)
     den = family.denoisers(lam, guided)
     options: dict[str, Any] = {"guided_steps": guided_steps} if guided_steps is not None else {}
     if renoise_sigma is not None:
         options["renoise_sigma"] = renoise_sigma
-    with model_sessions(family.student_model, family.teacher_model), torch.no_grad():
-        return run_sampler(SAMPLERS[preset.sampler], den.student, den.teacher if guided else None, x, family.sigmas,
-                           den.lam, k, seeds=seeds, extra_args=den.extra_args,
-                           teacher_extra_args=den.teacher_extra_args if guided else {}, renoise=renoise,
-                           disable=disable, callback=callback, **options)
+    if (start, stop) != (0, n_steps):
+        options.update(full_sigmas=family.sigmas, step_offset=start)
+    sampler = SAMPLERS[preset.sampler]
+    with model_sessions(family.student_model, family.teacher_model, reset_before=start == 0,
+                        reset_after=stop == n_steps), torch.no_grad():
+        return sampler(den.student, den.teacher if guided else None, x, family.sigmas[start:stop + 1], den.lam, k,
+                       seed=seeds, extra_args=den.extra_args, teacher_extra_args=den.teacher_extra_args if guided else {},
+                       renoise=renoise, disable=disable, callback=callback, **options)
 
 
 def generate(

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from .._checks import OutputChecker, check_callable, check_kwargs, check_sigmas, check_x
+from .._checks import OutputChecker, check_callable, check_denoiser_call, check_kwargs, check_seed, check_sigmas, check_x
 from .._shape import sigma_batch
-from ..noise import NoiseSampler, default_noise_sampler
+from ..noise import NoiseSampler, StepStreams
 from ..refine import Denoiser, Lam, Refined, RenoiseSigma, TeacherRefinement
 
 COMMON_ARGS = """
@@ -36,15 +36,16 @@ COMMON_ARGS = """
         k: guide the first ``k`` steps (the paper uses 1); 0 calls no teacher;
             ``None`` (default) means 1 unless ``guided_steps`` is given.
         guided_steps: the step indices to guide instead of the first ``k``: indices
-            into this call's schedule, ``0 .. N - 1`` with ``N = len(sigmas) - 1``,
-            negative ones counting from the end (``-1``: the last step); an empty
-            sequence guides nothing. Repeated or out-of-range indices, or ``k``
-            given as well, raise ``ValueError``. Step ``i`` is refined as
+            into the full schedule (``full_sigmas``, by default ``sigmas``), ``0 .. N - 1``
+            with ``N`` its number of steps, negative ones counting from the end (``-1``:
+            the last step); an empty sequence guides nothing. Repeated or out-of-range
+            indices, or ``k`` given as well, raise ``ValueError``. Step ``i`` is refined as
             ``R(D; i) = D + lam_i (T(D + tau_i xi, tau_i) - D)`` if ``i`` is guided,
             ``R(D; i) = D`` (no teacher call) otherwise.
         extra_args: keyword arguments for the student (k-diffusion convention).
         teacher_extra_args: keyword arguments for the teacher (one dict per
-            teacher allowed); defaults to ``extra_args``.
+            teacher allowed); defaults to ``extra_args`` (a teacher that cannot take
+            them is refused before sampling, naming both).
         callback: called once per step with k-diffusion's keys ``x, i, sigma,
             sigma_hat, denoised`` (``sigma`` and ``sigma_hat`` 0-d tensors like
             ``sigmas``; ``denoised`` is the refined estimate) plus
@@ -55,15 +56,19 @@ COMMON_ARGS = """
         disable: disable the tqdm progress bar.
         renoise: renoising noise ``xi``: ``"random"``, ``"deterministic"`` or
             ``"guidance"`` (paper eq. 10); see :class:`kdpp.TeacherRefinement`.
-        renoise_sigma: renoising level ``tau``: ``"next"`` (default),
-            ``"current"``, ``"random"``, a float or ``f(i, sigma_in, sigma_out)``.
-        renoise_seed: seed (or one per batch item) of the renoise noise and
-            random levels; by default derived from the global RNG state without
-            advancing it. Use a seed other than the solver noise's (same seed, same
-            noise): e.g. ``kdpp.noise.stream_seed(seed, 1)`` and ``stream_seed(seed, 2)``.
-        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded one
-            (not together with ``renoise_seed``, except with ``renoise_sigma="random"``,
-            whose levels the seed then draws).{cfg_pp}{own}
+        renoise_sigma: renoising level ``tau``: ``"auto"`` (default: ``sigma_{i+1}``, or
+            ``sigma_i`` on a step to 0), ``"next"``, ``"current"``, ``"random"``, a float or
+            ``f(i, sigma_in, sigma_out)``; see :class:`kdpp.TeacherRefinement`.
+        seed: the run's seed, an int or one int per batch item: solver noise of absolute
+            step ``j`` (unless ``noise_sampler`` is given), renoise noise and random levels
+            each from their own stream (the map is in :mod:`kdpp.noise`). ``None``: solver
+            noise from ``torch.randn_like`` (k-diffusion's default) and a renoise seed
+            derived from the global RNG state without advancing it.
+        renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded renoise noise.
+        full_sigmas: the whole run's schedule when this call samples a stage of it (a
+            split schedule); ``k``, ``guided_steps``, random levels and the noise streams'
+            steps count on it, so the stages of a split run equal the unsplit run.
+        step_offset: the index of ``sigmas[0]`` in ``full_sigmas`` (default: found there).{cfg_pp}{own}
 
     Returns:
         The final sample, with the dtype, device and shape of ``x``.
@@ -83,8 +88,12 @@ def documented(fn: Callable) -> Callable:
     return fn
 
 
-def cfg_pp_variant(sampler: Callable) -> Callable:
-    """The named CFG++ form of ``sampler`` (``sampler(..., cfg_pp=True)``)."""
+def cfg_pp_variant(sampler: Callable, form: str = "cfg_pp") -> Callable:
+    """The named CFG++ form of ``sampler`` (``sampler(..., cfg_pp=True)``), named ``sample_<solver>_<form>_distpp``.
+
+    A form that differs from a host's built-in sampler of the ``cfg_pp`` name gets a ``form`` of its own,
+    so that no name means two samplers in one host.
+    """
 
     @functools.wraps(sampler)
     def variant(*args, **kwargs):
@@ -92,8 +101,9 @@ def cfg_pp_variant(sampler: Callable) -> Callable:
 
     signature = inspect.signature(sampler)
     variant.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "cfg_pp"])
-    variant.__name__ = variant.__qualname__ = sampler.__name__.replace("_distpp", "_cfg_pp_distpp")
+    variant.__name__ = variant.__qualname__ = sampler.__name__.replace("_distpp", f"_{form}_distpp")
     variant.__doc__ = f"CFG++ form of :func:`{sampler.__name__}`: ``{sampler.__name__}(..., cfg_pp=True)``.\n"
+    variant.cfg_pp = True  # hosts read it: the student must provide guided_and_uncond
     return variant
 
 
@@ -130,8 +140,10 @@ class SamplerRun:
         disable: bool | None,
         renoise: str,
         renoise_sigma: RenoiseSigma,
-        renoise_seed: int | Sequence[int] | None,
+        seed: int | Sequence[int] | None,
         renoise_noise_sampler: NoiseSampler | None,
+        full_sigmas: Tensor | Sequence[float] | None,
+        step_offset: int | None,
         cfg_pp: bool,
         noise_sampler: NoiseSampler | None = None,
     ):
@@ -151,6 +163,7 @@ class SamplerRun:
         self.student, self.cfg_pp, self.disable = student, cfg_pp, disable
         self.callback = check_callable(callback, "callback")
         self.extra_args = check_kwargs(extra_args, "extra_args")
+        check_denoiser_call(student.guided_and_uncond if cfg_pp else student, "student", self.extra_args, "extra_args")
         self.check = OutputChecker(x)
         self.refinement = TeacherRefinement(
             teacher, lam, k, self.sigmas, x,
@@ -158,16 +171,31 @@ class SamplerRun:
             renoise=renoise,
             renoise_sigma=renoise_sigma,
             teacher_extra_args=self.extra_args if teacher_extra_args is None else teacher_extra_args,
-            renoise_seed=renoise_seed,
+            seed=seed,
             renoise_noise_sampler=renoise_noise_sampler,
+            full_sigmas=full_sigmas,
+            step_offset=step_offset,
             check=self.check,
+            teacher_args_source="teacher_extra_args" if teacher_extra_args is not None else
+            "extra_args (teacher_extra_args defaults to it)",
         )
+        self.offset = self.refinement.offset
         noise_sampler = check_callable(noise_sampler, "noise_sampler")
-        self.noise_sampler = (default_noise_sampler(x) if noise_sampler is None
-                              else self.check.checked_sampler(noise_sampler, "noise_sampler"))
+        self.user_noise = None if noise_sampler is None else self.check.checked_sampler(noise_sampler, "noise_sampler")
+        self.seeded_noise = (None if seed is None or noise_sampler is not None
+                             else StepStreams(check_seed(seed, "seed", x.shape[0]), "solver", x.device))
 
     def steps(self) -> Iterable[int]:
         return trange(len(self.sigmas) - 1, disable=self.disable)
+
+    def noise(self, i: int, x: Tensor, sigma: float, sigma_next: float) -> Tensor:
+        """The solver noise of step ``i``: ``noise_sampler(sigma, sigma_next)``, the seed's solver stream of the
+        absolute step, or ``torch.randn_like(x)`` (k-diffusion's default) without either."""
+        if self.user_noise is not None:
+            return self.user_noise(sigma, sigma_next)
+        if self.seeded_noise is not None:
+            return self.seeded_noise.noise(self.offset + i, x)
+        return torch.randn_like(x)
 
     def denoise(self, x: Tensor, sigma: float, i: int) -> tuple[Tensor, Tensor]:
         """The student's leading and direction estimates ``(D, D)``; CFG++: ``(D_w, D_u)``."""

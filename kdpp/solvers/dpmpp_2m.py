@@ -29,8 +29,10 @@ def sample_dpmpp_2m_distpp(
     disable: bool | None = None,
     renoise: str = "random",
     renoise_sigma: RenoiseSigma = None,
-    renoise_seed: int | Sequence[int] | None = None,
+    seed: int | Sequence[int] | None = None,
     renoise_noise_sampler: NoiseSampler | None = None,
+    full_sigmas: Tensor | Sequence[float] | None = None,
+    step_offset: int | None = None,
     cfg_pp: bool = False,
     history: str = "student",
 ) -> Tensor:
@@ -45,7 +47,7 @@ def sample_dpmpp_2m_distpp(
 
     The first step and the step to 0 drop the last (second-order) term. The
     history ``D_old`` is the student's *unrefined* estimate of the previous
-    step (MATH.md); ``history="refined"`` keeps ``R(D)`` instead (on the toy
+    step (docs/method.md); ``history="refined"`` keeps ``R(D)`` instead (on the toy
     benchmark it was worse for k = 1, 2 and 4; see docs/solvers/dpmpp_2m.md).
     CFG++: ``R(D_w)`` leads, ``D_u`` gives the direction, and the correction
     extrapolates the guided estimates ``(D_w - D_w_old)``. With
@@ -59,8 +61,9 @@ def sample_dpmpp_2m_distpp(
         raise ValueError(f"history must be 'student' or 'refined', got {history!r}")
     run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
                      teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
-                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
-                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp)
+                     renoise=renoise, renoise_sigma=renoise_sigma, seed=seed,
+                     renoise_noise_sampler=renoise_noise_sampler, full_sigmas=full_sigmas, step_offset=step_offset,
+                     cfg_pp=cfg_pp)
     sigmas = run.sigmas
     old_denoised = None
     for i in run.steps():
@@ -76,4 +79,4 @@ def sample_dpmpp_2m_distpp(
     return run.finish(x)
 
 
-sample_dpmpp_2m_cfg_pp_distpp = cfg_pp_variant(sample_dpmpp_2m_distpp)
+sample_dpmpp_2m_cfg_pp_guided_history_distpp = cfg_pp_variant(sample_dpmpp_2m_distpp, "cfg_pp_guided_history")

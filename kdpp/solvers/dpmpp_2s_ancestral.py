@@ -32,8 +32,10 @@ def sample_dpmpp_2s_ancestral_distpp(
     noise_sampler: NoiseSampler | None = None,
     renoise: str = "random",
     renoise_sigma: RenoiseSigma = None,
-    renoise_seed: int | Sequence[int] | None = None,
+    seed: int | Sequence[int] | None = None,
     renoise_noise_sampler: NoiseSampler | None = None,
+    full_sigmas: Tensor | Sequence[float] | None = None,
+    step_offset: int | None = None,
     cfg_pp: bool = False,
 ) -> Tensor:
     """DPM-Solver++(2S) ancestral steps; both stages of a guided step refined.
@@ -57,13 +59,14 @@ def sample_dpmpp_2s_ancestral_distpp(
     {args}
         eta: ancestral noise fraction (0: deterministic DPM-Solver++(2S)).
         s_noise: scale of the ancestral noise.
-        noise_sampler: ``(sigma, sigma_next) -> Tensor``; default ``randn_like(x)``.
+        noise_sampler: ``(sigma, sigma_next) -> Tensor``; default: ``seed``'s solver stream, else ``randn_like(x)``.
     """
     eta, s_noise = check_solver_options(eta=eta, s_noise=s_noise)
     run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
                      teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
-                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
-                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp, noise_sampler=noise_sampler)
+                     renoise=renoise, renoise_sigma=renoise_sigma, seed=seed,
+                     renoise_noise_sampler=renoise_noise_sampler, full_sigmas=full_sigmas, step_offset=step_offset,
+                     cfg_pp=cfg_pp, noise_sampler=noise_sampler)
     sigmas = run.sigmas
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -82,8 +85,8 @@ def sample_dpmpp_2s_ancestral_distpp(
             refined_2 = run.refine(i, denoised_2, direction_2, x_mid, sigma_mid, sigma_next)
             x = step(refined_2.denoised, direction_2, x, sigma_down / sigma)
         if sigma_next > 0:
-            x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=s_noise * sigma_up)
+            x = torch.add(x, run.noise(i, x, sigma, sigma_next), alpha=s_noise * sigma_up)
     return run.finish(x)
 
 
-sample_dpmpp_2s_ancestral_cfg_pp_distpp = cfg_pp_variant(sample_dpmpp_2s_ancestral_distpp)
+sample_dpmpp_2s_ancestral_cfg_pp_per_stage_distpp = cfg_pp_variant(sample_dpmpp_2s_ancestral_distpp, "cfg_pp_per_stage")

@@ -35,8 +35,10 @@ def sample_euler_distpp(
     noise_sampler: NoiseSampler | None = None,
     renoise: str = "random",
     renoise_sigma: RenoiseSigma = None,
-    renoise_seed: int | Sequence[int] | None = None,
+    seed: int | Sequence[int] | None = None,
     renoise_noise_sampler: NoiseSampler | None = None,
+    full_sigmas: Tensor | Sequence[float] | None = None,
+    step_offset: int | None = None,
     cfg_pp: bool = False,
 ) -> Tensor:
     """Euler (DDIM) steps; the guided steps refined by the teacher.
@@ -59,20 +61,22 @@ def sample_euler_distpp(
         s_tmin: churn only steps with ``s_tmin <= s_i``.
         s_tmax: churn only steps with ``s_i <= s_tmax``.
         s_noise: scale of the churn noise.
-        noise_sampler: ``(sigma, sigma_next) -> Tensor`` for the churn noise.
+        noise_sampler: ``(sigma, sigma_next) -> Tensor`` for the churn noise (default: ``seed``'s solver
+            stream, else ``randn_like(x)``).
     """
     s_churn, s_tmin, s_tmax, s_noise = check_solver_options(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
                      teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
-                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
-                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp, noise_sampler=noise_sampler)
+                     renoise=renoise, renoise_sigma=renoise_sigma, seed=seed,
+                     renoise_noise_sampler=renoise_noise_sampler, full_sigmas=full_sigmas, step_offset=step_offset,
+                     cfg_pp=cfg_pp, noise_sampler=noise_sampler)
     sigmas = run.sigmas
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
-            x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=s_noise * (sigma_hat**2 - sigma**2) ** 0.5)
+            x = torch.add(x, run.noise(i, x, sigma, sigma_next), alpha=s_noise * (sigma_hat**2 - sigma**2) ** 0.5)
         denoised, direction = run.denoise(x, sigma_hat, i)
         refined = run.refine(i, denoised, direction, x, sigma_hat, sigma_next)
         run.report(i, x, denoised, refined, gamma)

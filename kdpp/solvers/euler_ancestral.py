@@ -32,8 +32,10 @@ def sample_euler_ancestral_distpp(
     noise_sampler: NoiseSampler | None = None,
     renoise: str = "random",
     renoise_sigma: RenoiseSigma = None,
-    renoise_seed: int | Sequence[int] | None = None,
+    seed: int | Sequence[int] | None = None,
     renoise_noise_sampler: NoiseSampler | None = None,
+    full_sigmas: Tensor | Sequence[float] | None = None,
+    step_offset: int | None = None,
     cfg_pp: bool = False,
 ) -> Tensor:
     """Euler ancestral steps; the guided steps refined by the teacher.
@@ -52,13 +54,14 @@ def sample_euler_ancestral_distpp(
     {args}
         eta: ancestral noise fraction (0: deterministic Euler).
         s_noise: scale of the ancestral noise.
-        noise_sampler: ``(sigma, sigma_next) -> Tensor``; default ``randn_like(x)``.
+        noise_sampler: ``(sigma, sigma_next) -> Tensor``; default: ``seed``'s solver stream, else ``randn_like(x)``.
     """
     eta, s_noise = check_solver_options(eta=eta, s_noise=s_noise)
     run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
                      teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
-                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
-                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=cfg_pp, noise_sampler=noise_sampler)
+                     renoise=renoise, renoise_sigma=renoise_sigma, seed=seed,
+                     renoise_noise_sampler=renoise_noise_sampler, full_sigmas=full_sigmas, step_offset=step_offset,
+                     cfg_pp=cfg_pp, noise_sampler=noise_sampler)
     sigmas = run.sigmas
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -68,7 +71,7 @@ def sample_euler_ancestral_distpp(
         run.report(i, x, denoised, refined)
         x = step(refined.denoised, direction, x, sigma_down / sigma)
         if sigma_next > 0:
-            x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=s_noise * sigma_up)
+            x = torch.add(x, run.noise(i, x, sigma, sigma_next), alpha=s_noise * sigma_up)
     return run.finish(x)
 
 

@@ -29,8 +29,10 @@ def sample_lcm_distpp(
     noise_sampler: NoiseSampler | None = None,
     renoise: str = "random",
     renoise_sigma: RenoiseSigma = None,
-    renoise_seed: int | Sequence[int] | None = None,
+    seed: int | Sequence[int] | None = None,
     renoise_noise_sampler: NoiseSampler | None = None,
+    full_sigmas: Tensor | Sequence[float] | None = None,
+    step_offset: int | None = None,
 ) -> Tensor:
     """Multistep consistency ("iterative random") sampling; the guided steps refined.
 
@@ -41,12 +43,13 @@ def sample_lcm_distpp(
         x_{i+1} = R(D) + s_{i+1} * z          (x_N = R(D) on the step to 0)
 
     {args}
-        noise_sampler: ``(sigma, sigma_next) -> Tensor``; default ``randn_like(x)``.
+        noise_sampler: ``(sigma, sigma_next) -> Tensor``; default: ``seed``'s solver stream, else ``randn_like(x)``.
     """
     run = SamplerRun(student, teacher, x, sigmas, lam, k, guided_steps=guided_steps, extra_args=extra_args,
                      teacher_extra_args=teacher_extra_args, callback=callback, disable=disable,
-                     renoise=renoise, renoise_sigma=renoise_sigma, renoise_seed=renoise_seed,
-                     renoise_noise_sampler=renoise_noise_sampler, cfg_pp=False, noise_sampler=noise_sampler)
+                     renoise=renoise, renoise_sigma=renoise_sigma, seed=seed,
+                     renoise_noise_sampler=renoise_noise_sampler, full_sigmas=full_sigmas, step_offset=step_offset,
+                     cfg_pp=False, noise_sampler=noise_sampler)
     sigmas = run.sigmas
     for i in run.steps():
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -55,5 +58,5 @@ def sample_lcm_distpp(
         run.report(i, x, denoised, refined)
         x = refined.denoised
         if sigma_next > 0:
-            x = torch.add(x, run.noise_sampler(sigma, sigma_next), alpha=sigma_next)
+            x = torch.add(x, run.noise(i, x, sigma, sigma_next), alpha=sigma_next)
     return run.finish(x)
