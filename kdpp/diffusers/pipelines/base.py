@@ -36,7 +36,6 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ...flow import rf_to_ve, t_from_sigma, ve_to_rf
 from ...noise import derived_seed, stream_seed
 from .. import sampling
 from ..lora import SharedLoRAModel
@@ -53,30 +52,30 @@ def generator_state_seed(generator: torch.Generator) -> int:
 
 
 def generator_seeds(generator: Any, batch: int, device: torch.device) -> list[int]:
-    """One kdpp seed per image from diffusers' ``generator`` argument, read before any draw.
+    """One kdpp seed per image from diffusers' ``generator`` argument, read before any draw (nothing is drawn).
 
-    A list of generators (one per image, as diffusers takes them) gives one seed per generator; one
-    generator, or ``None`` (torch's global RNG on ``device``, which diffusers then draws from), gives
-    a base seed and per-image seeds ``stream_seed(base, b)``. Nothing is drawn.
+    A list of generators (one per image, as diffusers takes them) gives each image its generator's
+    seed, so an image does not depend on its batch; one generator, or ``None`` (torch's global RNG on
+    ``device``, which diffusers then draws from), gives a base seed for the first image and
+    ``stream_seed(base, b)`` for image ``b > 0`` (a list of one generator is that generator, as in diffusers).
     """
     if isinstance(generator, (list, tuple)):
         if not all(isinstance(g, torch.Generator) for g in generator):
             raise TypeError(f"generator must be a torch.Generator or a list of them, got a list of "
                             f"{sorted({type(g).__name__ for g in generator})}")
-        if len(generator) == 1:
-            generator = generator[0]
-        elif len(generator) != batch:
+        if len(generator) == batch:
+            return [generator_state_seed(g) for g in generator]
+        if len(generator) != 1:
             raise ValueError(f"generator has {len(generator)} generators for an effective batch of {batch} images "
                              "(prompts x num_images_per_prompt): pass one generator, or one per image")
-        else:
-            return [generator_state_seed(g) for g in generator]
+        generator = generator[0]
     if generator is None:
         base = derived_seed(torch.device(device))
     elif isinstance(generator, torch.Generator):
         base = generator_state_seed(generator)
     else:
         raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
-    return [stream_seed(base, b) for b in range(batch)]
+    return [base] + [stream_seed(base, b) for b in range(1, batch)]
 
 
 def _move(value: Any, device: torch.device) -> Any:
@@ -145,7 +144,8 @@ class DistPPPipelineMixin:
     A pipeline class sets :attr:`_family` (the generation body's family), :attr:`_denoiser` (the
     student component, ``"transformer"`` or ``"unet"``), :attr:`_teacher_component`,
     :attr:`_students` (its preset factories by name) and :attr:`_default_student`, and implements
-    ``__call__`` and the latent conversions :meth:`_pipeline_latents` / :meth:`_family_latents`.
+    ``__call__``, :meth:`_timestep` and, where the pipeline's latents differ from the VE state, :meth:`_frame`
+    / :meth:`_unframe` and :meth:`_pack` / :meth:`_unpack`.
     """
 
     _family: type[Family]
@@ -289,9 +289,12 @@ class DistPPPipelineMixin:
     def _refuse(pipeline: str, **given: tuple[Any, Any, str]) -> None:
         """Raise for each argument whose value is not its default: ``name=(value, default, why)``."""
         for name, (value, default, why) in given.items():
-            if value is None and default is None:
-                continue
-            same = value is default or (not isinstance(value, Tensor) and value == default)
+            if default is None:
+                same = value is None
+            elif isinstance(default, numbers.Number):
+                same = isinstance(value, numbers.Number) and value == default
+            else:
+                same = value == default
             if not same:
                 raise ValueError(f"{pipeline} does not support {name}: {why}")
 
@@ -310,32 +313,78 @@ class DistPPPipelineMixin:
 
     # ------------------------------------------------------------------ the run
 
-    def _pipeline_latents(self, family: Family, x: Tensor, sigma: float) -> Tensor:
-        """The VE state ``x`` at ``sigma`` (kdpp's layout) as the latents the diffusers pipeline holds there."""
-        raise NotImplementedError
+    def _frame(self, family: Family, x: Tensor, sigma: float) -> Tensor:
+        """The VE state ``x`` at ``sigma`` as the latents the diffusers pipeline holds there (the family's layout)."""
+        return x
 
-    def _family_latents(self, family: Family, latents: Tensor, sigma: float) -> Tensor:
-        """The inverse of :meth:`_pipeline_latents`."""
-        raise NotImplementedError
+    def _unframe(self, family: Family, latents: Tensor, sigma: float) -> Tensor:
+        """The inverse of :meth:`_frame`."""
+        return latents
 
-    def _noise_dtype(self, family: Family) -> torch.dtype:
-        """The dtype the pipeline's scheduler draws its step noise in."""
-        return torch.float32
+    def _pack(self, family: Family, latents: Tensor) -> Tensor:
+        """Latents in the family's layout as the pipeline lays them out (FLUX: packed)."""
+        return latents
+
+    def _unpack(self, family: Family, latents: Tensor) -> Tensor:
+        """The inverse of :meth:`_pack`."""
+        return latents
+
+    def _timestep(self, family: Family, i: int) -> Tensor:
+        """The scheduler timestep the diffusers pipeline passes to ``callback_on_step_end`` at step ``i``."""
+        raise NotImplementedError
 
     def _sample(self, family: Family, latents: Tensor, generator: Any, *, lam: Any, k: int | None,
-                guided_steps: Sequence[int] | None, renoise: str | None, renoise_sigma: Any) -> Tensor:
+                guided_steps: Sequence[int] | None, renoise: str | None, renoise_sigma: Any,
+                callback_on_step_end: Callable[..., Mapping[str, Any]] | None = None,
+                callback_on_step_end_tensor_inputs: Sequence[str] = (), tensors: Mapping[str, Any] | None = None,
+                ) -> Tensor:
         """The denoising loop: :func:`kdpp.diffusers.sampling.sample` from the pipeline's initial ``latents``.
 
         ``latents`` are unit noise in the family's layout (what ``prepare_latents`` drew, unscaled).
-        Returns the final latents in the family's layout.
+        With ``callback_on_step_end`` the run goes step by step (stages of the body, which equal the
+        run in one go): after step ``i`` it gets ``(self, i, t, {name: value})`` for the names in
+        ``callback_on_step_end_tensor_inputs`` (``"latents"``: the pipeline's latents, in its
+        layout; the others from ``tensors``, the encoded prompts), may return new ``"latents"``
+        (the run goes on from them) and may set ``self._interrupt`` (the run stops; the latents
+        reached are returned). A returned value for another name is refused. Returns the final
+        latents, as the pipeline holds them (the family's layout).
         """
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
         seeds = generator_seeds(generator, latents.shape[0], family.device)
         steps = len(family.sigmas) - 1
         self._num_timesteps = steps
+        options = dict(seeds=seeds, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
+                       renoise_sigma=renoise_sigma, disable=True)
         with self.progress_bar(total=steps) as progress:
-            return sampling.sample(family, seeds=seeds, latents=latents, lam=lam, k=k, guided_steps=guided_steps,
-                                   renoise=renoise, renoise_sigma=renoise_sigma, callback=lambda info: progress.update(),
-                                   disable=True)
+            if callback_on_step_end is None:
+                return sampling.sample(family, latents=latents, callback=lambda info: progress.update(), **options)
+            if family.preset.sampler.startswith("dpmpp_2m"):
+                raise ValueError(f"callback_on_step_end runs the sampler step by step, which restarts the second-order "
+                                 f"history of the preset's {family.preset.sampler!r}; leave callback_on_step_end out")
+            if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+                callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+            x, sigma = None, float(family.sigmas[0])
+            for i in range(steps):
+                if self.interrupt:
+                    break
+                self._current_timestep = self._timestep(family, i)
+                x = sampling.sample(family, latents=latents if i == 0 else None, x=x, start=i, stop=i + 1, **options)
+                sigma = float(family.sigmas[i + 1])
+                progress.update()
+                current = self._pack(family, self._frame(family, x, sigma))
+                given = {name: current if name == "latents" else (tensors or {}).get(name)
+                         for name in callback_on_step_end_tensor_inputs}
+                out = dict(callback_on_step_end(self, i, self._current_timestep, given) or {})
+                edited = out.pop("latents", current)
+                for name, value in out.items():
+                    if name not in given or value is not given[name]:
+                        raise ValueError(f"callback_on_step_end returned a new {name!r}: kdpp's pipelines take "
+                                         "changes to latents only (the conditioning is fixed for the run)")
+                if edited is not current:
+                    x = self._unframe(family, self._unpack(family, edited).to(x.device), sigma).to(x.dtype)
+            self._current_timestep = None
+            return self._frame(family, x, sigma)
 
     def _guided(self, family_preset: Any, lam: Any, k: int | None, guided_steps: Sequence[int] | None) -> bool:
         """Whether the run calls the teacher (the preset's ``lam`` and ``k`` where not given)."""
@@ -369,10 +418,14 @@ def flow_teacher(preset: Any, teacher_guidance_scale: float | None) -> Any:
 
 
 class FlowLatentsMixin:
-    """Flow pipelines hold the rectified-flow latents ``x_rf = x_ve / (1 + sigma)``."""
+    """Flow pipelines hold the rectified-flow latents ``x_rf = x_ve / (1 + sigma)``; their timestep is ``1000 t``."""
 
-    def _pipeline_latents(self, family: Family, x: Tensor, sigma: float) -> Tensor:
-        return ve_to_rf(x, sigma)
+    def _frame(self, family: Family, x: Tensor, sigma: float) -> Tensor:
+        return x / (1 + sigma)
 
-    def _family_latents(self, family: Family, latents: Tensor, sigma: float) -> Tensor:
-        return rf_to_ve(latents.float(), t_from_sigma(sigma))
+    def _unframe(self, family: Family, latents: Tensor, sigma: float) -> Tensor:
+        return latents.float() * (1 + sigma)
+
+    def _timestep(self, family: Family, i: int) -> Tensor:
+        train_steps = flow_scheduler_config(self, family.preset).get("num_train_timesteps", 1000)
+        return (family.ts[i] * train_steps).to(device=family.device, dtype=torch.float32)

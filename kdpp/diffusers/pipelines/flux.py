@@ -147,19 +147,21 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
                             teacher_attention_kwargs=teacher_joint_attention_kwargs)
         batch = embeds.shape[0]
         packed, _ = self.prepare_latents(batch, family.shape[0], height, width, embeds.dtype, device, generator, latents)
-        start = unpack_latents(packed, *family.shape[1:]).float()
-        x = self._sample(family, start, generator, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
-                         renoise_sigma=renoise_sigma)
+        x = self._sample(family, self._unpack(family, packed).float(), generator, lam=lam, k=k,
+                         guided_steps=guided_steps, renoise=renoise, renoise_sigma=renoise_sigma,
+                         callback_on_step_end=callback_on_step_end,
+                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                         tensors={"prompt_embeds": embeds})
         x = x.to(self.transformer.dtype)
         if output_type == "latent":
-            images = pack_latents(x)
+            images = self._pack(family, x)
         else:
             images = self.image_processor.postprocess(sampling.vae_decode(self.vae, x), output_type=output_type)
         return self._finish(images, return_dict, lambda images: FluxPipelineOutput(images=images))
 
-    def _pipeline_latents(self, family, x: Tensor, sigma: float) -> Tensor:
-        return pack_latents(super()._pipeline_latents(family, x, sigma))
+    def _pack(self, family: FluxFamily, latents: Tensor) -> Tensor:
+        return pack_latents(latents)
 
-    def _family_latents(self, family, latents: Tensor, sigma: float) -> Tensor:
-        return super()._family_latents(family, unpack_latents(latents, *family.shape[1:]), sigma)
+    def _unpack(self, family: FluxFamily, latents: Tensor) -> Tensor:
+        return unpack_latents(latents, *family.shape[1:])
 

@@ -130,7 +130,10 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
         start = self.prepare_latents(conditioning.batch, family.shape[0], height, width, conditioning.prompt_embeds.dtype,
                                      device, generator, latents)
         x = self._sample(family, start.float(), generator, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
-                         renoise_sigma=renoise_sigma)
+                         renoise_sigma=renoise_sigma, callback_on_step_end=callback_on_step_end,
+                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                         tensors={"prompt_embeds": conditioning.prompt_embeds,
+                                  "pooled_prompt_embeds": conditioning.pooled_prompt_embeds})
         x = x.to(self.transformer.dtype)
         images = (x if output_type == "latent"
                   else self.image_processor.postprocess(sampling.vae_decode(self.vae, x), output_type=output_type))

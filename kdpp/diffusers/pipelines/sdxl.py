@@ -159,7 +159,10 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
                                      conditioning.prompt_embeds.dtype, device, generator, latents)
         start = start.float() / float(self.scheduler.init_noise_sigma)  # the unit noise; the preset scales it
         x = self._sample(family, start, generator, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
-                         renoise_sigma=renoise_sigma)
+                         renoise_sigma=renoise_sigma, callback_on_step_end=callback_on_step_end,
+                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                         tensors={"prompt_embeds": conditioning.prompt_embeds,
+                                  "add_text_embeds": conditioning.pooled_prompt_embeds, "add_time_ids": family.time_ids})
         x = x.to(self.unet.dtype)
         if output_type == "latent":
             images = x
@@ -173,9 +176,12 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
     def _noise_dtype(self, family: SDXLFamily) -> torch.dtype:
         return self.unet.dtype  # the schedulers draw their step noise in the model output's dtype
 
-    def _pipeline_latents(self, family: SDXLFamily, x: Tensor, sigma: float) -> Tensor:
+    def _frame(self, family: SDXLFamily, x: Tensor, sigma: float) -> Tensor:
         """Euler-type schedulers (``"ve"`` presets) hold ``x`` itself; LCMScheduler (``"vp"``) ``x / sqrt(1 + sigma^2)``."""
         return x / math.sqrt(1 + sigma**2) if family.preset.noise_scale == "vp" else x
 
-    def _family_latents(self, family: SDXLFamily, latents: Tensor, sigma: float) -> Tensor:
+    def _unframe(self, family: SDXLFamily, latents: Tensor, sigma: float) -> Tensor:
         return latents * math.sqrt(1 + sigma**2) if family.preset.noise_scale == "vp" else latents
+
+    def _timestep(self, family: SDXLFamily, i: int) -> Tensor:
+        return torch.tensor(float(family.preset.timesteps[i]), device=family.device)

@@ -115,7 +115,10 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
         start = self.prepare_latents(conditioning.batch, family.shape[0], height, width, num_frames, torch.float32,
                                      device, generator, latents)
         x = self._sample(family, start.float(), generator, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
-                         renoise_sigma=renoise_sigma)
+                         renoise_sigma=renoise_sigma, callback_on_step_end=callback_on_step_end,
+                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                         tensors={"prompt_embeds": conditioning.prompt_embeds,
+                                  "negative_prompt_embeds": conditioning.negative_prompt_embeds})
         x = x.to(dtype)
         videos = (x if output_type == "latent"
                   else self.video_processor.postprocess_video(sampling.vae_decode(self.vae, x), output_type=output_type))
