@@ -641,3 +641,30 @@ def test_from_pipe_shares_components_and_checks_the_teacher():
         no_teacher(**FLUX_ARGS, num_inference_steps=2, lam=0.5)
     with pytest.raises(ValueError, match="num_inference_steps=3, but the student preset"):
         FluxDistPPPipeline.from_pipe(FLUX_PIPE, student=flow_presets.flux_schnell(2))(**FLUX_ARGS, num_inference_steps=3)
+
+
+def test_step_counts_the_preset_cannot_take_are_refused_naming_num_inference_steps():
+    with pytest.raises(ValueError, match=r"num_inference_steps=8: FLUX.1-schnell is meant for 1 to 4 steps"):
+        flux_kd()(**FLUX_ARGS, num_inference_steps=8)
+    with pytest.raises(TypeError, match="num_inference_steps must be an int"):
+        flux_kd()(**FLUX_ARGS, num_inference_steps=4.0)
+
+
+def test_bfloat16_pipeline_calls_the_models_at_the_float32_runs_timesteps():
+    """A bfloat16 copy of the FLUX pair (text encoders, transformers, VAE) calls student and teacher at the float32
+    run's timesteps, as often, and gives the float32 images up to bfloat16 rounding (in bfloat16, as FluxPipeline)."""
+    import copy
+
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pipe = copy.deepcopy(FLUX_PIPE).to(dtype)
+        kd = FluxDistPPPipeline.from_pipe(pipe, teacher=copy.deepcopy(FLUX_DEV).to(dtype))
+        timesteps = []
+        for module in (kd.transformer, kd.teacher_transformer):
+            module.register_forward_pre_hook(lambda m, a, kw: timesteps.append(kw["timestep"].float().clone()),
+                                             with_kwargs=True)
+        out = kd(**FLUX_ARGS, num_inference_steps=3, generator=gens(1, 2), output_type="pt", lam=0.5, k=2).images
+        runs[dtype] = (timesteps, out)
+    (t32, out32), (t16, out16) = runs[torch.float32], runs[torch.bfloat16]
+    assert len(t16) == len(t32) == 5 and all(torch.equal(a, b) for a, b in zip(t16, t32))
+    assert out16.dtype == torch.bfloat16 and float((out16.float() - out32).abs().max()) < 0.1  # "pt": the VAE's dtype

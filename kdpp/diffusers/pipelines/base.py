@@ -262,7 +262,12 @@ class DistPPPipelineMixin:
                 raise ValueError(f"num_inference_steps={num_inference_steps}, but the student preset "
                                  f"{self.student.name!r} samples {steps} steps (pass a preset name to choose the count)")
             return self.student
-        return self.student() if num_inference_steps is None else self.student(num_inference_steps)
+        if num_inference_steps is None:
+            return self.student()
+        try:
+            return self.student(num_inference_steps)
+        except (TypeError, ValueError) as error:  # the preset's own check of its step count
+            raise type(error)(f"num_inference_steps={num_inference_steps!r}: {error}") from error
 
     @staticmethod
     def _preset_steps(preset: Any) -> int:

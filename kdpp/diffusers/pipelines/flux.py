@@ -100,16 +100,15 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
-        self._guidance_scale = guidance_scale
+        preset = self.student_preset(num_inference_steps)
+        if self.transformer.config.get("guidance_embeds") and guidance_scale is not None:
+            preset = dataclasses.replace(preset, guidance=guidance_scale)
+        self._guidance_scale = preset.guidance if guidance_scale is None else guidance_scale
         self._joint_attention_kwargs = joint_attention_kwargs
         self._current_timestep = None
         self._interrupt = False
         device = self._execution_device
         lora_scale = (joint_attention_kwargs or {}).get("scale")
-
-        preset = self.student_preset(num_inference_steps)
-        if self.transformer.config.get("guidance_embeds") and guidance_scale is not None:
-            preset = dataclasses.replace(preset, guidance=guidance_scale)
         has_negative = negative_prompt is not None or (negative_prompt_embeds is not None
                                                        and negative_pooled_prompt_embeds is not None)
         do_true_cfg = true_cfg_scale > 1 and has_negative
