@@ -1,4 +1,5 @@
-"""kdpp's VP adapter and presets against diffusers' own schedulers, on a tiny SDXL-architecture UNet."""
+"""The SDXL family: kdpp's VP adapter, presets and generate against diffusers' own schedulers and StableDiffusionXLPipeline,
+on a tiny SDXL-architecture UNet."""
 import copy
 import numpy
 import os

@@ -527,7 +527,7 @@ def test_flux_dev_lora_student_on_the_teachers_own_transformer():
     assert rel(v_lora, v_base) > 1e-3  # the adapters matter
 
 
-# ------------------------------------------------------------------ a new user's findings
+# ------------------------------------------------------------------ conditioning, one-step presets, argument checks
 
 
 def test_flow_conditioning_takes_the_pipelines_encode_prompt_returns():
