@@ -16,8 +16,9 @@ diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not 
 pytest.importorskip("transformers", reason="the reference pipelines' text encoders need transformers")
 pytest.importorskip("peft", reason="the LoRA students need peft")
 from PIL import Image  # noqa: E402
-from tiny_diffusers import (add_lora, tiny_flux, tiny_flux_text_pipeline, tiny_sd3, tiny_sd3_text_pipeline,  # noqa: E402
-                            tiny_sdxl_text_pipeline, tiny_unet, tiny_wan, tiny_wan_text_pipeline, tiny_wan_vae)
+from tiny_diffusers import (add_lora, recipe_scheduler, tiny_flux, tiny_flux_text_pipeline, tiny_sd3,  # noqa: E402
+                            tiny_sd3_text_pipeline, tiny_sdxl_text_pipeline, tiny_unet, tiny_wan, tiny_wan_text_pipeline,
+                            tiny_wan_vae)
 
 from kdpp.diffusers import flow_presets  # noqa: E402
 from kdpp.diffusers.lora import SharedLoRAModel  # noqa: E402
@@ -272,6 +273,7 @@ def test_teacher_is_called_once_per_guided_step_and_never_at_lam0(family):
     kd = make()
     outputs = {}
     for lam, k, guided_steps, want in [(0.0, None, None, 0), (0.5, 1, None, 1), (0.5, 0, None, 0), (0.5, None, [0, 1], 2)]:
+        torch.manual_seed(0)  # WanPipeline's stochastic step draws from the global RNG (it passes no generator)
         with Calls(teacher) as calls:
             outputs[lam, k] = kd(**args, generator=gens(1, 2), output_type="latent", lam=lam, k=k,
                                  guided_steps=guided_steps, return_dict=False)[0]
@@ -538,7 +540,8 @@ def test_teacher_on_another_device_gets_its_inputs_there_and_answers_on_the_stud
 @pytest.mark.gpu
 def test_gpu_teacher_on_the_cpu_and_offloaded_teacher_on_the_gpu_only_for_its_calls():
     """Student on the GPU with the teacher on the CPU; then enable_model_cpu_offload: the teacher's weights are on
-    the CPU outside its calls and on the GPU inside them, never together with the student's."""
+    the CPU outside its calls and on the GPU inside them, never together with the student's, and the images decode
+    through the VAE's hook (the latents go to its execution device, not to the CPU its weights wait on)."""
     kd = own_flux_kd().to("cuda")
     kd.teacher_transformer.to("cpu")
     with Calls(kd.teacher_transformer) as calls:
@@ -550,8 +553,8 @@ def test_gpu_teacher_on_the_cpu_and_offloaded_teacher_on_the_gpu_only_for_its_ca
     for module in (teacher, student):
         module.register_forward_hook(lambda m, a, out: where.append((next(teacher.parameters()).device.type,
                                                                     next(student.parameters()).device.type)))
-    kd(**FLUX_ARGS, num_inference_steps=3, generator=gens(1, 2), output_type="latent", lam=0.5, k=2)
-    assert next(teacher.parameters()).device.type == "cpu"
+    images = kd(**FLUX_ARGS, num_inference_steps=3, generator=gens(1, 2), lam=0.5, k=2).images  # decoded through
+    assert next(teacher.parameters()).device.type == "cpu" and len(images) == 2  # the VAE's offloading hook
     assert where.count(("cuda", "cpu")) == 2 and where.count(("cpu", "cuda")) == 3  # in each call, only the caller
 
 
@@ -668,3 +671,51 @@ def test_bfloat16_pipeline_calls_the_models_at_the_float32_runs_timesteps():
     (t32, out32), (t16, out16) = runs[torch.float32], runs[torch.bfloat16]
     assert len(t16) == len(t32) == 5 and all(torch.equal(a, b) for a, b in zip(t16, t32))
     assert out16.dtype == torch.bfloat16 and float((out16.float() - out32).abs().max()) < 0.1  # "pt": the VAE's dtype
+
+
+def sdxl_pipe(scheduler, unet=SDXL_STUDENT):
+    return quiet(diffusers.StableDiffusionXLPipeline(**{**SDXL_PIPE.components, "unet": unet, "scheduler": scheduler},
+                                                     add_watermarker=False))
+
+
+@pytest.mark.parametrize("student", ["sdxl-turbo", "lcm", "dmd2"])
+def test_stochastic_sdxl_students_at_lam0_draw_the_schedulers_noise_from_the_generators(student):
+    """The ancestral and consistency students' step noise is what the SDXL pipeline's scheduler draws from the same
+    generators (it passes them to scheduler.step), in its order: lam = 0 equals StableDiffusionXLPipeline with
+    EulerAncestralDiscreteScheduler(trailing) (Turbo), LCMScheduler (LCM, with its guidance embedding of
+    guidance_scale 8) and LCMScheduler at DMD2's timesteps 999, 749, 499, 249."""
+    config = SDXL_PIPE.scheduler.config
+    unet, call = SDXL_STUDENT, dict(guidance_scale=0.0, num_inference_steps=3)
+    if student == "sdxl-turbo":
+        scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    else:
+        scheduler = diffusers.LCMScheduler.from_config(config)
+    if student == "lcm":
+        unet, call = tiny_unet(2, time_cond_proj_dim=8), dict(guidance_scale=8.0, num_inference_steps=4)
+    pipe = sdxl_pipe(scheduler, unet)
+    kd = StableDiffusionXLDistPPPipeline.from_pipe(pipe, teacher=SDXL_BASE, student=student)
+    ours = dict(call, num_inference_steps=4) if student == "dmd2" else call
+    reference = dict(guidance_scale=0.0, timesteps=[999, 749, 499, 249]) if student == "dmd2" else call
+    want = pipe(**SDXL_ARGS, **reference, generator=gens(5, 6), output_type="latent").images
+    got = kd(**SDXL_ARGS, **ours, generator=gens(5, 6), output_type="latent", lam=0).images
+    assert rel(got, want) < 1e-5
+    other = kd(**SDXL_ARGS, **ours, generator=gens(5, 7), output_type="latent", lam=0).images
+    assert rel(other[1], want[1]) > 1e-2  # the second image's generator draws its noise
+
+
+@pytest.mark.parametrize("callback", [None, "step by step"])
+def test_wan_lightx2v_lora_at_lam0_is_wan_pipeline_with_the_recipe_scheduler(callback):
+    """The LoRA pair at lam = 0 is WanPipeline with the LoRA active and the recipe's stochastic scheduler,
+    guidance_scale 1; WanPipeline does not pass its generator to scheduler.step, so both draw the step noise from
+    torch's global RNG (seeded alike here), also when a callback makes the run go step by step."""
+    scheduler = recipe_scheduler(shift=5.0, stochastic_sampling=True)
+    pipe = quiet(diffusers.WanPipeline(**{**WAN_PIPE.components, "scheduler": scheduler}))
+    kd = WanDistPPPipeline.from_pipe(pipe, teacher=SharedLoRAModel(WAN_LORA))
+    args = dict(WAN_ARGS, num_inference_steps=4, guidance_scale=1.0, output_type="np")
+    torch.manual_seed(3)
+    want = pipe(**args, generator=gens(7, 8)).frames
+    torch.manual_seed(3)
+    with Calls(WAN_LORA) as calls:
+        got = kd(**args, generator=gens(7, 8), lam=0,
+                 callback_on_step_end=(lambda p, i, t, kw: {}) if callback else None).frames
+    assert rel(got, want) < 1e-5 and calls.disabled == [False] * 4

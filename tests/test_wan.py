@@ -13,7 +13,8 @@ import torch
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 pytest.importorskip("transformers", reason="the reference pipeline imports transformers")
 pytest.importorskip("peft", reason="the LoRA student needs peft")
-from tiny_diffusers import add_lora, tiny_flux, tiny_wan, tiny_wan_text_pipeline, tiny_wan_vae  # noqa: E402
+from tiny_diffusers import (add_lora, recipe_scheduler, tiny_flux, tiny_wan, tiny_wan_text_pipeline,  # noqa: E402
+                            tiny_wan_vae)
 
 from kdpp.diffusers import flow_presets, wan  # noqa: E402
 from kdpp.diffusers.lora import SharedLoRAModel  # noqa: E402
@@ -34,14 +35,6 @@ PIPE = tiny_wan_text_pipeline(TRANSFORMER)
 with torch.no_grad():
     EMBEDS = PIPE.encode_prompt(["a fox", "a cat runs"], ["blurry", "ugly"], max_sequence_length=16, device="cpu")
 COND = wan.WanConditioning(*EMBEDS)
-
-
-class RecipeScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
-    """diffusers' FlowMatchEulerDiscreteScheduler set to the recipe's sigmas, linspace(1, 1/N, N) before its shift
-    (WanPipeline calls set_timesteps(N) and takes no sigmas)."""
-
-    def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
-        super().set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), device=device)
 
 
 def generators(seeds=SEEDS):
@@ -113,7 +106,7 @@ def test_lightx2v_preset_is_the_published_recipe():
 def test_lam0_lora_student_is_wan_pipeline_with_the_recipe_scheduler():
     """The LoRA pair at lam = 0 is WanPipeline with the LoRA active and the recipe's stochastic Euler scheduler
     (guidance_scale 1); the scheduler's step noise (the global RNG's) is seeded with the kdpp seed's solver stream."""
-    pipe = tiny_wan_text_pipeline(TRANSFORMER, scheduler=RecipeScheduler(shift=5.0, stochastic_sampling=True))
+    pipe = tiny_wan_text_pipeline(TRANSFORMER, scheduler=recipe_scheduler(shift=5.0, stochastic_sampling=True))
     want = pipe(**solver_noise_of(SEEDS[0], dict(
         prompt_embeds=COND.prompt_embeds[:1], num_inference_steps=4, guidance_scale=1.0, output_type="latent",
         generator=generators(SEEDS[:1]), **SIZE))).frames
@@ -143,7 +136,7 @@ def test_lam0_base_model_with_cfg_is_wan_pipeline():
 def test_decoded_videos_are_the_pipelines():
     """With the Wan VAE (latents_mean/latents_std, 4x temporal compression), generate's frames are the pipeline's."""
     vae = tiny_wan_vae()
-    pipe = tiny_wan_text_pipeline(TRANSFORMER, scheduler=RecipeScheduler(shift=5.0, stochastic_sampling=True), vae=vae)
+    pipe = tiny_wan_text_pipeline(TRANSFORMER, scheduler=recipe_scheduler(shift=5.0, stochastic_sampling=True), vae=vae)
     want = pipe(**solver_noise_of(SEEDS[0], dict(
         prompt_embeds=COND.prompt_embeds[:1], num_inference_steps=2, guidance_scale=1.0, output_type="np",
         generator=generators(SEEDS[:1]), **SIZE))).frames

@@ -150,3 +150,17 @@ def tiny_wan_vae():
     torch.manual_seed(0)
     return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                       temperal_downsample=[False, True, True]).eval()
+
+
+def recipe_scheduler(**config):
+    """diffusers' FlowMatchEulerDiscreteScheduler set to a step-distillation recipe's sigmas, linspace(1, 1/N, N) before
+    its shift (lightx2v's Wan 2.1 LoRA: shift 5, stochastic steps); WanPipeline calls set_timesteps(N) and takes no
+    sigmas, so a diffusers user of the recipe swaps in a scheduler like this one."""
+    import diffusers
+    import numpy as np
+
+    class RecipeScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), device=device)
+
+    return RecipeScheduler(**config)

@@ -12,7 +12,8 @@ the VE schedule of the preset, the VE scale of the initial unit noise, and how l
 ``guided_steps``, ``renoise``, ``renoise_sigma``; the preset's by default), draws the initial noise
 (:func:`kdpp.noise.initial_noise`: one CPU generator per image, seeded with its seed, as diffusers'
 pipelines draw with a list of CPU generators; or the caller's ``latents``), and hands the preset's
-kdpp sampler the denoisers, the schedule and the seeds, nothing else about noise. Around the run it
+kdpp sampler the denoisers, the schedule and the seeds, nothing else about noise (except a host's own
+solver noise, ``noise_sampler``: a diffusers pipeline's scheduler draws). Around the run it
 holds the LoRA pairs' adapter state (:meth:`kdpp.diffusers.lora.SharedLoRAModel.session`) and
 resets diffusers' cache hooks. :func:`generate` is the one-call form (build, sample, decode) that
 each family's ``generate`` forwards to.
@@ -21,11 +22,12 @@ Every model call runs as the family's pipeline makes it (:class:`ModelCall`): in
 ``cache_context`` where it has one (diffusers' cache hooks, e.g. ``FirstBlockCacheConfig``; the
 student in context ``"student"``, the teacher in ``"teacher"``), with the caller's attention
 keyword arguments (the pipelines' ``cross_attention_kwargs`` / ``joint_attention_kwargs`` /
-``attention_kwargs``, e.g. a LoRA ``scale``). Nothing here imports diffusers.
+``attention_kwargs``, e.g. a LoRA ``scale``). Importing this module does not import diffusers.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -272,7 +274,7 @@ def sample(
     family: Family, *, seeds: Sequence[int], latents: Tensor | None = None, x: Tensor | None = None, start: int = 0,
     stop: int | None = None, lam: Any = None, k: int | None = None, guided_steps: Sequence[int] | None = None,
     renoise: str | None = None, renoise_sigma: RenoiseSigma = None, callback: Callable[[dict], Any] | None = None,
-    disable: bool | None = None,
+    disable: bool | None = None, noise_sampler: Callable[[float, float], Tensor] | None = None,
 ) -> Tensor:
     """Sample one latent per seed with ``family``'s denoisers and its preset's kdpp sampler (or steps ``start`` to ``stop``).
 
@@ -298,6 +300,9 @@ def sample(
         renoise_sigma: the renoising level (default: the core's).
         callback: the sampler's per-step callback (its ``x`` is the VE state).
         disable: disable the progress bar.
+        noise_sampler: ``(sigma, sigma_next) -> Tensor``, the solver noise (one draw per call, for
+            samplers that draw any) instead of the seeds' solver stream: a host's own, e.g. the
+            draws of a diffusers pipeline's scheduler (:mod:`kdpp.diffusers.pipelines`).
     Returns:
         the sampler state at ``stop`` (``[len(seeds), *family.shape]`` in ``family.dtype`` on
         ``family.device``): the final latents at the last step (sigma 0), the VE state before.
@@ -348,6 +353,8 @@ def sample(
     if (start, stop) != (0, n_steps):
         options.update(full_sigmas=family.sigmas, step_offset=start)
     sampler = SAMPLERS[preset.sampler]
+    if noise_sampler is not None and "noise_sampler" in inspect.signature(sampler).parameters:
+        options["noise_sampler"] = noise_sampler  # DPM++ 2M (and its CFG++ form) draws none
     with model_sessions(family.student_model, family.teacher_model, reset_before=start == 0,
                         reset_after=stop == n_steps), torch.no_grad():
         return sampler(den.student, den.teacher if guided else None, x, family.sigmas[start:stop + 1], den.lam, k,
@@ -403,8 +410,19 @@ def unscale_latents(vae: Any, latents: Tensor) -> Tensor:
     return latents / scaling + (getattr(config, "shift_factor", None) or 0.0)
 
 
+def execution_device(module: Any, default: torch.device) -> torch.device:
+    """Where ``module``'s inputs go: the execution device of its offloading hooks (``enable_model_cpu_offload`` and
+    group offloading keep the weights on the CPU between calls), else its own device (diffusers'
+    ``get_module_execution_device``; ``module.device``, else ``default``, with a diffusers that lacks it)."""
+    try:
+        from diffusers.utils.torch_utils import get_module_execution_device
+    except ImportError:
+        return getattr(module, "device", default)
+    return get_module_execution_device(module) if isinstance(module, torch.nn.Module) else getattr(module, "device", default)
+
+
 def vae_decode(vae: Any, latents: Tensor) -> Tensor:
-    """``vae.decode`` of the unscaled latents in the VAE's dtype, on its device.
+    """``vae.decode`` of the unscaled latents in the VAE's dtype, on its execution device (:func:`execution_device`).
 
     A float16 VAE whose ``config.force_upcast`` is set (SDXL's VAE overflows in float16) is cast
     to float32 for the decode and back to float16 afterwards, as the SDXL pipeline does.
@@ -414,7 +432,7 @@ def vae_decode(vae: Any, latents: Tensor) -> Tensor:
         if upcast:
             vae.to(dtype=torch.float32)
         try:
-            z = latents.to(device=getattr(vae, "device", latents.device), dtype=vae.dtype)
+            z = latents.to(device=execution_device(vae, latents.device), dtype=vae.dtype)
             return vae.decode(unscale_latents(vae, z), return_dict=False)[0]
         finally:
             if upcast:

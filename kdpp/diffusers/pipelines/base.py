@@ -338,6 +338,29 @@ class DistPPPipelineMixin:
         """The scheduler timestep the diffusers pipeline passes to ``callback_on_step_end`` at step ``i``."""
         raise NotImplementedError
 
+    def _noise_dtype(self, family: Family) -> torch.dtype:
+        """The dtype the pipeline's scheduler draws its step noise in (the flow schedulers: float32)."""
+        return torch.float32
+
+    def _scheduler_noise(self, family: Family, generator: Any, batch: int) -> Callable[[float, float], Tensor]:
+        """The step noise the diffusers pipeline's scheduler draws, in its order, as a kdpp ``noise_sampler``.
+
+        Each draw is ``randn_tensor`` of the pipeline's latent shape (its layout: FLUX's packed),
+        from ``generator`` where the pipeline passes it to ``scheduler.step`` (``_generator_in_step``)
+        and from torch's global RNG where it does not, on the execution device in the scheduler's
+        dtype; returned in the family's layout.
+        """
+        from diffusers.utils.torch_utils import randn_tensor
+
+        source = generator if self._generator_in_step else None
+        shape = tuple(self._pack(family, torch.empty(batch, *family.shape, device="meta")).shape)
+        dtype = self._noise_dtype(family)
+
+        def draw(sigma: float, sigma_next: float) -> Tensor:
+            return self._unpack(family, randn_tensor(shape, generator=source, device=family.device, dtype=dtype))
+
+        return draw
+
     def _sample(self, family: Family, latents: Tensor, generator: Any, *, lam: Any, k: int | None,
                 guided_steps: Sequence[int] | None, renoise: str | None, renoise_sigma: Any,
                 callback_on_step_end: Callable[..., Mapping[str, Any]] | None = None,
@@ -345,8 +368,9 @@ class DistPPPipelineMixin:
                 ) -> Tensor:
         """The denoising loop: :func:`kdpp.diffusers.sampling.sample` from the pipeline's initial ``latents``.
 
-        ``latents`` are unit noise in the family's layout (what ``prepare_latents`` drew, unscaled).
-        With ``callback_on_step_end`` the run goes step by step (stages of the body, which equal the
+        ``latents`` are unit noise in the family's layout (what ``prepare_latents`` drew, unscaled);
+        the solver noise is the pipeline scheduler's (:meth:`_scheduler_noise`), the teacher's
+        renoising noise from the generators' seeds (:func:`generator_seeds`). With ``callback_on_step_end`` the run goes step by step (stages of the body, which equal the
         run in one go): after step ``i`` it gets ``(self, i, t, {name: value})`` for the names in
         ``callback_on_step_end_tensor_inputs`` (``"latents"``: the pipeline's latents, in its
         layout; the others from ``tensors``, the encoded prompts), may return new ``"latents"``
@@ -360,7 +384,8 @@ class DistPPPipelineMixin:
         steps = len(family.sigmas) - 1
         self._num_timesteps = steps
         options = dict(seeds=seeds, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
-                       renoise_sigma=renoise_sigma, disable=True)
+                       renoise_sigma=renoise_sigma, disable=True,
+                       noise_sampler=self._scheduler_noise(family, generator, latents.shape[0]))
         with self.progress_bar(total=steps) as progress:
             if callback_on_step_end is None:
                 return sampling.sample(family, latents=latents, callback=lambda info: progress.update(), **options)
