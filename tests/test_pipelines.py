@@ -316,8 +316,6 @@ REFUSED = {  # family: {argument: a value kdpp cannot honour}
                 ip_adapter_image_embeds=torch.zeros(1), skip_guidance_layers=[1]),
     "sdxl": dict(timesteps=[999, 499], sigmas=[14.6, 3.0], denoising_end=0.8, eta=0.3,
                  ip_adapter_image=np.zeros((32, 32, 3)), ip_adapter_image_embeds=[torch.zeros(1)], guidance_rescale=0.7,
-                 original_size=(128, 128), target_size=(32, 64), crops_coords_top_left=(8, 0),
-                 negative_original_size=(64, 64), negative_target_size=(64, 64), negative_crops_coords_top_left=(0, 8),
                  callback=print, callback_steps=1),
     "wan": dict(guidance_scale_2=3.0),
 }
@@ -719,3 +717,23 @@ def test_wan_lightx2v_lora_at_lam0_is_wan_pipeline_with_the_recipe_scheduler(cal
         got = kd(**args, generator=gens(7, 8), lam=0,
                  callback_on_step_end=(lambda p, i, t, kw: {}) if callback else None).frames
     assert rel(got, want) < 1e-5 and calls.disabled == [False] * 4
+
+
+def test_sdxl_micro_conditioning_reaches_the_student_and_the_teachers_halves():
+    """original_size / crops_coords_top_left / target_size are the pipeline's (lam = 0 equals it); the negative sizes
+    condition the teacher's unconditional half only (the pipeline's own _get_add_time_ids builds both)."""
+    kd = StableDiffusionXLDistPPPipeline.from_pipe(SDXL_PIPE, teacher=SDXL_BASE, student="sdxl-lightning")
+    sizes = dict(original_size=(128, 96), crops_coords_top_left=(8, 0), target_size=(64, 64))
+    args = dict(SDXL_ARGS, num_inference_steps=2, guidance_scale=0.0, output_type="latent")
+    want = SDXL_PIPE(**args, **sizes, generator=gens(5, 6)).images
+    assert rel(kd(**args, **sizes, generator=gens(5, 6), lam=0).images, want) < 1e-5
+    assert rel(kd(**args, generator=gens(5, 6), lam=0).images, want) > 1e-4  # the sizes matter
+    seen = []
+    handle = SDXL_BASE.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"].clone()), with_kwargs=True)
+    try:
+        kd(**args, **sizes, negative_original_size=(32, 32), negative_target_size=(48, 48), lam=0.5)
+    finally:
+        handle.remove()
+    (ids,) = seen  # one teacher call, CFG batched [uncond, cond] over the 2 images
+    assert ids.tolist() == [[32, 32, 0, 0, 48, 48]] * 2 + [[128, 96, 8, 0, 64, 64]] * 2

@@ -69,6 +69,16 @@ def time_ids(height: int, width: int, crop: tuple[int, int] = (0, 0)) -> Tensor:
     return torch.tensor([[height, width, *crop, height, width]], dtype=torch.float32)
 
 
+def check_time_ids(value: Any, name: str, default: Tensor) -> Tensor:
+    """``value`` as SDXL's ``[1, 6]`` micro-conditioning (``default`` for ``None``); errors name ``name``."""
+    if value is None:
+        return default
+    if not isinstance(value, Tensor) or value.numel() != 6:
+        raise ValueError(f"{name} must be a tensor of SDXL's 6 micro-conditioning values (orig_h, orig_w, crop_top, "
+                         f"crop_left, target_h, target_w), got {value!r:.80}")
+    return value.detach().reshape(1, 6).float()
+
+
 def _config(unet, key, default=None):
     config = getattr(unet, "config", None)
     return getattr(config, key, default) if config is not None else default
@@ -189,7 +199,8 @@ class SDXLFamily(Family):
         teacher: the teacher preset (CFG scale).
         height: image height in pixels, a positive multiple of 8 (latents are ``[4, height/8, width/8]``).
         width: image width, the same. Student and teacher both get ``time_ids`` of ``(height, width)``,
-            as diffusers' pipelines do (``preset.resolution`` is only the recommended size).
+            as diffusers' pipelines do (``preset.resolution`` is only the recommended size), unless
+            ``add_time_ids`` is given.
         guidance_space: ``"x0"`` (the core's ``R = D + lam (T - D)``) or ``"epsilon"`` (the
             authors' epsilon-space mix, :class:`kdpp.diffusers.vp.EpsilonSpaceGuidance`;
             ``lam`` must then be a float). Default: the preset's.
@@ -202,6 +213,11 @@ class SDXLFamily(Family):
         device: where to sample (default: the student's device).
         attention_kwargs: the student UNet's ``cross_attention_kwargs`` on every call (e.g.
             ``{"scale": 0.8}``, a LoRA scale); ``teacher_attention_kwargs`` the teacher's.
+        add_time_ids: SDXL's micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h,
+            target_w)`` (6 values, e.g. ``pipe._get_add_time_ids(original_size, crops_coords_top_left,
+            target_size, ...)``) for the student and the teacher's conditional half; default
+            :func:`time_ids` ``(height, width)``. ``negative_add_time_ids``: the teacher's
+            unconditional half's (the pipeline's ``negative_original_size`` etc.); default ``add_time_ids``.
     """
 
     name = "sdxl"
@@ -212,7 +228,8 @@ class SDXLFamily(Family):
         teacher: TeacherPreset = TeacherPreset(), height: int = 1024, width: int = 1024, guidance_space: str | None = None,
         alphas_cumprod: Tensor | None = None, student_guidance: float | None = None, dtype: torch.dtype | None = None,
         device: torch.device | str | None = None, attention_kwargs: dict[str, Any] | None = None,
-        teacher_attention_kwargs: dict[str, Any] | None = None,
+        teacher_attention_kwargs: dict[str, Any] | None = None, add_time_ids: Tensor | None = None,
+        negative_add_time_ids: Tensor | None = None,
     ):
         check_type(conditioning, SDXLConditioning, "conditioning")
         check_type(preset, StudentPreset, "preset")
@@ -236,7 +253,9 @@ class SDXLFamily(Family):
         self.teacher_attention_kwargs = check_attention_kwargs(teacher_attention_kwargs, "teacher_attention_kwargs")
         self.channels = _config(student_unet, "out_channels", 4)
         self.shape = (self.channels, height // 8, width // 8)
-        self.time_ids = time_ids(height, width)  # diffusers' pipelines: original and target size (h, w), for both
+        # diffusers' pipelines: original and target size (h, w), for both (unless given)
+        self.time_ids = check_time_ids(add_time_ids, "add_time_ids", time_ids(height, width))
+        self.negative_time_ids = check_time_ids(negative_add_time_ids, "negative_add_time_ids", self.time_ids)
         self.sigmas = preset.sigmas(self.alphas_cumprod)
         self.noise_scale = preset.initial_noise_scale(self.alphas_cumprod)
         self.dtype = dtype
@@ -258,7 +277,7 @@ class SDXLFamily(Family):
         if guided:
             cond = self.conditioning.to(self.device, model_dtype(self.teacher_model, self.dtype))
             teacher_extra_args = {"cond": cond.unet_kwargs(self.time_ids),
-                                  "uncond": cond.unet_kwargs(self.time_ids, negative=True)}
+                                  "uncond": cond.unet_kwargs(self.negative_time_ids, negative=True)}
             if self.guidance_space == "epsilon":
                 if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
                     raise TypeError(f"lam must be a float with guidance_space='epsilon', got {lam!r}")

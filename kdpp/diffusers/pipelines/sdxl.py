@@ -22,8 +22,6 @@ except ImportError as error:  # pragma: no cover - the diffusers extra is missin
 _WHY_SCHEDULE = ("the schedule is the student preset's (num_inference_steps sets its step count; pass a preset to "
                  "from_pipe(student=...) for another)")
 _WHY_IP = "IP-Adapter image embeddings are not passed to the student and teacher"
-_WHY_SIZE = ("kdpp's SDXL family conditions both UNets on (height, width, 0, 0, height, width), the pipeline's "
-             "default micro-conditioning")
 
 
 class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipeline):
@@ -87,11 +85,12 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
         ``num_inference_steps`` defaults to the student preset's; ``guidance_scale`` is the
         guidance-embedding input of a student UNet with ``time_cond_proj_dim`` (LCM; default 5.0,
         the pipeline's) and must be at most 1 (no CFG, as distilled SDXL students sample) for the
-        others. Refused: ``timesteps``, ``sigmas``, ``denoising_end`` (the schedule is the
-        preset's), ``eta``, ``guidance_rescale`` (no student CFG), the IP-Adapter arguments,
-        micro-conditioning other than the default (``original_size`` / ``target_size`` other than
-        ``(height, width)``, crops, ``negative_*`` sizes) and the deprecated ``callback`` /
-        ``callback_steps``.
+        others. The micro-conditioning (``original_size``, ``crops_coords_top_left``,
+        ``target_size``) reaches the student and the teacher's conditional half, the ``negative_*``
+        one the teacher's unconditional half (where both negative sizes are given, as the pipeline
+        takes them). Refused: ``timesteps``, ``sigmas``, ``denoising_end`` (the schedule is the
+        preset's), ``eta``, ``guidance_rescale`` (no student CFG), the IP-Adapter arguments and
+        the deprecated ``callback`` / ``callback_steps``.
 
         kdpp's arguments: ``lam``, ``k`` / ``guided_steps``, ``renoise``, ``renoise_sigma`` (see
         :class:`kdpp.TeacherRefinement`), ``teacher_guidance_scale`` (SDXL base's CFG; default 7.5,
@@ -114,13 +113,7 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
                      ip_adapter_image=(ip_adapter_image, None, _WHY_IP),
                      ip_adapter_image_embeds=(ip_adapter_image_embeds, None, _WHY_IP),
                      guidance_rescale=(guidance_rescale, 0.0, "it rescales the student's CFG, which distilled students "
-                                       "sample without"),
-                     original_size=(tuple(original_size or (height, width)), (height, width), _WHY_SIZE),
-                     target_size=(tuple(target_size or (height, width)), (height, width), _WHY_SIZE),
-                     crops_coords_top_left=(tuple(crops_coords_top_left), (0, 0), _WHY_SIZE),
-                     negative_original_size=(negative_original_size, None, _WHY_SIZE),
-                     negative_target_size=(negative_target_size, None, _WHY_SIZE),
-                     negative_crops_coords_top_left=(tuple(negative_crops_coords_top_left), (0, 0), _WHY_SIZE))
+                                       "sample without"))
         if self.vae_scale_factor != 8:
             raise ValueError(f"vae downsamples {self.vae_scale_factor}x; SDXL's VAE (and kdpp's SDXL family) 8x")
         self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -149,8 +142,20 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip))
 
+        projection = (int(conditioning.pooled_prompt_embeds.shape[-1]) if self.text_encoder_2 is None
+                      else self.text_encoder_2.config.projection_dim)
+        add_time_ids = self._get_add_time_ids(tuple(original_size or (height, width)), tuple(crops_coords_top_left),
+                                              tuple(target_size or (height, width)), dtype=torch.float32,
+                                              text_encoder_projection_dim=projection)
+        negative_add_time_ids = add_time_ids
+        if negative_original_size is not None and negative_target_size is not None:  # the pipeline's rule
+            negative_add_time_ids = self._get_add_time_ids(
+                tuple(negative_original_size), tuple(negative_crops_coords_top_left), tuple(negative_target_size),
+                dtype=torch.float32, text_encoder_projection_dim=projection)
+
         student, teacher_model = self._models(device)
         family = SDXLFamily(student, teacher_model, conditioning, preset, teacher=teacher, height=height, width=width,
+                            add_time_ids=add_time_ids, negative_add_time_ids=negative_add_time_ids,
                             guidance_space=guidance_space, alphas_cumprod=self.scheduler.alphas_cumprod,
                             student_guidance=guidance_scale if embedding else None, device=device,
                             attention_kwargs=cross_attention_kwargs,
