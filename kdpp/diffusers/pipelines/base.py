@@ -52,8 +52,10 @@ def generator_state_seed(generator: torch.Generator) -> int:
 
 
 def generator_seeds(generator: Any, batch: int, device: torch.device) -> list[int]:
-    """One kdpp seed per image from diffusers' ``generator`` argument, read before any draw (nothing is drawn).
+    """One kdpp seed per image from diffusers' ``generator`` argument: its state now, read without drawing.
 
+    (The pipelines call it after ``prepare_latents`` drew the initial latents, so the seeds are
+    those of the generators' state after that draw: a function of the state they were given in.)
     A list of generators (one per image, as diffusers takes them) gives each image its generator's
     seed, so an image does not depend on its batch; one generator, or ``None`` (torch's global RNG on
     ``device``, which diffusers then draws from), gives a base seed for the first image and
@@ -187,8 +189,7 @@ class DistPPPipelineMixin:
             raise TypeError(f"pass the teacher as teacher=..., not {cls._teacher_component}=")
         given = pipeline.components
         kwargs = {name: components.get(name, given.get(name)) for name in expected if name != cls._teacher_component}
-        missing = [name for name, value in kwargs.items() if value is None and name not in cls._optional_components]
-        if getattr(cls, "_denoiser") in missing:
+        if kwargs.get(cls._denoiser) is None:
             raise ValueError(f"pipeline has no {cls._denoiser}: the student is the pipeline's {cls._denoiser}")
         for name in optional:
             if name in pipeline.config:
@@ -275,7 +276,7 @@ class DistPPPipelineMixin:
 
     # ------------------------------------------------------------------ the models
 
-    def _models(self, device: torch.device) -> tuple[Any, Any]:
+    def _models(self) -> tuple[Any, Any]:
         """The family's student and teacher models: the LoRA pair's two views, or the denoiser and a :class:`TeacherCall`."""
         denoiser = getattr(self, self._denoiser)
         if self.lora_pair is not None:
@@ -370,7 +371,8 @@ class DistPPPipelineMixin:
 
         ``latents`` are unit noise in the family's layout (what ``prepare_latents`` drew, unscaled);
         the solver noise is the pipeline scheduler's (:meth:`_scheduler_noise`), the teacher's
-        renoising noise from the generators' seeds (:func:`generator_seeds`). With ``callback_on_step_end`` the run goes step by step (stages of the body, which equal the
+        renoising noise from the generators' seeds (:func:`generator_seeds`). With
+        ``callback_on_step_end`` the run goes step by step (stages of the body, which equal the
         run in one go): after step ``i`` it gets ``(self, i, t, {name: value})`` for the names in
         ``callback_on_step_end_tensor_inputs`` (``"latents"``: the pipeline's latents, in its
         layout; the others from ``tensors``, the encoded prompts), may return new ``"latents"``

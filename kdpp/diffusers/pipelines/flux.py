@@ -138,7 +138,7 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
                           if teacher.cfg_scale != 1 else (None, None))
             teacher_conditioning = FlowConditioning(t_embeds, t_negative[0], t_pooled, t_negative[1])
 
-        student, teacher_model = self._models(device)
+        student, teacher_model = self._models()
         family = FluxFamily(student, teacher_model, conditioning, preset, teacher=teacher,
                             teacher_conditioning=teacher_conditioning,
                             scheduler_config=flow_scheduler_config(self, preset), height=height, width=width,

@@ -122,7 +122,7 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
             max_sequence_length=max_sequence_length, lora_scale=(joint_attention_kwargs or {}).get("scale"))
         conditioning = FlowConditioning(*embeds)
 
-        student, teacher_model = self._models(device)
+        student, teacher_model = self._models()
         family = SD3Family(student, teacher_model, conditioning, preset, teacher=teacher,
                            scheduler_config=flow_scheduler_config(self, preset), height=height, width=width,
                            device=device, attention_kwargs=joint_attention_kwargs,

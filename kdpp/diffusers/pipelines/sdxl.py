@@ -153,7 +153,7 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
                 tuple(negative_original_size), tuple(negative_crops_coords_top_left), tuple(negative_target_size),
                 dtype=torch.float32, text_encoder_projection_dim=projection)
 
-        student, teacher_model = self._models(device)
+        student, teacher_model = self._models()
         family = SDXLFamily(student, teacher_model, conditioning, preset, teacher=teacher, height=height, width=width,
                             add_time_ids=add_time_ids, negative_add_time_ids=negative_add_time_ids,
                             guidance_space=guidance_space, alphas_cumprod=self.scheduler.alphas_cumprod,

@@ -105,7 +105,7 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
         dtype = self.transformer.dtype
         conditioning = WanConditioning(embeds.to(dtype), None if negative is None else negative.to(dtype))
 
-        student, teacher_model = self._models(device)
+        student, teacher_model = self._models()
         family = WanFamily(student, teacher_model, conditioning, preset, teacher=teacher,
                            scheduler_config=flow_scheduler_config(self, preset), height=height, width=width,
                            num_frames=num_frames, device=device, attention_kwargs=attention_kwargs,
