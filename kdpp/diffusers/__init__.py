@@ -11,6 +11,8 @@
 - :mod:`kdpp.diffusers.sd3`, :mod:`kdpp.diffusers.flux`, :mod:`kdpp.diffusers.wan`: each family's adapter,
   family and ``generate``.
 - :mod:`kdpp.diffusers.lora`: LoRA students sampled from the teacher's own model (``SharedLoRAModel``), any family.
+- :mod:`kdpp.diffusers.pipelines`: the families' diffusers pipelines with a teacher (``from_pipe``, prompt strings
+  in, diffusers' output classes out), on top of the body; importing it imports diffusers.
 
 Importing this package does not import diffusers; only decoding (and the flow schedules) need it.
 """
