@@ -1,6 +1,4 @@
-"""``guided_steps``: which steps are guided, not only the first k (issue 14's placement study, issue 11
-item 4). Oracle (lam = 0) and accounting cases live with the other options' in test_kdiffusion_oracle.py
-and test_refinement.py; this file checks the equivalences and the per-step lam forms."""
+"""Which steps are guided: k or guided_steps, per-step lam, and the levels that do (not) call the teacher."""
 import warnings
 
 import pytest
@@ -54,8 +52,12 @@ def test_guided_steps_equal_a_per_step_lam_with_zeros(name):
     assert torch.equal(a, b)
 
 
-def test_per_step_lam_follows_the_order_of_guided_steps_and_callable_lam_sees_guided_steps():
-    """lam[j] weights guided_steps[j], as given: [3, 0] with [0.2, 0.7] puts 0.7 on step 0."""
+def test_per_step_lam_pairs_with_the_guided_steps_and_callable_lam_sees_each_one():
+    """lam[j] weights guided_steps[j], as given ([3, 0] with [0.2, 0.7] puts 0.7 on step 0), or the j-th of the
+    first k steps; lam_i = 0 skips step i; a callable lam is evaluated at each guided step with its sigma."""
+    teacher = Recorder(other_denoiser)
+    kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x0(), SIGMAS, [0.5, 0.0, 0.2], 3, disable=True)
+    assert teacher.sigmas == [SIGMAS[1], SIGMAS[3]]
     seen = []
     kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, [0.2, 0.7], guided_steps=[3, 0],
                              callback=seen.append, disable=True)
@@ -68,6 +70,10 @@ def test_per_step_lam_follows_the_order_of_guided_steps_and_callable_lam_sees_gu
     kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS,
                              lambda i, sigma: calls.append((i, sigma)) or 0.5, guided_steps=[-1, 2], disable=True)
     assert sorted(calls) == [(2, SIGMAS[2]), (4, SIGMAS[4])]
+    calls.clear()
+    kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS,
+                             lambda i, sigma: calls.append((i, sigma)) or 0.5, 2, disable=True)
+    assert calls == [(0, SIGMAS[0]), (1, SIGMAS[1])]
 
 
 def test_distillation_denoiser_guides_the_listed_steps():

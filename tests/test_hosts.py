@@ -15,21 +15,6 @@ from conftest import Recorder, nonlinear_denoiser, other_denoiser
 
 ks = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is the oracle (pip install '.[test]')")
 SIGMAS = torch.tensor([10.0, 4.0, 1.5, 0.5, 0.0], dtype=torch.float64)
-PAIRS = [("euler", ks.sample_euler), ("euler_ancestral", ks.sample_euler_ancestral),
-         ("dpmpp_2s_ancestral", ks.sample_dpmpp_2s_ancestral), ("dpmpp_2m", ks.sample_dpmpp_2m)]
-
-
-@pytest.mark.parametrize("name, theirs", PAIRS, ids=[p[0] for p in PAIRS])
-def test_bound_sampler_with_lam_zero_is_kdiffusion(name, theirs):
-    teacher = Recorder(other_denoiser)
-    fn = bind(kdpp.SAMPLERS[name], teacher, lam=0.0, k=2)
-    x = torch.randn(3, 4, dtype=torch.float64) * 10
-    torch.manual_seed(0)
-    got = fn(nonlinear_denoiser, x, SIGMAS, extra_args={}, callback=None, disable=True)
-    torch.manual_seed(0)
-    want = theirs(nonlinear_denoiser, x, SIGMAS, extra_args={}, callback=None, disable=True)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    assert teacher.calls == 0 and fn.__name__ == kdpp.SAMPLERS[name].__name__
 
 
 def test_bound_sampler_guides_and_accepts_call_time_overrides():

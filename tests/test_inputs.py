@@ -97,7 +97,7 @@ def test_bad_input_names_the_argument(overrides, error, match):
         run(**overrides)
 
 
-# issue 10 item 12 and the placement option (issue 14): every option a user passes is named when it is wrong
+# every option a user passes is named when it is wrong
 OPTION_CASES = [
     ({"eta": math.nan}, ValueError, "eta must be finite"),
     ({"eta": -0.5}, ValueError, "eta must be >= 0"),
@@ -138,7 +138,7 @@ OPTION_RUNS = [pytest.param(name, *case, id=f"{name}-" + ",".join(f"{k}={v!r}" f
 
 @pytest.mark.parametrize("name, overrides, error, match", OPTION_RUNS)
 def test_every_option_is_validated_by_name(name, overrides, error, match):
-    """Issue 10 item 12: each sampler that takes the option refuses a bad value, naming it."""
+    """Each sampler that takes the option refuses a bad value, naming it."""
     sampler = kdpp.SAMPLERS[name]
     args = {"lam": 0.5, "k": None, "disable": True, **overrides}
     student = kdpp.CFGDenoiser(nonlinear_denoiser, 0.5) if getattr(sampler, "cfg_pp", False) else nonlinear_denoiser

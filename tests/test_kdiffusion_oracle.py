@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import kdpp
+from kdpp.hosts import bind
 from conftest import Recorder, nonlinear_denoiser, other_denoiser
 
 ks = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is the oracle (pip install '.[test]')")
@@ -20,18 +21,25 @@ CASES = [
 IDS = [f"{c[1].__name__}{c[2] or ''}" for c in CASES]
 
 
-def _run_both(ours, theirs, options, schedule, shape, lam, k=None, **placement):
+def _run_both(ours, theirs, options, schedule, shape, lam, k=None, form="direct", **placement):
+    """kdpp's sampler (called directly, bound with kdpp.hosts.bind, or as k-diffusion's host calls it) and
+    k-diffusion's, from the same global RNG state."""
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * schedule[0]
     teacher = Recorder(other_denoiser)
     torch.manual_seed(123)
-    got = ours(nonlinear_denoiser, teacher, x, schedule, lam, k, disable=True, **placement, **options)
+    if form == "direct":
+        got = ours(nonlinear_denoiser, teacher, x, schedule, lam, k, disable=True, **placement, **options)
+    else:
+        fn = bind(ours, teacher, lam, k, **placement)
+        got = fn(nonlinear_denoiser, x, schedule, extra_args={}, callback=None, disable=True, **options)
+        assert fn.__name__ == ours.__name__
     torch.manual_seed(123)
     want = theirs(nonlinear_denoiser, x, schedule, disable=True, **options)
     return got, want, teacher
 
 
 PLAIN = {"lam=0": {"lam": 0.0, "k": 3}, "k=0": {"lam": 0.7, "k": 0},
-         # guided_steps (issue 14 / 11): lam = 0 at the listed steps, or no step listed
+         # guided_steps: lam = 0 at the listed steps, or no step listed
          "lam=0,guided_steps": {"lam": 0.0, "guided_steps": [1, -1]},
          "lam=[0,0],guided_steps": {"lam": [0.0, 0.0], "guided_steps": [3, 0]},
          "guided_steps=[]": {"lam": 0.7, "guided_steps": []}}
@@ -39,8 +47,10 @@ PLAIN = {"lam=0": {"lam": 0.0, "k": 3}, "k=0": {"lam": 0.7, "k": 0},
 
 @pytest.mark.parametrize("ours, theirs, options", CASES, ids=IDS)
 @pytest.mark.parametrize("placement", PLAIN.values(), ids=PLAIN.keys())
-def test_plain_student_is_kdiffusion(ours, theirs, options, schedule, placement):
-    got, want, teacher = _run_both(ours, theirs, options, schedule, (3, 4, 5, 5), **placement)
+@pytest.mark.parametrize("form", ["direct", "bound"])
+def test_plain_student_is_kdiffusion(ours, theirs, options, schedule, placement, form):
+    """Called directly or in k-diffusion's host convention (kdpp.hosts.bind): k-diffusion's sampler, no teacher call."""
+    got, want, teacher = _run_both(ours, theirs, options, schedule, (3, 4, 5, 5), form=form, **placement)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert teacher.calls == 0
@@ -87,7 +97,7 @@ def test_callback_carries_kdiffusion_keys(ours, theirs, options, schedule):
 @pytest.mark.parametrize("sigma_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("ours, theirs, options", CASES, ids=IDS)
 def test_callback_sigmas_are_tensors_as_in_kdiffusion(ours, theirs, options, schedule, sigma_dtype):
-    """Issue 10 item 10: ``sigma`` and ``sigma_hat`` are 0-d tensors of the schedule's dtype, as k-diffusion's."""
+    """``sigma`` and ``sigma_hat`` are 0-d tensors of the schedule's dtype, as k-diffusion's."""
     seen, theirs_seen = [], []
     x = torch.randn(2, 3, dtype=torch.float64) * schedule[0]
     sigmas = schedule.to(sigma_dtype)

@@ -1,10 +1,10 @@
-"""Precision rules of model calls (issue 10, items 2 and 11).
+"""Precision rules of model calls.
 
-Item 2: every model call (student, teacher, in every solver, the refinement, DistillationDenoiser,
+Every model call (student, teacher, in every solver, the refinement, DistillationDenoiser,
 CFGDenoiser) gets sigma as a [B] tensor of dtype torch.promote_types(x.dtype, torch.float32): in
 fp16 / bf16 the models see exactly the float32 sigmas of the fp32 / fp64 run, never half-precision
 ones (bf16 moves 230 of SD's 1000 training sigmas onto a neighbouring timestep).
-Item 11: a model that computes in float32 for an fp16 / bf16 x is accepted; its output is cast to
+A model that computes in float32 for an fp16 / bf16 x is accepted; its output is cast to
 x's dtype and the result stays in x's dtype.
 """
 import pytest

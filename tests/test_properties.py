@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdpp
-from conftest import nonlinear_denoiser, other_denoiser
+from kdpp.solvers._run import ancestral_step
+from conftest import Recorder, nonlinear_denoiser, other_denoiser
 
 ks = pytest.importorskip("k_diffusion.sampling", reason="k-diffusion is the oracle (pip install '.[test]')")
 
@@ -23,11 +24,13 @@ PAIRS = {"euler_ancestral": ks.sample_euler_ancestral, "dpmpp_2s_ancestral": ks.
 def test_lam_zero_is_kdiffusion_for_any_schedule(sigmas, name, eta, batch):
     x = torch.randn(batch, 3, dtype=torch.float64) * float(sigmas[0])
     options = {} if name == "dpmpp_2m" else {"eta": eta}
+    teacher = Recorder(other_denoiser)
     torch.manual_seed(0)
-    got = kdpp.SAMPLERS[name](nonlinear_denoiser, other_denoiser, x, sigmas, 0.0, 3, disable=True, **options)
+    got = kdpp.SAMPLERS[name](nonlinear_denoiser, teacher, x, sigmas, 0.0, 3, disable=True, **options)
     torch.manual_seed(0)
     want = PAIRS[name](nonlinear_denoiser, x, sigmas, disable=True, **options)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert teacher.calls == 0
 
 
 @settings(max_examples=40, deadline=None)
@@ -37,6 +40,12 @@ def test_guidance_form_with_the_student_as_teacher_never_changes_the_sample(sigm
     x = torch.randn(2, 3, dtype=torch.float64) * float(sigmas[0])
     torch.manual_seed(1)
     plain = kdpp.SAMPLERS[name](nonlinear_denoiser, None, x, sigmas, 0.0, disable=True)
+    teacher = Recorder(nonlinear_denoiser)
     torch.manual_seed(1)
-    guided = kdpp.SAMPLERS[name](nonlinear_denoiser, nonlinear_denoiser, x, sigmas, lam, k, renoise="guidance", disable=True)
+    guided = kdpp.SAMPLERS[name](nonlinear_denoiser, teacher, x, sigmas, lam, k, renoise="guidance", disable=True)
     assert torch.equal(plain, guided)
+    # the identity comes from T(x_i) - S(x_i) = 0, not from skipping the teacher: one call per refined estimate
+    steps = range(min(k, len(sigmas) - 1)) if lam != 0 else []
+    two_stage = name == "dpmpp_2s_ancestral"
+    per_step = [2 if two_stage and ancestral_step(float(sigmas[i]), float(sigmas[i + 1]))[0] > 0 else 1 for i in steps]
+    assert teacher.calls == sum(per_step)

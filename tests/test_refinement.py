@@ -69,16 +69,6 @@ def test_no_teacher_call_without_guidance(sampler, lam, k):
     sampler(nonlinear_denoiser, None, x0(), SIGMAS, lam, k, disable=True)  # no teacher needed
 
 
-def test_per_step_lam_skips_zero_steps_and_callable_lam_sees_step_sigma():
-    teacher = Recorder(other_denoiser)
-    kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x0(), SIGMAS, [0.5, 0.0, 0.2], 3, disable=True)
-    assert teacher.sigmas == [SIGMAS[1], SIGMAS[3]]
-    seen = []
-    lam = lambda i, sigma: seen.append((i, sigma)) or 0.5
-    kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, x0(), SIGMAS, lam, 2, disable=True)
-    assert seen == [(0, SIGMAS[0]), (1, SIGMAS[1])]
-
-
 def test_random_constant_and_callable_levels():
     teacher = Recorder(other_denoiser)
     kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x0(), SIGMAS, 0.5, 5, renoise_sigma="random",
@@ -204,7 +194,7 @@ def test_numpy_integer_seeds_are_accepted():
 
 
 def test_teacher_refinement_is_usable_alone_without_a_checker():
-    """Issue 10 item 13: the public class needs no private OutputChecker; it checks its teacher's outputs."""
+    """The public class needs no private OutputChecker; it checks its teacher's outputs."""
     x = x0()
     ref = kdpp.TeacherRefinement(other_denoiser, 0.5, 1, SIGMAS, x, renoise="deterministic")
     D = nonlinear_denoiser(x, torch.full((4,), SIGMAS[0], dtype=torch.float64))

@@ -31,10 +31,12 @@ def test_heun_calls_the_teacher_at_the_documented_levels():
 
 def test_lam_zero_wrapper_is_the_plain_sampler():
     x = torch.randn(2, 3, dtype=torch.float64) * 10
-    wrapped = DistillationDenoiser(nonlinear_denoiser, other_denoiser, SIGMAS, 0.0, 4)
+    teacher = Recorder(other_denoiser)
+    wrapped = DistillationDenoiser(nonlinear_denoiser, teacher, SIGMAS, 0.0, 4)
     s = torch.tensor(SIGMAS, dtype=torch.float64)
     torch.testing.assert_close(ks.sample_lms(wrapped, x, s, disable=True), ks.sample_lms(nonlinear_denoiser, x, s, disable=True),
                                rtol=0, atol=0)
+    assert teacher.calls == 0
 
 
 def test_non_finite_outputs_are_reported():
@@ -45,10 +47,13 @@ def test_non_finite_outputs_are_reported():
 
 
 def test_heun_with_the_guidance_form_and_teacher_equal_student_is_plain_heun():
+    """R = D + lam (T(x) - S(x)) = D bit for bit when T is S: on every one of Heun's 7 evaluations, each calling it."""
     x = torch.randn(4, 3, dtype=torch.float64) * 10
     s = torch.tensor(SIGMAS, dtype=torch.float64)
-    wrapped = DistillationDenoiser(nonlinear_denoiser, nonlinear_denoiser, SIGMAS, 0.8, 4, renoise="guidance")
+    teacher = Recorder(nonlinear_denoiser)
+    wrapped = DistillationDenoiser(nonlinear_denoiser, teacher, SIGMAS, 0.8, 4, renoise="guidance")
     assert torch.equal(ks.sample_heun(wrapped, x, s, disable=True), ks.sample_heun(nonlinear_denoiser, x, s, disable=True))
+    assert teacher.calls == 7  # 4 steps, Heun's corrector on the first 3
 
 
 # measured (docs/integrations.md): Heun's plain samples are already closer in mode mass here, and the
