@@ -3,9 +3,15 @@
     python benchmarks/comfyui_nodes.py [--channels 128] [--levels 2] [--repeats 5] [--out benchmarks/results]
 
 1. lam = 0 against ComfyUI's built-in sampler of the same name (SamplerCustom path, same seed): the
-   largest absolute and relative differences per solver, on a tiny EPS UNet and (Euler, LCM) on the
-   same UNet as a CONST flow model.
-2. LoRA student on its base teacher (LoraLoader's own code; the clones share one BaseModel), measured
+   largest absolute and relative differences per solver, on a tiny EPS UNet, the same UNet as a
+   CONST flow model and a tiny Wan 2.1 T2V model (CONST, 5-D video latents); kdpp's two CFG++ forms
+   that ComfyUI defines differently against ComfyUI's forms of the same base name.
+2. dpmpp_2m on CONST models, kdpp (VE frame) vs ComfyUI (its sigma = t): relative L2 and largest
+   differences across models (tiny UNets of 1 and 2 levels, tiny Wan), shifts (ComfyUI's
+   ModelSamplingSD3 at 1, 3, 8 and ModelSamplingFlux at 1024 px) and schedulers (simple, normal,
+   beta), 6 steps, CFG 3: the two are different multistep schemes, and how far apart depends on
+   the model.
+3. LoRA student on its base teacher (LoraLoader's own code; the clones share one BaseModel), measured
    side by side with a teacher that is a separate copy of the base: peak memory (CUDA: max allocated;
    CPU: peak RSS of a fresh process per mode) and the time per guided step, whose difference is the
    cost of switching the shared weights (two LoRA re-patches per teacher call). Ratios only.
@@ -31,8 +37,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import comfyui_env  # noqa: E402  (tests/comfyui_env.py: fetch and import ComfyUI, tiny models)
 
-SOLVERS = ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp",
-           "dpmpp_2s_ancestral_cfg_pp_per_stage", "dpmpp_2m_cfg_pp_guided_history"]
+#: (kdpp's name, ComfyUI's name): the solvers both define the same way, then the two CFG++ forms ComfyUI defines otherwise
+EPS_PAIRS = [(name, name) for name in ["euler", "euler_ancestral", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", "euler_cfg_pp",
+                                       "euler_ancestral_cfg_pp"]] + [
+    ("dpmpp_2s_ancestral_cfg_pp_per_stage", "dpmpp_2s_ancestral_cfg_pp"),
+    ("dpmpp_2m_cfg_pp_guided_history", "dpmpp_2m_cfg_pp")]
+#: on CONST models ComfyUI's euler_ancestral / dpmpp_2s_ancestral are flow-specific variants and its dpmpp_2m steps in t
+CONST_SOLVERS = ["euler", "lcm", "euler_cfg_pp", "euler_ancestral_cfg_pp"]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,17 +73,57 @@ def kdpp_sampler(env, solver, teacher=None, lam=0.0, k=1, context=16):
                                             comfyui_env.conditioning(2, context), 3.0, lam, k)
 
 
+WAN_SHAPE = (1, 16, 3, 8, 8)  # 9 frames of 64 x 64 px (EmptyHunyuanLatentVideo)
+
+
+def flow_models(env) -> dict:
+    """The CONST models measured: (ModelPatcher, text width, latent shape) by name."""
+    return {"UNet 1 level (32 ch)": (comfyui_env.tiny_model(env, flow=True, seed=2, channels=32, device=DEVICE), 16,
+                                     (1, 4, 8, 8)),
+            "UNet 2 levels (64 ch)": (comfyui_env.tiny_model(env, flow=True, seed=2, channels=64, levels=2, device=DEVICE),
+                                      16, (1, 4, 8, 8)),
+            "Wan 2.1 T2V (5-D)": (comfyui_env.tiny_wan(env, seed=2, device=DEVICE), comfyui_env.TINY_WAN["text_dim"],
+                                  WAN_SHAPE)}
+
+
+def difference(got, want) -> dict:
+    diff = (got - want).abs()
+    return {"max_abs": diff.max().item(), "max_rel": (diff / want.abs().clamp_min(1e-6)).max().item(),
+            "rel_l2": ((got - want).norm() / want.norm()).item(), "scale": want.abs().max().item()}
+
+
 def equivalence(env) -> list[dict]:
     rows = []
-    for flow, names, scheduler in [(False, SOLVERS, "karras"), (True, ["euler", "lcm"], "simple")]:
-        model = comfyui_env.tiny_model(env, flow=flow, seed=0, device=DEVICE)
+    eps = comfyui_env.tiny_model(env, seed=0, device=DEVICE)
+    flow = flow_models(env)
+    cases = [("EPS", eps, 16, (1, 4, 8, 8), "karras", EPS_PAIRS)]
+    cases += [(f"CONST {name}", *flow[name], "simple", [(n, n) for n in CONST_SOLVERS])
+              for name in ("UNet 1 level (32 ch)", "Wan 2.1 T2V (5-D)")]
+    for label, model, context, shape, scheduler, pairs in cases:
         sigmas = env.comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, 6).cpu()
-        for name in names:
-            want = sample(env, model, env.comfy.samplers.sampler_object(name), sigmas)
-            got = sample(env, model, kdpp_sampler(env, name), sigmas)
-            diff = (got - want).abs()
-            rows.append({"model": "CONST (flow)" if flow else "EPS", "solver": name, "max_abs": diff.max().item(),
-                         "max_rel": (diff / want.abs().clamp_min(1e-6)).max().item(), "scale": want.abs().max().item()})
+        for ours, theirs in pairs:
+            want = sample(env, model, env.comfy.samplers.sampler_object(theirs), sigmas, context, shape=shape)
+            got = sample(env, model, kdpp_sampler(env, ours, context=context), sigmas, context, shape=shape)
+            rows.append({"model": label, "kdpp": ours, "comfyui": theirs, **difference(got, want)})
+    return rows
+
+
+def dpmpp_2m_on_flow(env) -> list[dict]:
+    """kdpp's dpmpp_2m vs ComfyUI's on CONST models, per model, shift (ComfyUI's ModelSampling nodes) and scheduler."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
+
+    shifts = {"shift 1": lambda m: ModelSamplingSD3().patch(m, 1.0)[0], "shift 3": lambda m: ModelSamplingSD3().patch(m, 3.0)[0],
+              "shift 8": lambda m: ModelSamplingSD3().patch(m, 8.0)[0],
+              "FLUX (1024 px)": lambda m: ModelSamplingFlux().patch(m, 1.15, 0.5, 1024, 1024)[0]}
+    rows = []
+    for name, (model, context, shape) in flow_models(env).items():
+        for shift, patch in shifts.items():
+            shifted = patch(model)
+            for scheduler in ("simple", "normal", "beta"):
+                sigmas = env.comfy.samplers.calculate_sigmas(shifted.get_model_object("model_sampling"), scheduler, 6).cpu()
+                want = sample(env, shifted, env.comfy.samplers.sampler_object("dpmpp_2m"), sigmas, context, shape=shape)
+                got = sample(env, shifted, kdpp_sampler(env, "dpmpp_2m", context=context), sigmas, context, shape=shape)
+                rows.append({"model": name, "shift": shift, "scheduler": scheduler, **difference(got, want)})
     return rows
 
 
@@ -160,6 +211,7 @@ def main() -> None:
         return
     env = setup()
     rows = equivalence(env)
+    dpmpp_2m = dpmpp_2m_on_flow(env)
     lora = []
     for mode in ("plain", "shared", "separate"):
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--channels", str(args.channels), "--levels",
@@ -182,22 +234,34 @@ def main() -> None:
     }
     command = "python " + " ".join([str(Path(__file__).relative_to(ROOT))] + sys.argv[1:])
     result = {"command": command, "comfyui": comfyui_env.COMFYUI_VERSION, "device": device,
-              "machine": platform.platform(), "torch": torch.__version__, "equivalence": rows, "lora": lora,
-              "summary": summary}
+              "machine": platform.platform(), "torch": torch.__version__, "equivalence": rows, "dpmpp_2m_flow": dpmpp_2m,
+              "lora": lora, "summary": summary}
     args.out.mkdir(parents=True, exist_ok=True)
     name = "comfyui_nodes" if device == "cpu" else f"comfyui_nodes_{device}"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# ComfyUI node pack ({device}, ComfyUI {comfyui_env.COMFYUI_VERSION})", "", f"`{command}`", "",
-             "## lam = 0 vs ComfyUI's built-in sampler (6 steps, same seed)", "",
+             "## lam = 0 vs ComfyUI's built-in sampler (6 steps, same seed, CFG 3)", "",
              "<!-- --8<-- [start:equivalence] -->",
-             "| model | solver | max abs diff | max rel diff | output scale |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['solver']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | {r['scale']:.3g} |" for r in rows]
+             "| model | kdpp | ComfyUI | max abs diff | max rel diff | output scale |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['kdpp']} | {r['comfyui']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | {r['scale']:.3g} |"
+              for r in rows]
     lines += ["<!-- --8<-- [end:equivalence] -->"]
+    rel = [r["rel_l2"] for r in dpmpp_2m]
+    by_model = {m: [r["rel_l2"] for r in dpmpp_2m if r["model"] == m] for m in dict.fromkeys(r["model"] for r in dpmpp_2m)}
+    lines += ["", "## dpmpp_2m on CONST models: kdpp (VE frame) vs ComfyUI (sigma = t), lam = 0, 6 steps, CFG 3", "",
+              "<!-- --8<-- [start:dpmpp_2m] -->",
+              f"Relative L2 difference {100 * min(rel):.2g} .. {100 * max(rel):.2g} % over {len(rel)} runs; per model: "
+              + "; ".join(f"{m} {100 * min(v):.2g} .. {100 * max(v):.2g} %" for m, v in by_model.items()) + ".", "",
+              "| model | sampling | scheduler | rel L2 | max abs diff | output scale |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['shift']} | {r['scheduler']} | {100 * r['rel_l2']:.3g} % | {r['max_abs']:.3g} | "
+              f"{r['scale']:.3g} |" for r in dpmpp_2m]
+    lines += ["<!-- --8<-- [end:dpmpp_2m] -->"]
     lines += ["", f"## LoRA student on its base teacher ({w / 2**20:.1f} MiB of UNet weights, {LORA_STEPS} Euler steps, "
               f"k = {LORA_K}, latent {LORA_SHAPE})", "",
               "| mode | median s / run | peak memory (MiB) | switches per run |", "|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['median_s']:.4f} | {r['peak_bytes'] / 2**20:.1f} | {r['switches']} |" for r in lora]
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {key} | {v:.3f} |" for key, v in summary.items()]
+    lines += ["", "<!-- --8<-- [start:lora] -->", "| ratio | value |", "|---|---|"]
+    lines += [f"| {key} | {v:.3f} |" for key, v in summary.items()] + ["<!-- --8<-- [end:lora] -->"]
     (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 import kdpp
+from kdpp.diffusers.lora import SharedLoRAModel
 from kdpp.diffusers.presets import STUDENTS, sdxl_teacher
-from kdpp.diffusers.lora import generate_sdxl
 from kdpp.diffusers.sdxl import SDXLConditioning, generate
 
 RUNS = ("student", "student++")  #: the timed runs, in the order printed
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(args.base, torch_dtype=dtype, local_files_only=True).to(device)
     if lora:  # one UNet: the LoRA's adapters on for the student, off for the teacher
         pipe.load_lora_weights(args.lora, local_files_only=True)
-        run = functools.partial(generate_sdxl, pipe.unet)
+        pair = SharedLoRAModel(pipe.unet)
+        run = functools.partial(generate, pair.student, pair.teacher)
     else:
         student = diffusers.UNet2DConditionModel.from_pretrained(args.student, torch_dtype=dtype, local_files_only=True)
         run = functools.partial(generate, student.to(device), pipe.unet)

@@ -279,10 +279,14 @@ class OutputChecker:
             raise FloatingPointError(f"{self.where[first]} returned NaN or inf")
 
 
+class KdppWarning(UserWarning):
+    """The category of kdpp's warnings (a ``UserWarning``), so a host can route or filter them."""
+
+
 def warn_caller(message: str) -> None:
-    """``warnings.warn(message)`` attributed to the first caller outside kdpp (and torch's ``no_grad`` wrapper)."""
+    """``warnings.warn(message, KdppWarning)`` attributed to the first caller outside kdpp (and torch's ``no_grad`` wrapper)."""
     level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn_caller
     while frame is not None and (frame.f_globals.get("__name__", "").split(".")[0] == "kdpp"
                                  or frame.f_code.co_filename.endswith(os.path.join("torch", "utils", "_contextlib.py"))):
         level, frame = level + 1, frame.f_back
-    warnings.warn(message, UserWarning, stacklevel=level)
+    warnings.warn(message, KdppWarning, stacklevel=level)

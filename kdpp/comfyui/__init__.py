@@ -1,10 +1,10 @@
 """Distillation++ nodes for ComfyUI.
 
-Install (one step, with ComfyUI's Python)::
+With kdpp installed in the Python that runs ComfyUI (the ComfyUI page of the docs, "Install")::
 
-    pip install kdpp && python -m kdpp.comfyui install /path/to/ComfyUI/custom_nodes
+    python -m kdpp.comfyui install /path/to/ComfyUI/custom_nodes
 
-which writes ``custom_nodes/kdpp_nodes/__init__.py``, a two-line shim that imports
+writes ``custom_nodes/kdpp_nodes/__init__.py``, a two-line shim that imports
 :mod:`kdpp.comfyui.nodes` when ComfyUI loads its custom nodes. ``import kdpp`` and
 ``import kdpp.comfyui`` import nothing of ComfyUI; :mod:`kdpp.comfyui.nodes` and
 :mod:`kdpp.comfyui.sampling` do, and are only imported by ComfyUI. ``import kdpp.comfyui``

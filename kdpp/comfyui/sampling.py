@@ -9,7 +9,11 @@ or the KSampler node set them up). The teacher is a :class:`ComfyTeacher`: a sec
 ``CFGGuider`` (teacher MODEL, its own conditioning and CFG) prepared by ComfyUI's own
 ``CFGGuider.sample`` (conds processed for the latent's shape, hooks and wrappers registered, its
 model loaded together with the student's, cleaned up afterwards), called as a CFG denoiser
-returning x0 at any ``(x, sigma)`` of the student's run, with the same inpainting mask.
+returning x0 at any ``(x, sigma)`` of the student's run, with the same inpainting mask. Without
+teacher conditioning the teacher gets the student's (its guider's ``positive`` / ``negative``).
+
+kdpp's warnings (:class:`kdpp._checks.KdppWarning`) raised during a run reach ComfyUI's console
+log through :mod:`logging`, each run, prefixed with the node that made the sampler.
 
 A teacher that is a clone of the student's model with other weights (the student a LoRA on the
 teacher's base) shares the base weights; ComfyUI patches LoRA weights in place, so one of the two
@@ -20,14 +24,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
+import uuid
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
 import comfy.model_management
+import comfy.sampler_helpers
 import comfy.samplers
 
+from .._checks import KdppWarning
 from ..hosts import host_sampler
 from ..refine import stage_guided_steps
 from ..solvers import SAMPLERS
@@ -35,6 +44,30 @@ from .host import is_flow_sampling
 
 #: the kdpp solvers offered by the nodes (``kdpp.SAMPLERS``: five solvers and their CFG++ forms)
 SOLVERS = list(SAMPLERS)
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def warnings_to_log(source: str) -> Iterator[None]:
+    """Send kdpp's warnings raised inside to ComfyUI's console log as ``"<source>: <message>"``, every time.
+
+    ComfyUI shows :mod:`logging` records (its handler prints the message alone) in its console and
+    log view; a Python warning would name the ComfyUI frame that called kdpp and show once per
+    place. Other warnings pass through unchanged.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", KdppWarning)
+        show = warnings.showwarning
+
+        def route(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, KdppWarning):
+                logger.warning("%s: %s", source, message)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = route
+        yield
 
 
 class WeightSwitch:
@@ -82,7 +115,7 @@ class ComfyTeacher:
     guider, with the student's noise, latent and mask). Called outside :meth:`run` it raises.
     """
 
-    def __init__(self, patcher, positive, negative, cfg: float):
+    def __init__(self, patcher, positive=None, negative=None, cfg: float = 1.0):
         self.patcher, self.conds, self.cfg = patcher, (positive, negative), cfg
         self.switch: WeightSwitch | None = None
         self._call: Callable[[Tensor, Tensor], Tensor] | None = None
@@ -100,6 +133,21 @@ class ComfyTeacher:
             raise ValueError(f"the teacher MODEL is {frame[teacher_flow]}, the student {frame[student_flow]}; "
                              "Distillation++ in ComfyUI needs both of one kind (both flow or both EPS / V-prediction)")
 
+    def teacher_conds(self, model_wrap) -> dict:
+        """The teacher guider's conds: ``teacher_positive`` / ``teacher_negative`` where connected, else the
+        student's (the student guider's ``positive`` / ``negative``), as ComfyUI's ``CFGGuider.set_conds`` makes them."""
+        student = getattr(model_wrap, "original_conds", {})
+        conds = {}
+        for key, given in zip(("positive", "negative"), self.conds):
+            if given is not None:
+                conds[key] = comfy.sampler_helpers.convert_cond(given)
+            elif key in student:  # a copy with uuids of its own (ComfyUI keys per-cond state by uuid)
+                conds[key] = [{**c, "uuid": uuid.uuid4()} for c in student[key]]
+            elif key == "positive" or self.cfg != 1:
+                raise ValueError(f"the student's guider ({type(model_wrap).__name__}) has no {key} conditioning for "
+                                 f"the teacher to share: connect teacher_{key}")
+        return conds
+
     def run(self, model_wrap, sigmas: Tensor, noise: Tensor, latent_image: Tensor, denoise_mask, seed,
             student_run: Callable[[], Tensor]) -> Tensor:
         """``student_run()`` inside the teacher's ``CFGGuider.sample``, which prepares, loads and cleans up the teacher."""
@@ -112,7 +160,7 @@ class ComfyTeacher:
             teacher_patcher = teacher_patcher.clone()
             teacher_patcher.set_additional_models("kdpp_student", [student_patcher])
         guider = comfy.samplers.CFGGuider(teacher_patcher)
-        guider.set_conds(*self.conds)
+        guider.original_conds = self.teacher_conds(model_wrap)
         guider.set_cfg(self.cfg)
         # the teacher guider processes the latent into its model's space itself: hand it the host's latent
         latent = latent_image
@@ -136,7 +184,8 @@ class ComfyTeacher:
                 if isinstance(e, comfy.model_management.OOM_EXCEPTION):
                     raise
                 raise RuntimeError(f"the teacher MODEL call failed (a common cause: teacher_positive / "
-                                   f"teacher_negative from a text encoder of another model family): {e}") from e
+                                   f"teacher_negative from a text encoder of another model family, or none connected "
+                                   f"for a teacher of another family, which then gets the student's): {e}") from e
 
 
 class _Inside(comfy.samplers.Sampler):
@@ -161,9 +210,9 @@ class DistillationSampler(comfy.samplers.KSAMPLER):
     """A ComfyUI ``SAMPLER``: ComfyUI's ``KSAMPLER`` running a kdpp solver, with a teacher MODEL.
 
     Args:
-        solver: a key of :data:`kdpp.SAMPLERS`.
+        sampler_name: a key of :data:`kdpp.SAMPLERS`.
         teacher: the teacher ModelPatcher (``None`` only with ``lam = 0``).
-        teacher_positive, teacher_negative: the teacher's CONDITIONING.
+        teacher_positive, teacher_negative: the teacher's CONDITIONING (``None``: the student's).
         teacher_cfg: the teacher's CFG scale.
         lam, k, renoise, renoise_sigma: as in every kdpp sampler (``renoise_sigma`` is ignored
             with ``renoise="guidance"``, which uses the current level).
@@ -171,18 +220,20 @@ class DistillationSampler(comfy.samplers.KSAMPLER):
             schedules): ``k`` counts on it, and each step draws the full run's step's renoise noise
             and random level, so the stages equal the unsplit run.
         step_offset: the index of this stage's first step in ``full_sigmas`` (default: found there).
+        source: who made the sampler, the prefix of its log messages (a node's name and id).
         options: solver options (``eta``, ``s_noise``); those the solver does not take are dropped.
     """
 
-    def __init__(self, solver: str, teacher=None, teacher_positive=None, teacher_negative=None,
+    def __init__(self, sampler_name: str, teacher=None, teacher_positive=None, teacher_negative=None,
                  teacher_cfg: float = 1.0, lam: float = 0.0, k: int = 1, renoise: str = "random",
                  renoise_sigma: Any = "auto", full_sigmas: Tensor | None = None, step_offset: int | None = None,
-                 **options: Any):
-        if solver not in SAMPLERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+                 source: str = "Distillation++", **options: Any):
+        if sampler_name not in SAMPLERS:
+            raise ValueError(f"sampler_name must be one of {SOLVERS}, got {sampler_name!r}")
         if lam != 0 and teacher is None:
-            raise ValueError(f"lam={lam} needs a teacher MODEL (connect one, or set lam to 0 for the plain student)")
-        function = host_sampler(SAMPLERS[solver])
+            raise ValueError(f"{source}: lam={lam} needs a teacher: connect the pre-trained model to the teacher "
+                             "input, or set lam to 0 for the plain student")
+        function = host_sampler(SAMPLERS[sampler_name])
         params = inspect.signature(function).parameters
         self.teacher = None if teacher is None else ComfyTeacher(teacher, teacher_positive, teacher_negative, teacher_cfg)
         self.placement = {"k": k, "full_sigmas": full_sigmas, "step_offset": step_offset}
@@ -190,7 +241,7 @@ class DistillationSampler(comfy.samplers.KSAMPLER):
         extra.update(teacher=self.teacher, lam=lam, renoise=renoise, renoise_sigma=None if renoise == "guidance"
                      else renoise_sigma, **self.placement)
         super().__init__(function, extra_options=extra)
-        self.solver, self.lam = solver, lam
+        self.sampler_name, self.lam, self.source = sampler_name, lam, source
 
     @property
     def last_switch(self) -> "WeightSwitch | None":
@@ -203,8 +254,7 @@ class DistillationSampler(comfy.samplers.KSAMPLER):
                                 denoise_mask, disable_pbar)
         if self.teacher is not None:
             self.teacher.switch = None
-        if self.teacher is None or self.lam == 0 or not stage_guided_steps(sigmas, **self.placement):
-            return run()
-        return self.teacher.run(model_wrap, sigmas, noise, latent_image, denoise_mask, extra_args.get("seed"), run)
-
-
+        with warnings_to_log(self.source):
+            if self.teacher is None or self.lam == 0 or not stage_guided_steps(sigmas, **self.placement):
+                return run()
+            return self.teacher.run(model_wrap, sigmas, noise, latent_image, denoise_mask, extra_args.get("seed"), run)

@@ -1,13 +1,13 @@
-"""Flow-matching transformers (SD3, FLUX) as VE denoisers: what the two families share.
+"""Flow-matching transformers (SD3, FLUX, Wan) as VE denoisers: what the flow families share.
 
-A family adapter (:class:`kdpp.diffusers.sd3.SD3Velocity`, :class:`kdpp.diffusers.flux.FluxVelocity`)
-turns a diffusers transformer into a rectified-flow velocity model ``v(x_rf, t, **conditioning)``,
-doing what its pipeline does around the transformer call (timestep scale, latent packing, position
-ids, guidance embedding); :class:`kdpp.flow.FlowDenoiser` makes that a VE denoiser.
-:meth:`FlowTransformer.schedule` drives diffusers' ``FlowMatchEulerDiscreteScheduler`` the way the
-family's pipeline does (static shift, resolution-dependent dynamic shift); :func:`generate_flow` is
-the ``generate`` both families share, through :func:`kdpp.diffusers.sampling.sample_batch` (the
-batch sampler SDXL's ``generate`` uses too).
+A family adapter (:class:`kdpp.diffusers.sd3.SD3Velocity`, :class:`kdpp.diffusers.flux.FluxVelocity`,
+:class:`kdpp.diffusers.wan.WanVelocity`) turns a diffusers transformer into a rectified-flow velocity
+model ``v(x_rf, t, **conditioning)``, doing what its pipeline does around the transformer call
+(timestep scale, latent packing, position ids, guidance embedding); :class:`kdpp.flow.FlowDenoiser`
+makes that a VE denoiser. :meth:`FlowTransformer.schedule` drives diffusers'
+``FlowMatchEulerDiscreteScheduler`` the way the family's pipeline does (static shift,
+resolution-dependent dynamic shift). :class:`FlowFamily` is the flow families' side of the one
+generation body (:func:`kdpp.diffusers.sampling.sample`), which SDXL's family shares.
 
 The sampler state is kept in float32 whatever the transformers' dtype (the start at ``t = 1`` is
 ``x_ve = 2^24 eps``, see :mod:`kdpp.flow`); each adapter casts its inputs to its transformer's
@@ -15,19 +15,21 @@ dtype, so a bfloat16 run calls the models with the same timesteps as a float32 r
 """
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..cfg import CFGDenoiser
 from ..flow import FlowDenoiser, flow_sigmas, initial_noise_scale
-from ..refine import RenoiseSigma
+from . import sampling
 from .flow_presets import FlowStudentPreset, FlowTeacherPreset
-from .sampling import (calls_teacher, check_embeddings, check_image_size, check_seeds, check_type, check_vae, decode,
-                       model_device, sample_batch)
+from .sampling import (Denoisers, Family, ModelCall, check_attention_kwargs, check_embeddings, check_type, check_vae,
+                       model_device)
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -60,6 +62,10 @@ class FlowConditioning:
                                "pooled_prompt_embeds, negative_pooled_prompt_embeds; FLUX: FlowConditioning.from_flux("
                                "*FluxPipeline.encode_prompt(...)) or keywords", negatives_optional=True)
 
+    @property
+    def batch(self) -> int:
+        return self.prompt_embeds.shape[0]
+
     @classmethod
     def from_flux(cls, prompt_embeds: Tensor, pooled_prompt_embeds: Tensor,
                   text_ids: Tensor | None = None) -> "FlowConditioning":
@@ -86,26 +92,27 @@ class FlowConditioning:
                 "pooled_projections": pooled.to(device=device, dtype=dtype)}
 
     def check_batch(self, batch: int, name: str) -> None:
-        for field in ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds"):
-            value = getattr(self, field)
-            if value is not None and value.shape[0] != batch:
-                raise ValueError(f"{name}.{field} has batch {value.shape[0]}, seeds has {batch}")
+        if self.batch != batch:
+            raise ValueError(f"{name}.prompt_embeds has batch {self.batch}, seeds has {batch}")
 
 
 class FlowTransformer(ABC):
     """A diffusers flow-matching transformer as a rectified-flow velocity model ``v(x_rf, t, **kwargs)``.
 
     A family subclass sets ``family``, ``config_key`` (a config entry only its transformers
-    have), the latent geometry and :meth:`forward`. ``t`` is the flow time in ``[0, 1]``; the
-    transformer's ``timestep`` is ``t * timestep_scale``. ``guidance`` is the distilled-guidance
-    input of transformers with a guidance embedding (``config.guidance_embeds``, FLUX.1-dev), and
-    must be ``None`` for the others. Inputs are cast to the transformer's dtype; the velocity
-    comes back in the dtype of ``x_rf``.
+    have), ``attention_key`` (the transformer's attention-kwargs argument), the latent geometry
+    and :meth:`forward`. ``t`` is the flow time in ``[0, 1]``; the transformer's ``timestep`` is
+    ``t * timestep_scale``. ``guidance`` is the distilled-guidance input of transformers with a
+    guidance embedding (``config.guidance_embeds``, FLUX.1-dev), and must be ``None`` for the
+    others. Inputs are cast to the transformer's dtype; the velocity comes back in the dtype of
+    ``x_rf``. The transformer is called through :attr:`call` (the transformer itself, or a
+    :class:`kdpp.diffusers.sampling.ModelCall` around it: :meth:`calling`).
     """
 
     family = ""
     config_key = ""
     pipeline = ""  #: the diffusers pipeline this adapter follows, for error messages
+    attention_key = "joint_attention_kwargs"
     timestep_scale = 1.0
 
     def __init__(self, transformer: Any, name: str = "transformer", guidance: float | None = None):
@@ -120,7 +127,14 @@ class FlowTransformer(ABC):
         if not embeds and guidance is not None:
             raise ValueError(f"{name} has no guidance embedding, but its preset sets guidance={guidance}")
         self.transformer, self.config, self.name, self.guidance = transformer, config, name, guidance
+        self.call: Callable[..., Any] = transformer
         self.dtype = getattr(transformer, "dtype", torch.float32)
+
+    def calling(self, call: Callable[..., Any]) -> "FlowTransformer":
+        """A copy of this adapter that calls ``call`` (e.g. a :class:`kdpp.diffusers.sampling.ModelCall`) for the transformer."""
+        adapter = copy.copy(self)
+        adapter.call = call
+        return adapter
 
     @property
     @abstractmethod
@@ -128,12 +142,12 @@ class FlowTransformer(ABC):
         """Channels of the (unpacked) VAE latent the sampler runs on."""
 
     @abstractmethod
-    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
-        """``(channels, h, w)`` of the latent of a ``height x width`` image; refuses sizes the model cannot take."""
+    def latent_shape(self, *size: int) -> tuple[int, ...]:
+        """One item's latent shape for an output of ``size`` (pixels; frames for video); refuses sizes the model cannot take."""
 
     @abstractmethod
-    def image_seq_len(self, h: int, w: int) -> int:
-        """The image token count of an ``h x w`` latent (what the dynamic shift depends on)."""
+    def image_seq_len(self, shape: Sequence[int]) -> int:
+        """The transformer's token count for one latent of ``shape`` (what the dynamic shift depends on)."""
 
     def default_sigmas(self, steps: int, scheduler_config: Mapping[str, Any]) -> Sequence[float] | None:
         """The ``sigmas`` the pipeline passes to ``set_timesteps`` (``None``: the scheduler's own)."""
@@ -143,7 +157,7 @@ class FlowTransformer(ABC):
     def forward(self, x_rf: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The transformer's velocity at ``x_rf`` (in its dtype) and its ``timestep``, with the conditioning ``kwargs``."""
 
-    def check_conditioning(self, conditioning: FlowConditioning, name: str) -> None:
+    def check_conditioning(self, conditioning: Any, name: str) -> None:
         """Refuse embeddings of other widths than the transformer's ``joint_attention_dim`` / ``pooled_projection_dim``."""
         for key, field in (("joint_attention_dim", "prompt_embeds"), ("pooled_projection_dim", "pooled_prompt_embeds")):
             width = self.config.get(key)
@@ -152,15 +166,22 @@ class FlowTransformer(ABC):
                 raise ValueError(f"{name}.{field} has width {got}, {self.name} takes {width} (its config.{key}): "
                                  "the embeddings must come from this model's text encoders")
 
-    def check_latents(self, x: Tensor) -> None:
-        """Refuse latents that are not ``[B, latent_channels, h, w]`` with a size the model can take."""
-        if x.ndim != 4 or x.shape[1] != self.latent_channels:
-            raise ValueError(f"{self.name} takes latents [B, {self.latent_channels}, h, w] (its in_channels "
+    def check_latents(self, x: Tensor, ndim: int = 4, layout: str = "[B, {c}, h, w]") -> None:
+        """Refuse latents that are not ``layout`` (``ndim`` dimensions, ``latent_channels`` channels)."""
+        if x.ndim != ndim or x.shape[1] != self.latent_channels:
+            raise ValueError(f"{self.name} takes latents {layout.format(c=self.latent_channels)} (its in_channels "
                              f"{self.config['in_channels']}), got shape {tuple(x.shape)}")
 
-    def schedule(self, scheduler_config: Mapping[str, Any], steps: int, h: int, w: int) -> Tensor:
+    def schedule(self, scheduler_config: Mapping[str, Any], steps: int, shape: Sequence[int],
+                 base: str = "pipeline") -> Tensor:
         """The flow times ``t_0 = 1 > ... > t_N = 0`` (float32) diffusers' ``FlowMatchEulerDiscreteScheduler``
-        sets when the family's pipeline samples an ``h x w`` latent in ``steps`` steps."""
+        sets for ``steps`` steps on a latent of ``shape``.
+
+        ``base="pipeline"``: the ``sigmas`` the family's pipeline passes to ``set_timesteps``
+        (:meth:`default_sigmas`); ``"linear"``: ``linspace(1, 1/N, N)`` before the shift (the
+        lightx2v step-distillation recipe's ``denoising_step_list``). The scheduler's shift (static,
+        or dynamic over :meth:`image_seq_len` tokens) applies to both.
+        """
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -169,10 +190,11 @@ class FlowTransformer(ABC):
         config = scheduler.config
         mu = None
         if config.get("use_dynamic_shifting"):
-            mu = calculate_shift(self.image_seq_len(h, w), config.get("base_image_seq_len", 256),
+            mu = calculate_shift(self.image_seq_len(shape), config.get("base_image_seq_len", 256),
                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                  config.get("max_shift", 1.15))
-        scheduler.set_timesteps(steps, sigmas=self.default_sigmas(steps, config), mu=mu)
+        sigmas = np.linspace(1.0, 1 / steps, steps) if base == "linear" else self.default_sigmas(steps, config)
+        scheduler.set_timesteps(steps, sigmas=sigmas, mu=mu)
         return scheduler.sigmas.cpu()
 
     def __call__(self, x_rf: Tensor, t: Tensor, **kwargs) -> Tensor:
@@ -181,7 +203,7 @@ class FlowTransformer(ABC):
         return out.to(x_rf.dtype)
 
 
-def flow_denoiser(adapter: FlowTransformer, conditioning: FlowConditioning, cfg_scale: float, device: Any,
+def flow_denoiser(adapter: FlowTransformer, conditioning: Any, cfg_scale: float, device: Any,
                   name: str = "conditioning") -> tuple[Callable, dict]:
     """``adapter`` as a VE denoiser with its keyword arguments: plain, or true CFG in one batched call.
 
@@ -192,97 +214,111 @@ def flow_denoiser(adapter: FlowTransformer, conditioning: FlowConditioning, cfg_
     if cfg_scale == 1:
         return denoiser, cond
     if not conditioning.has_negative:
-        raise ValueError(f"{name} has no negative_prompt_embeds / negative_pooled_prompt_embeds, but {adapter.name} is "
-                         f"sampled with true CFG (cfg_scale {cfg_scale}): pass encode_prompt's negative embeddings "
+        raise ValueError(f"{name} has no negative prompt embeddings, but {adapter.name} is sampled with true CFG "
+                         f"(cfg_scale {cfg_scale}): pass encode_prompt's negative embeddings "
                          "(do_classifier_free_guidance=True)")
     uncond = conditioning.kwargs(negative=True, device=device, dtype=adapter.dtype)
     return CFGDenoiser(denoiser, cfg_scale), {"cond": cond, "uncond": uncond}
 
 
-def generate_flow(
-    family: type[FlowTransformer], student_transformer: Any, teacher_transformer: Any, conditioning: FlowConditioning,
-    preset: Any, *, teacher: Any = None, teacher_conditioning: FlowConditioning | None = None, seeds: Sequence[int],
-    height: int = 1024, width: int = 1024, lam: float | None = None, k: int | None = None,
-    guided_steps: Sequence[int] | None = None, renoise: str | None = None, renoise_sigma: RenoiseSigma = None,
-    scheduler_config: Mapping[str, Any] | None = None, vae: Any = None, device: torch.device | str | None = None,
-    disable: bool | None = None, callback: Callable[[dict], Any] | None = None,
-) -> Any:
-    """Sample a batch with a flow student and its flow teacher (the shared body of the families' ``generate``).
+class FlowFamily(Family):
+    """A flow family's student and teacher transformers bound to a batch's conditioning and output size.
 
     Args:
-        family: the adapter class (:class:`kdpp.diffusers.sd3.SD3Velocity` or
-            :class:`kdpp.diffusers.flux.FluxVelocity`); both transformers must be of it.
         student_transformer: the student's diffusers transformer.
-        teacher_transformer: the teacher's (the same latent space: channels and packing are checked).
-        conditioning: the batch's text embeddings (:class:`FlowConditioning`).
+        teacher_transformer: the teacher's (the same latent space: channels and packing are checked);
+            ``None`` for runs that never call it (``lam=0``, ``k=0``).
+        conditioning: the batch's text embeddings (the family's conditioning class).
         preset: the student's :class:`kdpp.diffusers.flow_presets.FlowStudentPreset` (steps,
-            scheduler config, sampler, its own guidance, Distillation++ defaults).
+            scheduler config, sampler, its own guidance, Distillation++ defaults); default: the family's.
         teacher: the :class:`kdpp.diffusers.flow_presets.FlowTeacherPreset` (default: the preset's).
         teacher_conditioning: the teacher's embeddings when they differ (FLUX.1-schnell is run with
             256 T5 tokens, FLUX.1-dev with 512); default ``conditioning``.
-        seeds: one int per image (a list, also of one): its initial noise ``randn([C, h, w])`` from
-            ``torch.Generator().manual_seed(seed)`` on the CPU (what the pipelines draw with a list
-            of CPU generators), and streams 1 and 2 of it for the solver and renoise noise.
-        height: image height in pixels, a positive multiple of the family's (FLUX 16, SD3 8 x patch size).
-        width: image width in pixels, the same.
-        lam: Distillation++ guidance scale (default: the preset's).
-        k: guided steps (default: the preset's).
-        guided_steps: the step indices to guide instead of the first ``k`` (negative ones count
-            from the end; needs the core's ``guided_steps`` option).
-        renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`; default: the
-            preset's, ``"guidance"`` for one-step students).
-        renoise_sigma: the renoising level (see :class:`kdpp.TeacherRefinement`; default ``"next"``).
         scheduler_config: the student's ``FlowMatchEulerDiscreteScheduler`` config (e.g.
             ``pipe.scheduler.config``); default: the preset's copy of the published one.
-        vae: decode to PIL images when given (else the latents ``[B, C, h, w]`` are returned).
+        height: image height in pixels (a multiple of what the family's packing needs).
+        width: image width in pixels, the same.
         device: where to sample (default: the student's device).
-        disable: disable the progress bar.
-        callback: the sampler's per-step callback (its ``x`` is the VE state).
-    Returns:
-        a list of PIL images (with ``vae``) or the final latents ``[B, C, h, w]`` (float32,
-        unpacked; FLUX's packing happens inside each call).
+        attention_kwargs: the student transformer's attention keyword arguments on every call (SD3,
+            FLUX: ``joint_attention_kwargs``; Wan: ``attention_kwargs``; e.g. ``{"scale": 0.8}``);
+            ``teacher_attention_kwargs`` the teacher's.
     """
-    guided_steps = None if guided_steps is None else list(guided_steps)  # an iterator is read more than once
-    check_type(conditioning, FlowConditioning, "conditioning")
-    check_type(preset, FlowStudentPreset, "preset")
-    teacher = preset.teacher if teacher is None else teacher
-    check_type(teacher, FlowTeacherPreset, "teacher")
-    teacher_conditioning = conditioning if teacher_conditioning is None else teacher_conditioning
-    check_type(teacher_conditioning, FlowConditioning, "teacher_conditioning")
-    if preset.family != family.family:
-        raise ValueError(f"preset {preset.name!r} is a {preset.family!r} preset, this generate samples {family.family!r}")
-    if teacher.family != family.family:
-        raise ValueError(f"teacher preset {teacher.name!r} is a {teacher.family!r} preset, not {family.family!r}")
-    seeds = check_seeds(seeds)
-    scheduler_config = preset.scheduler_config if scheduler_config is None else scheduler_config
-    if scheduler_config.get("stochastic_sampling") and preset.sampler != "lcm":
-        raise ValueError(f"scheduler_config sets stochastic_sampling (an x0 + fresh noise step: kdpp's 'lcm' sampler), "
-                         f"but preset {preset.name!r} samples with {preset.sampler!r}")
-    train_steps = int(scheduler_config.get("num_train_timesteps", 1000))
-    student_model = family(student_transformer, "student_transformer", preset.guidance, train_steps)
-    teacher_model = family(teacher_transformer, "teacher_transformer", teacher.guidance, train_steps)
-    if student_model.latent_channels != teacher_model.latent_channels:
-        raise ValueError(f"student and teacher latent spaces differ: student_transformer takes "
-                         f"{student_model.latent_channels} latent channels, teacher_transformer "
-                         f"{teacher_model.latent_channels}; Distillation++ needs a shared latent space")
-    shape = student_model.latent_shape(height, width)
-    if vae is not None:
-        check_vae(vae, shape[0], "the transformers take")
-    batch = len(seeds)
-    conditioning.check_batch(batch, "conditioning")
-    teacher_conditioning.check_batch(batch, "teacher_conditioning")
-    student_model.check_conditioning(conditioning, "conditioning")
-    teacher_model.check_conditioning(teacher_conditioning, "teacher_conditioning")
-    device = model_device(student_transformer) if device is None else torch.device(device)
-    # a teacher that is never called needs no negative embeddings for its CFG
-    teacher_cfg = teacher.cfg_scale if calls_teacher(preset, lam, k, guided_steps) else 1.0
 
-    ts = student_model.schedule(scheduler_config, preset.steps, shape[1], shape[2])
-    student, extra_args = flow_denoiser(student_model, conditioning, preset.cfg_scale, device)
-    teacher_denoiser, teacher_extra_args = flow_denoiser(teacher_model, teacher_conditioning, teacher_cfg, device,
-                                                         "teacher_conditioning")
-    latents = sample_batch(
-        student, teacher_denoiser, preset, seeds, shape, sigmas=flow_sigmas(ts), noise_scale=initial_noise_scale(ts),
-        lam=lam, k=k, guided_steps=guided_steps, renoise=renoise, renoise_sigma=renoise_sigma, dtype=torch.float32,
-        device=device, extra_args=extra_args, teacher_extra_args=teacher_extra_args, disable=disable, callback=callback)
-    return latents if vae is None else decode(vae, latents)
+    velocity: type[FlowTransformer]
+    conditioning_type: type = FlowConditioning
+    default_preset: Callable[[], FlowStudentPreset]
+    teacher_arg = "teacher_transformer"
+
+    def __init__(
+        self, student_transformer: Any, teacher_transformer: Any, conditioning: Any,
+        preset: FlowStudentPreset | None = None, *, teacher: FlowTeacherPreset | None = None,
+        teacher_conditioning: Any = None, scheduler_config: Mapping[str, Any] | None = None, height: int = 1024,
+        width: int = 1024, device: torch.device | str | None = None, attention_kwargs: dict[str, Any] | None = None,
+        teacher_attention_kwargs: dict[str, Any] | None = None,
+    ):
+        self.height, self.width = height, width
+        preset = type(self).default_preset() if preset is None else preset
+        check_type(conditioning, self.conditioning_type, "conditioning")
+        check_type(preset, FlowStudentPreset, "preset")
+        teacher = preset.teacher if teacher is None else teacher
+        check_type(teacher, FlowTeacherPreset, "teacher")
+        teacher_conditioning = conditioning if teacher_conditioning is None else teacher_conditioning
+        check_type(teacher_conditioning, self.conditioning_type, "teacher_conditioning")
+        family = self.velocity.family
+        if preset.family != family:
+            raise ValueError(f"preset {preset.name!r} is a {preset.family!r} preset, this family samples {family!r}")
+        if teacher.family != family:
+            raise ValueError(f"teacher preset {teacher.name!r} is a {teacher.family!r} preset, not {family!r}")
+        scheduler_config = preset.scheduler_config if scheduler_config is None else scheduler_config
+        if scheduler_config.get("stochastic_sampling") and preset.sampler != "lcm":
+            raise ValueError(f"scheduler_config sets stochastic_sampling (an x0 + fresh noise step: kdpp's 'lcm' sampler), "
+                             f"but preset {preset.name!r} samples with {preset.sampler!r}")
+        train_steps = int(scheduler_config.get("num_train_timesteps", 1000))
+        self.student_adapter = self.velocity(student_transformer, "student_transformer", preset.guidance, train_steps)
+        self.student_adapter.check_conditioning(conditioning, "conditioning")
+        self.teacher_adapter = None
+        if teacher_transformer is not None:
+            self.teacher_adapter = self.velocity(teacher_transformer, "teacher_transformer", teacher.guidance, train_steps)
+            if self.student_adapter.latent_channels != self.teacher_adapter.latent_channels:
+                raise ValueError(f"student and teacher latent spaces differ: student_transformer takes "
+                                 f"{self.student_adapter.latent_channels} latent channels, teacher_transformer "
+                                 f"{self.teacher_adapter.latent_channels}; Distillation++ needs a shared latent space")
+            self.teacher_adapter.check_conditioning(teacher_conditioning, "teacher_conditioning")
+        self.shape = self.latent_shape(self.student_adapter)
+        self.student_model, self.teacher_model = student_transformer, teacher_transformer
+        self.conditioning, self.teacher_conditioning = conditioning, teacher_conditioning
+        self.preset, self.teacher = preset, teacher
+        self.attention_kwargs = check_attention_kwargs(attention_kwargs, "attention_kwargs")
+        self.teacher_attention_kwargs = check_attention_kwargs(teacher_attention_kwargs, "teacher_attention_kwargs")
+        self.ts = self.student_adapter.schedule(scheduler_config, preset.steps, self.shape, preset.schedule)
+        self.sigmas, self.noise_scale = flow_sigmas(self.ts), initial_noise_scale(self.ts)
+        self.dtype = torch.float32
+        self.device = model_device(student_transformer) if device is None else torch.device(device)
+
+    def latent_shape(self, adapter: FlowTransformer) -> tuple[int, ...]:
+        """One item's latent shape for this family's output size (image families: ``height``, ``width``)."""
+        return adapter.latent_shape(self.height, self.width)
+
+    def check_batch(self, batch: int) -> None:
+        self.conditioning.check_batch(batch, "conditioning")
+        self.teacher_conditioning.check_batch(batch, "teacher_conditioning")
+
+    def denoisers(self, lam: Any, guided: bool) -> Denoisers:
+        key = self.student_adapter.attention_key
+        student, extra_args = flow_denoiser(
+            self.student_adapter.calling(ModelCall(self.student_model, sampling.STUDENT_CONTEXT, key,
+                                                   self.attention_kwargs)),
+            self.conditioning, self.preset.cfg_scale, self.device)
+        teacher, teacher_extra_args = None, {}
+        if guided:
+            teacher, teacher_extra_args = flow_denoiser(
+                self.teacher_adapter.calling(ModelCall(self.teacher_model, sampling.TEACHER_CONTEXT, key,
+                                                       self.teacher_attention_kwargs)),
+                self.teacher_conditioning, self.teacher.cfg_scale, self.device, "teacher_conditioning")
+        return Denoisers(student, teacher, extra_args, teacher_extra_args, lam)
+
+    def check_vae(self, vae: Any) -> None:
+        check_vae(vae, self.shape[0], "the transformers take")
+
+    def decode(self, vae: Any, latents: Tensor) -> list:
+        return sampling.decode(vae, latents)

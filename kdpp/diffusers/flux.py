@@ -6,7 +6,8 @@ sampler runs on the VAE latent ``[B, 16, H/8, W/8]`` and every call packs it int
 unpacks the velocity; ``timestep = t``; the distilled guidance of FLUX.1-dev goes through its
 guidance embedding (``guidance``, one forward per call; FLUX.1-schnell has none). The schedule is
 the scheduler's: FLUX.1-schnell's static shift 1, FLUX.1-dev's dynamic shift over the
-``(h/2)(w/2)`` image tokens, from ``sigmas = linspace(1, 1/N, N)`` as the pipeline passes them.
+``(h/2)(w/2)`` image tokens, from ``sigmas = linspace(1, 1/N, N)`` as the pipeline passes them. :class:`FluxFamily` is the FLUX side
+of the one generation body (:func:`kdpp.diffusers.sampling.sample`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .flow_models import FlowConditioning, FlowTransformer, generate_flow
+from . import sampling
+from .flow_models import FlowConditioning, FlowFamily, FlowTransformer
 from .flow_presets import FlowStudentPreset, flux_schnell
 from .sampling import check_image_size
 
@@ -65,8 +67,8 @@ class FluxVelocity(FlowTransformer):
         check_image_size(height, width, 16, "FLUX: 8x VAE, 2x2 latent packing")
         return self.latent_channels, height // 8, width // 8
 
-    def image_seq_len(self, h: int, w: int) -> int:
-        return (h // 2) * (w // 2)
+    def image_seq_len(self, shape: Sequence[int]) -> int:
+        return (shape[-2] // 2) * (shape[-1] // 2)
 
     def default_sigmas(self, steps: int, scheduler_config: Mapping[str, Any]) -> Sequence[float] | None:
         return None if scheduler_config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
@@ -81,12 +83,20 @@ class FluxVelocity(FlowTransformer):
         b, _, h, w = x_rf.shape
         text = kwargs["encoder_hidden_states"]
         guidance = None if self.guidance is None else torch.full((b,), float(self.guidance), device=x_rf.device)
-        out = self.transformer(
+        out = self.call(
             hidden_states=pack_latents(x_rf), timestep=timestep, guidance=guidance,
             img_ids=latent_image_ids(h // 2, w // 2, x_rf.device, x_rf.dtype),
             txt_ids=torch.zeros(text.shape[1], 3, device=x_rf.device, dtype=x_rf.dtype),
             return_dict=False, **kwargs)[0]
         return unpack_latents(out, h, w)
+
+
+class FluxFamily(FlowFamily):
+    """FLUX transformers (student, teacher) bound to a batch's conditioning and image size (:class:`FlowFamily`'s arguments)."""
+
+    name = "flux"
+    velocity = FluxVelocity
+    default_preset = staticmethod(flux_schnell)
 
 
 def generate(student_transformer: Any, teacher_transformer: Any, conditioning: FlowConditioning,
@@ -95,9 +105,11 @@ def generate(student_transformer: Any, teacher_transformer: Any, conditioning: F
 
     ``conditioning`` holds ``FluxPipeline.encode_prompt``'s ``prompt_embeds`` and
     ``pooled_prompt_embeds``: ``FlowConditioning.from_flux(*pipe.encode_prompt(...))`` (pass
-    ``teacher_conditioning`` for the teacher's 512-token T5 embeddings when the student's are 256). The keyword options (``seeds``, ``height``, ``width``,
-    ``lam``, ``k``, ``teacher``, ``scheduler_config``, ``vae``, ...) are those of
-    :func:`kdpp.diffusers.flow_models.generate_flow`.
+    ``teacher_conditioning`` for the teacher's 512-token T5 embeddings when the student's are 256).
+    The family options (``teacher``, ``teacher_conditioning``, ``scheduler_config``, ``height``,
+    ``width``, ``device``, ``attention_kwargs``) are :class:`kdpp.diffusers.flow_models.FlowFamily`'s;
+    the sampling options (``seeds``, ``lam``, ``k``, ``vae``, ...) those of
+    :func:`kdpp.diffusers.sampling.generate`. Returns unpacked latents ``[B, C, h, w]`` (float32) or
+    PIL images with ``vae``.
     """
-    return generate_flow(FluxVelocity, student_transformer, teacher_transformer, conditioning,
-                         flux_schnell() if preset is None else preset, **options)
+    return sampling.generate(FluxFamily, student_transformer, teacher_transformer, conditioning, preset, **options)

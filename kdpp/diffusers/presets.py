@@ -13,8 +13,9 @@ Guidance defaults are the authors' (``geonyeong-park/distillation_pp_lightning``
 ``latent_sdxl.py``): ``lam = 0.1`` mixed in x0 space for the Euler-family students (Lightning,
 Turbo), ``lam = 0.01`` mixed in epsilon space for the consistency students (LCM, DMD2), with
 ``k = 1`` guided step as in the paper's tables (their code defaults to 2 and 3 guided steps).
-One-step students default to the guidance form at the current level (``renoise="guidance"``):
-the next level of a one-step schedule is 0, where no teacher can be called.
+A guided step to sigma 0 (the one step of one-step students, the last step of any schedule) is
+renoised at its own level by the core's default level (``renoise_sigma="auto"``), so it calls the
+teacher; no preset special-cases it.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class StudentPreset:
     lam: float = 0.1
     k: int = 1
     guidance_space: str = "x0"  #: "x0": R = D + lam (T - D); "epsilon": the authors' eps mix (EpsilonSpaceGuidance)
-    renoise: str = "random"  #: the default renoising noise (one-step presets: "guidance")
+    renoise: str = "random"  #: the default renoising noise (see kdpp.TeacherRefinement)
     resolution: int = 1024  #: the image size the family was trained at (a recommendation; time_ids use (h, w))
     noise_scale: str = "ve"  #: "ve": start at sigma_0 * eps; "vp": at sqrt(1 + sigma_0^2) * eps
     notes: str = ""
@@ -78,16 +79,11 @@ def check_steps(steps: int, allowed: Collection[int], family: str, what: str) ->
     return int(steps)
 
 
-def one_step_defaults(steps: int) -> dict:
-    """One-step students are guided at the current level: the next one is 0."""
-    return {"renoise": "guidance"} if steps == 1 else {}
-
-
 def lightning(steps: int = 4) -> StudentPreset:
     """SDXL-Lightning (and its LoRA): Euler, trailing timesteps; the 1-step UNet predicts x0."""
     steps = check_steps(steps, (1, 2, 4, 8), "SDXL-Lightning", "comes in 1, 2, 4 and 8 steps")
     return StudentPreset(f"sdxl-lightning-{steps}step", "euler", tuple(trailing_timesteps(steps)),
-                         prediction="sample" if steps == 1 else "epsilon", **one_step_defaults(steps),
+                         prediction="sample" if steps == 1 else "epsilon",
                          notes="EulerDiscreteScheduler(timestep_spacing='trailing'); no CFG")
 
 
@@ -95,7 +91,7 @@ def turbo(steps: int = 4) -> StudentPreset:
     """SDXL-Turbo: Euler ancestral at trailing timesteps, trained at 512 px (the paper used DPM++ 2S a)."""
     steps = check_steps(steps, range(1, 5), "SDXL-Turbo", "is meant for 1 to 4 steps")
     return StudentPreset(f"sdxl-turbo-{steps}step", "euler_ancestral", tuple(trailing_timesteps(steps)),
-                         resolution=512, **one_step_defaults(steps),
+                         resolution=512,
                          notes="EulerAncestralDiscreteScheduler(timestep_spacing='trailing'); no CFG")
 
 
@@ -104,7 +100,7 @@ def dmd2(steps: int = 4) -> StudentPreset:
     steps = check_steps(steps, (1, 4), "DMD2 SDXL", "comes in 1 and 4 steps")
     timesteps = (399,) if steps == 1 else tuple(trailing_timesteps(4))
     return StudentPreset(f"dmd2-{steps}step", "lcm", timesteps, noise_scale="vp", lam=0.01, guidance_space="epsilon",
-                         **one_step_defaults(steps), notes="LCMScheduler-style denoise / renoise; no CFG")
+                         notes="LCMScheduler-style denoise / renoise; no CFG")
 
 
 def lcm_timesteps(steps: int, original_inference_steps: int = 50, num_train_timesteps: int = 1000) -> tuple[int, ...]:
@@ -120,7 +116,7 @@ def lcm(steps: int = 4) -> StudentPreset:
     """LCM / LCM-LoRA: multistep consistency at LCMScheduler's timesteps (1 to 50) with its boundary condition."""
     timesteps = lcm_timesteps(steps)
     return StudentPreset(f"lcm-{len(timesteps)}step", "lcm", timesteps, lcm_boundary=True, noise_scale="vp", lam=0.01,
-                         guidance_space="epsilon", **one_step_defaults(len(timesteps)),
+                         guidance_space="epsilon",
                          notes="boundary condition timestep_scaling 10, sigma_data 0.5; guidance embedding for LCM")
 
 

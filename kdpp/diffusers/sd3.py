@@ -1,5 +1,7 @@
 """SD3 / SD3.5 students with an SD3.5 teacher: SD3.5 Large Turbo guided by SD3.5 Large (true CFG).
 
+:class:`SD3Family` is the SD3 side of the one generation body (:func:`kdpp.diffusers.sampling.sample`).
+
 :class:`SD3Velocity` does what ``StableDiffusion3Pipeline`` does around ``SD3Transformer2DModel``:
 latents ``[B, 16, H/8, W/8]`` (the transformer patchifies them itself), ``timestep = 1000 t``
 (``num_train_timesteps t``), ``encoder_hidden_states`` and ``pooled_projections`` from the
@@ -9,11 +11,12 @@ tokens, where a config asks for one). True CFG (the SD3.5 Large teacher) is one 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from torch import Tensor
 
-from .flow_models import FlowConditioning, FlowTransformer, generate_flow
+from . import sampling
+from .flow_models import FlowConditioning, FlowFamily, FlowTransformer
 from .flow_presets import FlowStudentPreset, sd35_large_turbo
 from .sampling import check_image_size
 
@@ -39,8 +42,8 @@ class SD3Velocity(FlowTransformer):
         check_image_size(height, width, 8 * self.patch_size, f"SD3: 8x VAE, patch size {self.patch_size}")
         return self.latent_channels, height // 8, width // 8
 
-    def image_seq_len(self, h: int, w: int) -> int:
-        return (h // self.patch_size) * (w // self.patch_size)
+    def image_seq_len(self, shape: Sequence[int]) -> int:
+        return (shape[-2] // self.patch_size) * (shape[-1] // self.patch_size)
 
     def check_latents(self, x: Tensor) -> None:
         super().check_latents(x)
@@ -49,7 +52,15 @@ class SD3Velocity(FlowTransformer):
                              f"{self.patch_size}, got shape {tuple(x.shape)}")
 
     def forward(self, x_rf: Tensor, timestep: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        return self.transformer(hidden_states=x_rf, timestep=timestep, return_dict=False, **kwargs)[0]
+        return self.call(hidden_states=x_rf, timestep=timestep, return_dict=False, **kwargs)[0]
+
+
+class SD3Family(FlowFamily):
+    """SD3 transformers (student, teacher) bound to a batch's conditioning and image size (:class:`FlowFamily`'s arguments)."""
+
+    name = "sd3"
+    velocity = SD3Velocity
+    default_preset = staticmethod(sd35_large_turbo)
 
 
 def generate(student_transformer: Any, teacher_transformer: Any, conditioning: FlowConditioning,
@@ -57,9 +68,9 @@ def generate(student_transformer: Any, teacher_transformer: Any, conditioning: F
     """Sample a batch with an SD3 student (default: SD3.5 Large Turbo, 4 steps) and the SD3.5 Large teacher.
 
     ``conditioning`` holds ``StableDiffusion3Pipeline.encode_prompt``'s four tensors, in its order:
-    ``FlowConditioning(*pipe.encode_prompt(...))`` (the negative ones feed the teacher's CFG). The keyword options (``seeds``, ``height``, ``width``, ``lam``,
-    ``k``, ``teacher``, ``scheduler_config``, ``vae``, ...) are those of
-    :func:`kdpp.diffusers.flow_models.generate_flow`.
+    ``FlowConditioning(*pipe.encode_prompt(...))`` (the negative ones feed the teacher's CFG). The
+    family options (``teacher``, ``teacher_conditioning``, ``scheduler_config``, ``height``, ``width``,
+    ``device``, ``attention_kwargs``) are :class:`kdpp.diffusers.flow_models.FlowFamily`'s; the
+    sampling options (``seeds``, ``lam``, ``k``, ``vae``, ...) those of :func:`kdpp.diffusers.sampling.generate`.
     """
-    return generate_flow(SD3Velocity, student_transformer, teacher_transformer, conditioning,
-                         sd35_large_turbo() if preset is None else preset, **options)
+    return sampling.generate(SD3Family, student_transformer, teacher_transformer, conditioning, preset, **options)

@@ -1,25 +1,30 @@
-"""SDXL students with an SDXL teacher: from loaded diffusers components to Distillation++ samples.
+"""SDXL students with an SDXL teacher: the SDXL family of the one generation body.
 
-Needs the ``kdpp[diffusers]`` extra only for decoding to PIL images (``vae``); the sampling
-itself takes any UNet-like callables. Text encoding is the caller's (``pipe.encode_prompt``
-gives the embeddings), so batches of precomputed embeddings work the same way.
+:class:`SDXLFamily` does what ``StableDiffusionXLPipeline`` does around its UNets: latents
+``[B, 4, H/8, W/8]``, each UNet a VP model as a VE denoiser (:class:`kdpp.diffusers.vp.VPDenoiser`:
+the preset's timesteps on the training schedule, its prediction type and LCM's boundary
+condition), the ``added_cond_kwargs`` of SDXL's micro-conditioning, the teacher's CFG as one
+batched call; :func:`generate` samples a batch through :func:`kdpp.diffusers.sampling.sample`.
+Needs the ``kdpp[diffusers]`` extra only for decoding to PIL images (``vae``); the sampling itself
+takes any UNet-like callables. Text encoding is the caller's (``pipe.encode_prompt`` gives the
+embeddings).
 """
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._checks import check_finite_number
 from ..cfg import CFGDenoiser
-from ..refine import RenoiseSigma
 from ..schedules import scaled_linear_alphas_cumprod
+from . import sampling
 from .presets import GUIDANCE_SPACES, StudentPreset, TeacherPreset
-from .sampling import (calls_teacher, check_embeddings, check_image_size, check_seeds, check_type, check_vae, decode,
-                       model_device, sample_batch)
+from .sampling import (Denoisers, Family, ModelCall, check_attention_kwargs, check_embeddings, check_image_size,
+                       check_type, check_vae, model_device, model_dtype)
 from .vp import EpsilonSpaceGuidance, VPDenoiser, guidance_scale_embedding
 
 
@@ -62,6 +67,16 @@ class SDXLConditioning:
 def time_ids(height: int, width: int, crop: tuple[int, int] = (0, 0)) -> Tensor:
     """SDXL's micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``."""
     return torch.tensor([[height, width, *crop, height, width]], dtype=torch.float32)
+
+
+def check_time_ids(value: Any, name: str, default: Tensor) -> Tensor:
+    """``value`` as SDXL's ``[1, 6]`` micro-conditioning (``default`` for ``None``); errors name ``name``."""
+    if value is None:
+        return default
+    if not isinstance(value, Tensor) or value.numel() != 6:
+        raise ValueError(f"{name} must be a tensor of SDXL's 6 micro-conditioning values (orig_h, orig_w, crop_top, "
+                         f"crop_left, target_h, target_w), got {value!r:.80}")
+    return value.detach().reshape(1, 6).float()
 
 
 def _config(unet, key, default=None):
@@ -154,56 +169,38 @@ def check_alphas_cumprod(alphas_cumprod: Tensor | None, preset: StudentPreset) -
 def vp_denoisers(
     student_unet: Any, teacher_unet: Any, preset: StudentPreset, teacher: TeacherPreset = TeacherPreset(),
     alphas_cumprod: Tensor | None = None, student_guidance: float | None = None,
-) -> tuple[VPDenoiser, CFGDenoiser]:
+) -> tuple[VPDenoiser, CFGDenoiser | None]:
     """The student's VE denoiser as ``preset`` samples it, and the teacher's with CFG at ``teacher.cfg_scale``.
 
     The student gets LCM's boundary condition when the preset has one, and, when its UNet has
     ``time_cond_proj_dim``, the guidance-scale embedding of ``student_guidance`` (default 5.0,
-    as the pipeline) as ``timestep_cond`` (:func:`student_timestep_cond`).
+    as the pipeline) as ``timestep_cond`` (:func:`student_timestep_cond`). A ``teacher_unet`` of
+    ``None`` gives no teacher. For a kdpp sampler of your own; LoRA students:
+    ``vp_denoisers(pair.student, pair.teacher, preset)`` with a :class:`kdpp.diffusers.lora.SharedLoRAModel`.
     """
     check_type(preset, StudentPreset, "preset")
     check_type(teacher, TeacherPreset, "teacher")
     a = check_alphas_cumprod(alphas_cumprod, preset)
     student = VPDenoiser(student_unet, a, preset.prediction, lcm_boundary={} if preset.lcm_boundary else None,
                          timestep_cond=student_timestep_cond(student_unet, student_guidance))
+    if teacher_unet is None:
+        return student, None
     return student, CFGDenoiser(VPDenoiser(teacher_unet, a, teacher.prediction), teacher.cfg_scale)
 
 
-def model_dtype(model: Any, default: torch.dtype) -> torch.dtype:
-    """A model's ``dtype`` (diffusers models have one), else ``default``."""
-    dtype = getattr(model, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else default
-
-
-def generate(
-    student_unet: Any, teacher_unet: Any, conditioning: SDXLConditioning, preset: StudentPreset, *,
-    teacher: TeacherPreset = TeacherPreset(), seeds: Sequence[int], height: int = 1024, width: int = 1024,
-    lam: float | None = None, k: int | None = None, guided_steps: Sequence[int] | None = None, renoise: str | None = None,
-    renoise_sigma: RenoiseSigma = None, guidance_space: str | None = None, alphas_cumprod: Tensor | None = None,
-    student_guidance: float | None = None, vae: Any = None, dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None, disable: bool | None = None, callback: Any = None,
-) -> Any:
-    """Sample a batch with a distilled SDXL student and the SDXL base teacher (with CFG).
+class SDXLFamily(Family):
+    """SDXL UNets (a distilled student, the SDXL base teacher with CFG) bound to a batch's conditioning and size.
 
     Args:
         student_unet: the student's diffusers ``UNet2DConditionModel`` (or a compatible callable).
-        teacher_unet: the teacher's (SDXL base) UNet.
+        teacher_unet: the teacher's (SDXL base) UNet; ``None`` for runs that never call it.
         conditioning: the batch's text embeddings (:class:`SDXLConditioning`).
         preset: the student's schedule and sampler (:mod:`kdpp.diffusers.presets`).
         teacher: the teacher preset (CFG scale).
-        seeds: one int per image (a list, also of one): its initial noise
-            (``torch.Generator().manual_seed(seed)``, on the CPU, so images reproduce across
-            devices), and streams 1 and 2 of it (:func:`kdpp.noise.stream_seed`) for its solver
-            and renoise noise.
         height: image height in pixels, a positive multiple of 8 (latents are ``[4, height/8, width/8]``).
         width: image width, the same. Student and teacher both get ``time_ids`` of ``(height, width)``,
-            as diffusers' pipelines do (``preset.resolution`` is only the recommended size).
-        lam: Distillation++ guidance scale (default: the preset's); in ``guidance_space``.
-        k: guided steps (default: the preset's).
-        guided_steps: the step indices to guide instead of the first ``k`` (negative ones count from the end).
-        renoise: the renoising noise (see :class:`kdpp.TeacherRefinement`; default: the
-            preset's, ``"guidance"`` for one-step students).
-        renoise_sigma: the renoising level (see :class:`kdpp.TeacherRefinement`; default ``"next"``).
+            as diffusers' pipelines do (``preset.resolution`` is only the recommended size), unless
+            ``add_time_ids`` is given.
         guidance_space: ``"x0"`` (the core's ``R = D + lam (T - D)``) or ``"epsilon"`` (the
             authors' epsilon-space mix, :class:`kdpp.diffusers.vp.EpsilonSpaceGuidance`;
             ``lam`` must then be a float). Default: the preset's.
@@ -211,57 +208,101 @@ def generate(
         student_guidance: the guidance scale whose embedding a student UNet with
             ``time_cond_proj_dim`` (LCM) gets as ``timestep_cond``; default 5.0, what
             ``StableDiffusionXLPipeline`` passes by default. An error for UNets without one.
-        vae: decode to PIL images when given (else latents are returned), as the SDXL pipeline
-            decodes (:func:`kdpp.diffusers.sampling.decode`: ``force_upcast``, ``latents_mean``/``latents_std``).
         dtype: the sampler state's dtype (default: the student UNet's); each UNet gets its
             inputs and embeddings in its own dtype, so student and teacher may differ.
         device: where to sample (default: the student's device).
-        disable: disable the progress bar.
-        callback: the sampler's per-step callback.
-    Returns:
-        a list of PIL images (with ``vae``) or the final latents ``[B, 4, h, w]``.
+        attention_kwargs: the student UNet's ``cross_attention_kwargs`` on every call (e.g.
+            ``{"scale": 0.8}``, a LoRA scale); ``teacher_attention_kwargs`` the teacher's.
+        add_time_ids: SDXL's micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h,
+            target_w)`` (6 values, e.g. ``pipe._get_add_time_ids(original_size, crops_coords_top_left,
+            target_size, ...)``) for the student and the teacher's conditional half; default
+            :func:`time_ids` ``(height, width)``. ``negative_add_time_ids``: the teacher's
+            unconditional half's (the pipeline's ``negative_original_size`` etc.); default ``add_time_ids``.
     """
-    guided_steps = None if guided_steps is None else list(guided_steps)  # an iterator is read more than once
-    check_type(conditioning, SDXLConditioning, "conditioning")
-    check_type(preset, StudentPreset, "preset")
-    check_type(teacher, TeacherPreset, "teacher")
-    seeds = check_seeds(seeds)
-    check_image_size(height, width, 8, "SDXL's VAE downsamples 8x, as StableDiffusionXLPipeline requires")
-    check_sdxl_unet(student_unet, "student_unet", conditioning)
-    check_sdxl_unet(teacher_unet, "teacher_unet", conditioning)
-    check_shared_latent_space(student_unet, teacher_unet)
-    channels = _config(student_unet, "out_channels", 4)
-    if vae is not None:
-        check_vae(vae, channels, "the UNets take")
-    if conditioning.batch != len(seeds):
-        raise ValueError(f"conditioning has batch {conditioning.batch}, seeds has {len(seeds)}")
-    dtype = model_dtype(student_unet, torch.float32) if dtype is None else dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if device is None:
-        device = model_device(student_unet)
-    a = check_alphas_cumprod(alphas_cumprod, preset)
 
-    student, teacher_model = vp_denoisers(student_unet, teacher_unet, preset, teacher, a, student_guidance)
-    ids = time_ids(height, width)  # diffusers' pipelines: original and target size (h, w), for both models
-    student_cond = conditioning.to(device, model_dtype(student_unet, dtype))
-    teacher_cond = conditioning.to(device, model_dtype(teacher_unet, dtype))
+    name = "sdxl"
+    teacher_arg = "teacher_unet"
 
-    sigmas = preset.sigmas(a)
-    lam = preset.lam if lam is None else lam
-    space = preset.guidance_space if guidance_space is None else guidance_space
-    if space not in GUIDANCE_SPACES:
-        raise ValueError(f"guidance_space must be one of {GUIDANCE_SPACES}, got {space!r}")
-    if space == "epsilon" and calls_teacher(preset, lam, k, guided_steps):
-        if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-            raise TypeError(f"lam must be a float with guidance_space='epsilon', got {lam!r}")
-        pair = EpsilonSpaceGuidance(student, teacher_model, lam)
-        student, teacher_model, lam = pair.student, pair.teacher, 1.0
+    def __init__(
+        self, student_unet: Any, teacher_unet: Any, conditioning: SDXLConditioning, preset: StudentPreset, *,
+        teacher: TeacherPreset = TeacherPreset(), height: int = 1024, width: int = 1024, guidance_space: str | None = None,
+        alphas_cumprod: Tensor | None = None, student_guidance: float | None = None, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None, attention_kwargs: dict[str, Any] | None = None,
+        teacher_attention_kwargs: dict[str, Any] | None = None, add_time_ids: Tensor | None = None,
+        negative_add_time_ids: Tensor | None = None,
+    ):
+        check_type(conditioning, SDXLConditioning, "conditioning")
+        check_type(preset, StudentPreset, "preset")
+        check_type(teacher, TeacherPreset, "teacher")
+        check_image_size(height, width, 8, "SDXL's VAE downsamples 8x, as StableDiffusionXLPipeline requires")
+        check_sdxl_unet(student_unet, "student_unet", conditioning)
+        if teacher_unet is not None:
+            check_sdxl_unet(teacher_unet, "teacher_unet", conditioning)
+            check_shared_latent_space(student_unet, teacher_unet)
+        dtype = model_dtype(student_unet, torch.float32) if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.guidance_space = preset.guidance_space if guidance_space is None else guidance_space
+        if self.guidance_space not in GUIDANCE_SPACES:
+            raise ValueError(f"guidance_space must be one of {GUIDANCE_SPACES}, got {self.guidance_space!r}")
+        self.alphas_cumprod = check_alphas_cumprod(alphas_cumprod, preset)
+        student_timestep_cond(student_unet, student_guidance)  # refuses student_guidance for a UNet without an embedding
+        self.student_model, self.teacher_model, self.conditioning = student_unet, teacher_unet, conditioning
+        self.preset, self.teacher, self.student_guidance = preset, teacher, student_guidance
+        self.attention_kwargs = check_attention_kwargs(attention_kwargs, "attention_kwargs")
+        self.teacher_attention_kwargs = check_attention_kwargs(teacher_attention_kwargs, "teacher_attention_kwargs")
+        self.channels = _config(student_unet, "out_channels", 4)
+        self.shape = (self.channels, height // 8, width // 8)
+        # diffusers' pipelines: original and target size (h, w), for both (unless given)
+        self.time_ids = check_time_ids(add_time_ids, "add_time_ids", time_ids(height, width))
+        self.negative_time_ids = check_time_ids(negative_add_time_ids, "negative_add_time_ids", self.time_ids)
+        self.sigmas = preset.sigmas(self.alphas_cumprod)
+        self.noise_scale = preset.initial_noise_scale(self.alphas_cumprod)
+        self.dtype = dtype
+        self.device = model_device(student_unet) if device is None else torch.device(device)
 
-    latents = sample_batch(
-        student, teacher_model, preset, seeds, (channels, height // 8, width // 8), sigmas=sigmas,
-        noise_scale=preset.initial_noise_scale(a), lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
-        renoise_sigma=renoise_sigma, dtype=dtype, device=device, extra_args=student_cond.unet_kwargs(ids),
-        teacher_extra_args={"cond": teacher_cond.unet_kwargs(ids), "uncond": teacher_cond.unet_kwargs(ids, negative=True)},
-        disable=disable, callback=callback)
-    return latents if vae is None else decode(vae, latents)
+    def check_batch(self, batch: int) -> None:
+        if self.conditioning.batch != batch:
+            raise ValueError(f"conditioning has batch {self.conditioning.batch}, seeds has {batch}")
+
+    def denoisers(self, lam: Any, guided: bool) -> Denoisers:
+        key = "cross_attention_kwargs"
+        student_unet = ModelCall(self.student_model, sampling.STUDENT_CONTEXT, key, self.attention_kwargs)
+        teacher_unet = (ModelCall(self.teacher_model, sampling.TEACHER_CONTEXT, key, self.teacher_attention_kwargs)
+                        if guided else None)
+        student, teacher = vp_denoisers(student_unet, teacher_unet, self.preset, self.teacher, self.alphas_cumprod,
+                                        self.student_guidance)
+        extra_args = self.conditioning.to(self.device, model_dtype(self.student_model, self.dtype)).unet_kwargs(self.time_ids)
+        teacher_extra_args = {}
+        if guided:
+            cond = self.conditioning.to(self.device, model_dtype(self.teacher_model, self.dtype))
+            teacher_extra_args = {"cond": cond.unet_kwargs(self.time_ids),
+                                  "uncond": cond.unet_kwargs(self.negative_time_ids, negative=True)}
+            if self.guidance_space == "epsilon":
+                if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+                    raise TypeError(f"lam must be a float with guidance_space='epsilon', got {lam!r}")
+                pair = EpsilonSpaceGuidance(student, teacher, lam)
+                student, teacher, lam = pair.student, pair.teacher, 1.0
+        return Denoisers(student, teacher, extra_args, teacher_extra_args, lam)
+
+    def check_vae(self, vae: Any) -> None:
+        check_vae(vae, self.channels, "the UNets take")
+
+    def decode(self, vae: Any, latents: Tensor) -> list:
+        return sampling.decode(vae, latents)
+
+
+def generate(student_unet: Any, teacher_unet: Any, conditioning: SDXLConditioning, preset: StudentPreset,
+             **options: Any) -> Any:
+    """Sample a batch with a distilled SDXL student and the SDXL base teacher (with CFG).
+
+    The family options (``teacher``, ``height``, ``width``, ``guidance_space``, ``alphas_cumprod``,
+    ``student_guidance``, ``dtype``, ``device``, ``attention_kwargs``, ...) are
+    :class:`SDXLFamily`'s; the sampling options (``seeds``, ``lam``, ``k``, ``guided_steps``,
+    ``renoise``, ``renoise_sigma``, ``latents``, ``vae``, ``callback``, ``disable``) those of
+    :func:`kdpp.diffusers.sampling.generate`. Returns the final latents ``[B, 4, h, w]``, or PIL
+    images with ``vae`` (decoded as the SDXL pipeline does: ``force_upcast``,
+    ``latents_mean``/``latents_std``). LoRA students: ``generate(pair.student, pair.teacher, ...)``
+    with a :class:`kdpp.diffusers.lora.SharedLoRAModel`.
+    """
+    return sampling.generate(SDXLFamily, student_unet, teacher_unet, conditioning, preset, **options)

@@ -126,12 +126,13 @@ class GaussianMixture:
     def _component_log_probs(self, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``log w_k + log N(x; mu_k, C_k + sigma^2 I)`` as ``[n, K]``, with the eigenbasis
         variances ``s_k^2 + sigma^2`` and offsets ``U_k^T (x - mu_k)``, both ``[n, K, d]``."""
-        s2 = _sigma_column(sigma, x) ** 2
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        s2 = (s.reshape(1, 1) if s.numel() == 1 else _sigma_column(s, x)) ** 2  # one sigma: var is [1, K, d]
         var = self.stds.unsqueeze(0) ** 2 + s2.unsqueeze(-1)
         diff = x.unsqueeze(1) - self.means.unsqueeze(0)
         if self.rotations is not None:
             diff = torch.einsum("nkd,kde->nke", diff, self.rotations)
-        logp = -0.5 * ((diff**2 / var) + var.log() + math.log(2 * math.pi)).sum(-1)
+        logp = -0.5 * ((diff**2 / var).sum(-1) + (var.log().sum(-1) + self.d * math.log(2 * math.pi)))
         return logp + self.weights.log(), var, diff
 
     def log_prob(self, x: Tensor, sigma: float | Tensor = 0.0) -> Tensor:
