@@ -6,6 +6,7 @@ estimate on the guided steps, by default the first (Park et al., "Inference-Time
 Model Distillation"). ``import kdpp`` imports neither k-diffusion nor diffusers.
 """
 from . import schedules
+from ._checks import KdppWarning
 from .cfg import CFGDenoiser
 from .noise import initial_noise, seeded_noise_sampler
 from .refine import Refined, TeacherRefinement
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CFGDenoiser",
+    "KdppWarning",
     "Refined",
     "SAMPLERS",
     "TeacherRefinement",

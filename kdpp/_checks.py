@@ -280,7 +280,11 @@ class OutputChecker:
 
 
 class KdppWarning(UserWarning):
-    """The category of kdpp's warnings (a ``UserWarning``), so a host can route or filter them."""
+    """The category of every warning kdpp issues (a ``UserWarning``), so a host can route or filter them.
+
+    ``warnings.filterwarnings("ignore", category=kdpp.KdppWarning)`` silences kdpp's warnings alone; kdpp warns
+    about a ``lam`` outside 0 .. 2 and about guided steps that call no teacher (their renoise level is 0).
+    """
 
 
 def warn_caller(message: str) -> None:

@@ -133,7 +133,7 @@ def test_guided_step_that_cannot_call_the_teacher_warns(options):
     sigmas = torch.tensor(options.pop("sigmas", [14.6, 3.0, 0.7, 0.0]), dtype=torch.float64)
     teacher = Recorder(other_denoiser)
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 14.6
-    with pytest.warns(UserWarning, match=r"call no teacher.*renoise_sigma='auto' guides them"):
+    with pytest.warns(kdpp.KdppWarning, match=r"call no teacher.*renoise_sigma='auto' guides them"):
         kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, x, sigmas, 0.5, disable=True, **options)
     assert teacher.calls == (2 if options.get("k") == 3 else 0)  # k = 3: steps 0 and 1 still call it
 

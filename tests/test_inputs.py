@@ -1,6 +1,7 @@
 """dtype, device and shape handling, and clear errors for bad input."""
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -201,8 +202,18 @@ def test_a_denoiser_with_the_wrong_signature_is_named_before_sampling():
 @pytest.mark.parametrize("lam", [50.0, -0.5, [0.3, 7.0]])
 def test_lam_far_outside_the_interpolation_range_warns(lam):
     placement = {"guided_steps": [0, 1]} if isinstance(lam, list) else {}
-    with pytest.warns(UserWarning, match=r"lam(\[1\])?=-?[\d.]+ is outside 0 .. 2: lam interpolates .* typically 0.05 .. 1"):
+    with pytest.warns(kdpp.KdppWarning, match=r"lam(\[1\])?=-?[\d.]+ is outside 0 .. 2: lam interpolates .* typically 0.05 .. 1"):
         run(lam=lam, k=None, **placement)
+
+
+def test_kdpp_warnings_can_be_silenced_by_their_category():
+    """kdpp.KdppWarning is public: filtering it silences kdpp's warnings and nothing else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=kdpp.KdppWarning)
+        run(lam=50.0, k=None)
+        with pytest.raises(UserWarning, match="not kdpp's"):
+            warnings.warn("not kdpp's", UserWarning)
 
 
 def test_cfg_pp_needs_a_guided_student():

@@ -12,7 +12,7 @@ model loaded together with the student's, cleaned up afterwards), called as a CF
 returning x0 at any ``(x, sigma)`` of the student's run, with the same inpainting mask. Without
 teacher conditioning the teacher gets the student's (its guider's ``positive`` / ``negative``).
 
-kdpp's warnings (:class:`kdpp._checks.KdppWarning`) raised during a run reach ComfyUI's console
+kdpp's warnings (:class:`kdpp.KdppWarning`) raised during a run reach ComfyUI's console
 log through :mod:`logging`, each run, prefixed with the node that made the sampler.
 
 A teacher that is a clone of the student's model with other weights (the student a LoRA on the
