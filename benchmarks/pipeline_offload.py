@@ -3,6 +3,7 @@ against plain FLUX.1-schnell, side by side.
 
     python benchmarks/pipeline_offload.py            # CUDA: FLUX.1's transformer config (random bf16 weights), 1024 px
     python benchmarks/pipeline_offload.py --smoke    # CPU: a tiny FLUX config at 64 px; checks the logic, no memory figures
+    python benchmarks/pipeline_offload.py --smoke --out benchmarks/results    # the committed smoke record
 
 Student: a FluxTransformer2DModel of FLUX.1-schnell's shape (19 double + 38 single blocks, 3072 wide; no guidance
 embedding); teacher: one of FLUX.1-dev's shape (with the guidance embedding). Random weights (nothing is
@@ -23,8 +24,9 @@ Two processes (the offloading hooks of one case cannot be taken off for the othe
 Memory (CUDA): ``torch.cuda.max_memory_allocated`` over the timed runs of a case (peak statistics reset before
 each case). The target: a guided run's peak within one transformer + activations + 1 GiB, where "one transformer"
 is the student's weight bytes and "activations" is the plain run's peak minus them (both measured here). Results:
-``--out`` (``pipeline_offload[_smoke].json`` / ``.md``), with the command; with no CUDA device and no ``--smoke`` the
-script records "not measured: no GPU" and exits.
+``--out`` (``pipeline_offload[_smoke].json`` / ``.md``), with the command: by default benchmarks/results, and for
+``--smoke`` a new temporary folder (printed), so a trial run replaces no committed result; with no CUDA device and
+no ``--smoke`` the script records "not measured: no GPU" and exits.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -195,16 +198,19 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny FLUX config at 64 px: the logic, no memory figures")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each case (after a warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1)")
-    p.add_argument("--out", default=str(HERE / "results"), help="folder for the results ('' for none)")
+    p.add_argument("--out", default=None, help="folder for the results (default: benchmarks/results; with --smoke a "
+                   "new temporary folder; '' for none)")
     p.add_argument("--case", choices=["group", "model"], help=argparse.SUPPRESS)  # a child process's case
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = " ".join(["python benchmarks/pipeline_offload.py", *(sys.argv[1:] if argv is None else argv)])
-    stem = Path(args.out) / ("pipeline_offload_smoke" if args.smoke else "pipeline_offload") if args.out else None
     if args.case:
         run = run_group if args.case == "group" else run_model
         print(json.dumps(run(args.smoke, args.repeats)))
         return 0
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="kdpp-pipeline-offload-smoke-") if args.smoke else str(HERE / "results")
+    stem = Path(args.out) / ("pipeline_offload_smoke" if args.smoke else "pipeline_offload") if args.out else None
     if not args.smoke and not torch.cuda.is_available():
         lines = [f"Command: `{command}`  ", "Not measured: no GPU (CUDA) lent to this run; "
                  "`--smoke` checks the benchmark's logic on the CPU."]
@@ -242,6 +248,7 @@ def main(argv=None) -> int:
         stem.with_suffix(".json").write_text(json.dumps({"command": command, "results": results, "rows": rows},
                                                         indent=1) + "\n")
         stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {stem}.md/.json")
     return 0
 
 
