@@ -1,6 +1,8 @@
 """A small MLP consistency student distilled from the exact ring teacher (weights ship with kdpp).
 
-Retrain with ``python benchmarks/train_toy_student.py`` (see docs/toy.md for the time it takes).
+Retrain with ``python benchmarks/train_toy_student.py`` (see docs/toy.md for the time it takes): it writes into a
+new temporary folder unless ``--out PATH`` is given, and replaces this file only with
+``--out kdpp/toy/ring_cd_student.pt --overwrite``.
 """
 from __future__ import annotations
 
