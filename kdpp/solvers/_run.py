@@ -32,7 +32,9 @@ COMMON_ARGS = """
         lam: the teacher guidance scale: a float, one float per guided step (in
             the order of ``guided_steps`` as given; with ``k``, increasing step
             order), or ``f(i, sigma_i) -> float`` (evaluated at the guided steps);
-            0 makes the sampler the plain student.
+            0 makes the sampler the plain student. No value is free on trained students:
+            ``0.1`` with ``k = 1`` is the safest measured, 0.5 - 1 helps students that miss
+            the prompt and costs others more (docs/faq.md, "Which lam and k?").
         k: guide the first ``k`` steps (the paper uses 1); 0 calls no teacher;
             ``None`` (default) means 1 unless ``guided_steps`` is given.
         guided_steps: the step indices to guide instead of the first ``k``: indices
