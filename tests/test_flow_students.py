@@ -338,7 +338,7 @@ def test_no_teacher_model_for_runs_that_never_call_it():
     want = flux.generate(SCHNELL, DEV_TEACHER, FLUX_COND, lam=0.0, **options)
     for unguided in ({"lam": 0.0}, {"k": 0}, {"guided_steps": []}):
         torch.testing.assert_close(flux.generate(SCHNELL, None, FLUX_COND, **unguided, **options), want, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"teacher_transformer is None, but this run calls the teacher \(lam=0.5 on k=1\)"):
+    with pytest.raises(ValueError, match=r"teacher_transformer is None, but this run calls the teacher \(lam=0.1 on k=1\)"):
         flux.generate(SCHNELL, None, FLUX_COND, **options)
     with pytest.raises(ValueError, match=r"teacher_transformer is None.*guided_steps=\[1\]"):
         sd3.generate(LARGE_TURBO, None, SD3_COND, guided_steps=[1], **options)
