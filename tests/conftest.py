@@ -8,7 +8,16 @@ from importlib.machinery import ModuleSpec
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("KDPP_TEST_THREADS", "1")))
+THREADS = int(os.environ.get("KDPP_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _suite_threads():
+    """Every test runs on the suite's torch threads, even after one ran a script that sets its own."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 def _expose_kdiffusion_sampling() -> None:
