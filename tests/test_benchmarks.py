@@ -13,11 +13,8 @@ INTERVAL = r"-?\d+\.\d{3} \[-?\d+\.\d{3}, -?\d+\.\d{3}\]"
 
 
 def test_wrapper_vs_paper_header_matches_its_intervals_and_the_committed_file(tmp_path):
-    """The table shows mean [low, high] under a header that says so; the committed file is in that format.
-
-    (Before: the header said "Mean ± 95% t-interval" over [low, high] cells, and the committed file was in the
-    old "± half-width" format.)
-    """
+    """The table shows mean [low, high] under a header that says so, with no "± half-width" anywhere; the committed
+    file is in that format."""
     pytest.importorskip("k_diffusion")
     import wrapper_vs_paper
 
@@ -34,11 +31,8 @@ def test_wrapper_vs_paper_header_matches_its_intervals_and_the_committed_file(tm
 
 
 def test_performance_overhead_ratio_is_the_median_of_the_ratios_its_iqr_describes(monkeypatch):
-    """The reported ratio is the median of the per-repeat ratios, whose IQR is reported beside it.
-
-    (Before: the ratio was median(kdpp) / median(k-diffusion), from different repeats than the IQR of the
-    per-repeat ratios, and could lie outside it: euler_ancestral 0.867 with IQR 0.868-0.876.)
-    """
+    """The reported ratio is the median of the per-repeat ratios, whose IQR is reported beside it, so it lies inside
+    that IQR (a ratio of the two medians comes from other repeats and can lie outside it)."""
     pytest.importorskip("k_diffusion")
     import performance
 

@@ -545,7 +545,7 @@ def test_flow_conditioning_takes_the_pipelines_encode_prompt_returns():
                            disable=True)
     assert latents.shape == (2, 4, 4, 4) and torch.isfinite(latents).all()
     with pytest.raises(ValueError, match=r"FlowConditioning.negative_prompt_embeds must be \[batch, tokens, dim\], got shape \(2, 64\)"):
-        FlowConditioning(out[0], out[2], out[1], out[3])  # the pre-fix field order
+        FlowConditioning(out[0], out[2], out[1], out[3])  # pooled and negative swapped
 
     with torch.no_grad():
         flux_out = tiny_flux_text_pipeline(SCHNELL).encode_prompt(["a fox", "a cat"], None, max_sequence_length=12)

@@ -194,8 +194,8 @@ def test_training_script_writes_loadable_nets_and_provenance(tmp_path):
 
 
 def test_metrics_refuse_too_few_samples_naming_the_argument(nets):
-    """FD needs a full-rank feature covariance: at least features + 1 = 65 samples (before: n = 1 gave a numpy
-    matmul error, n = 5 a silent FD of 864)."""
+    """FD needs a full-rank feature covariance: at least features + 1 = 65 samples; fewer are a ValueError naming x
+    or real (not a numpy matmul error, nor a silently meaningless FD)."""
     x, y = load_digits()
     metrics = DigitsMetrics(nets["classifier"], x[:400], y[:400])
     assert metrics.min_samples() == 65
@@ -211,7 +211,8 @@ def test_metrics_refuse_too_few_samples_naming_the_argument(nets):
 
 @pytest.mark.parametrize("bad", [10, 11, -1])
 def test_labels_out_of_range_are_value_errors_naming_labels(nets, bad):
-    """Before: a label of 10 in DigitsMetrics gave "size of tensor a (10) must match"; 11 an embedding IndexError."""
+    """Labels outside 0..9 are ValueErrors naming the argument (labels, real_labels, class_labels), not shape
+    mismatches or an embedding IndexError; the nets also take the null label 10 (their unconditional branch)."""
     x, y = load_digits()
     metrics = DigitsMetrics(nets["classifier"], x[:200], y[:200])
     labels = y[200:300].clone()
@@ -245,7 +246,8 @@ def test_mean_ci_of_one_seed_is_undefined_not_zero_width():
 
 
 def test_sample_teacher_unconditional_needs_n(nets):
-    """Before: sample_teacher(teacher, None) raised a TypeError from randn."""
+    """Unconditional sampling needs n: a missing or non-positive n is a ValueError naming it, and n must match the
+    labels when both are given."""
     for n in (None, 0, 2.5):
         with pytest.raises(ValueError, match=r"^sample_teacher\(teacher, labels=None\) samples n unconditional digits"):
             sample_teacher(nets["teacher"], None, steps=2, n=n)

@@ -62,7 +62,7 @@ def test_bootstrap_interval_brackets_the_value_and_is_reproducible():
 
 
 def test_distance_intervals_print_as_intervals():
-    """Issue 10 item 14: a distance's bootstrap interval is asymmetric, so it prints as [low, high], not ± half-width.
+    """A distance's bootstrap interval is asymmetric, so it prints as [low, high], not ± half-width.
 
     Two exact samples of ring(): the plug-in sliced W2 is positive (biased) and the percentile
     bootstrap of it sits far above the value (resamples repeat points).
@@ -92,7 +92,7 @@ def _plain_and_guided(n: int):
 
 
 def test_paired_difference_against_one_reference():
-    """Issue 10 item 14: comparing two samplers is a paired difference against one reference sample, with its interval.
+    """Comparing two samplers is a paired difference against one reference sample, with its interval.
 
     Pairing (same resampled rows of both runs, one resampled reference for both terms) gives a
     tighter interval than resampling the runs independently; the value is the difference of the
@@ -124,7 +124,7 @@ def test_paired_difference_against_one_reference():
 
 
 def test_paired_difference_refuses_what_it_cannot_pair():
-    """Issue 10 item 14: unequal lengths cannot be paired; MMD's median bandwidth would differ between the terms."""
+    """Unequal lengths cannot be paired; MMD's median bandwidth would differ between the terms."""
     from kdpp.toy import paired_difference
 
     with pytest.raises(ValueError, match="paired=True needs x and y of equal length"):
@@ -136,7 +136,7 @@ def test_paired_difference_refuses_what_it_cannot_pair():
 
 
 def test_claims_benchmark_stores_and_prints_intervals():
-    """Issue 10 item 14: benchmarks/claims.py stores each interval as [low, high] and its tables print them so.
+    """benchmarks/claims.py stores each interval as [low, high] and its tables print them so.
 
     Renders the committed results (benchmarks/results/claims.json) as `claims.py --render` does.
     """
