@@ -12,12 +12,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 INTERVAL = r"-?\d+\.\d{3} \[-?\d+\.\d{3}, -?\d+\.\d{3}\]"
 
 
-def test_wrapper_vs_paper_header_matches_its_intervals_and_the_committed_file(tmp_path):
+def test_wrapper_vs_paper_header_matches_its_intervals_and_the_committed_file(tmp_path, monkeypatch):
     """The table shows mean [low, high] under a header that says so, with no "± half-width" anywhere; the committed
     file is in that format."""
     pytest.importorskip("k_diffusion")
     import wrapper_vs_paper
 
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the script's 2 threads: the suite keeps its one
     wrapper_vs_paper.main(["--seeds", "2", "--n", "200", "--out", str(tmp_path)])
     fresh = (tmp_path / "wrapper_vs_paper.md").read_text().splitlines()
     committed = (ROOT / "benchmarks/results/wrapper_vs_paper.md").read_text().splitlines()
@@ -79,6 +80,7 @@ def test_claims_quick_writes_to_a_fresh_temporary_folder_with_counted_calls_and_
     # every table's student: the cheap 2-step flow map (the exact ones integrate an ODE per call)
     monkeypatch.setattr(claims, "students_for", lambda truth, name: dict.fromkeys(
         ["weights", "wide", "truncated", "trained"], FlowMapStudent(truth, steps=2)))
+    monkeypatch.setattr(claims, "FlowMapStudent", lambda mixture: FlowMapStudent(mixture, steps=2))  # poor_teacher's
     result = claims.main(["--quick", "--n", "64"])
     (out,) = tmp_path.glob("kdpp-claims-quick-*")
     assert {p.name for p in out.iterdir()} == {"claims.json", "claims.md", "sweep_lam.png", "sweep_k.png"}
