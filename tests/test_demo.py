@@ -38,11 +38,17 @@ def test_toy_demo_options(solver, tmp_path):
                       "truncated", "--k", "2", "--lam", "0.5", "--renoise", "deterministic", "--seed", "3"]) == 0
 
 
-def test_demo_module_entry_point(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "kdpp.demo", "--help"], capture_output=True, text=True, check=True,
-                         env=env)
-    assert "--toy" in out.stdout and "--students" in out.stdout and "--solver" not in out.stdout
+def test_demo_module_entry_point(monkeypatch, capsys):
+    """`python -m kdpp.demo --help`, run as `-m` runs it (runpy, a fresh copy of the module as __main__)."""
+    import runpy
+
+    monkeypatch.delitem(sys.modules, "kdpp.demo")
+    monkeypatch.setattr(sys, "argv", ["kdpp.demo", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("kdpp.demo", run_name="__main__", alter_sys=True)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--toy" in out and "--students" in out and "--solver" not in out
 
 
 def test_toy_help_lists_the_toy_options(capsys):
@@ -80,6 +86,7 @@ BLOCK_MATPLOTLIB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh interpreter and a toy run; quick: the digits demo without scikit-learn, below
 def test_demo_without_matplotlib_says_so_up_front_and_still_reports(tmp_path):
     """Without matplotlib the demo notes it before computing, skips the figures, still writes results.json and
     exits 0 (no traceback after the sampling)."""
