@@ -1,18 +1,13 @@
 """The newcomer's main job: python -m kdpp.demo (the learned digits by default, the analytic toy with --toy)."""
 import json
-import os
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from kdpp import demo
 from kdpp.toy import Estimate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 #: the toy demo with few bootstrap resamples: the intervals get coarser, nothing else changes
@@ -86,13 +81,10 @@ BLOCK_MATPLOTLIB = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # a fresh interpreter and a toy run; quick: the digits demo without scikit-learn, below
-def test_demo_without_matplotlib_says_so_up_front_and_still_reports(tmp_path):
+def test_demo_without_matplotlib_says_so_up_front_and_still_reports(tmp_path, fresh_python):
     """Without matplotlib the demo notes it before computing, skips the figures, still writes results.json and
     exits 0 (no traceback after the sampling)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, *TOY, "--n", "100", "--student", "truncated",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = fresh_python(["-c", BLOCK_MATPLOTLIB, *TOY, "--n", "100", "--student", "truncated", "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "pip install 'kdpp[demo]'" in lines[0]  # before the run starts
@@ -267,10 +259,8 @@ def test_digits_demo_with_two_seeds_claims_no_significance(tmp_path, capsys):
 BLOCK_SKLEARN = BLOCK_MATPLOTLIB.replace('"matplotlib"', '"sklearn"')
 
 
-def test_digits_demo_without_scikit_learn_says_how_to_get_it(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", BLOCK_SKLEARN, "--out", str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=300)
+def test_digits_demo_without_scikit_learn_says_how_to_get_it(tmp_path, fresh_python):
+    proc = fresh_python(["-c", BLOCK_SKLEARN, "--out", str(tmp_path)])
     assert proc.returncode == 1
     assert "the digits demo needs scikit-learn: pip install 'kdpp[demo]'" in proc.stderr
     assert "python -m kdpp.demo --toy" in proc.stderr and "Traceback" not in proc.stderr
