@@ -8,7 +8,16 @@ from importlib.machinery import ModuleSpec
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("KDPP_TEST_THREADS", "1")))
+THREADS = int(os.environ.get("KDPP_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _suite_threads():
+    """Every test runs on the suite's torch threads, even after one ran a script that sets its own."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
 
 
 def _expose_kdiffusion_sampling() -> None:
@@ -95,3 +104,14 @@ def other_denoiser(x, sigma, **extra):
 @pytest.fixture
 def schedule():
     return torch.tensor([14.6, 7.0, 3.1, 1.2, 0.45, 0.1, 0.0], dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def fresh_python():
+    """``fresh_python(["-c", code, *argv])`` / ``fresh_python(["-m", module, *argv])``: a fresh interpreter's run
+    (tests/fresh_python.py), as ``subprocess.run(..., capture_output=True, text=True)`` returns it."""
+    from fresh_python import FreshPython
+
+    runner = FreshPython()
+    yield runner.run
+    runner.close()

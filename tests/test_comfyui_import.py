@@ -1,31 +1,21 @@
 """The node pack imports nothing of ComfyUI until ComfyUI loads it (no ComfyUI needed here)."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 import kdpp.comfyui
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def test_import_kdpp_and_kdpp_comfyui_import_no_comfy():
+def test_import_kdpp_and_kdpp_comfyui_import_no_comfy(fresh_python):
     code = ("import sys, kdpp, kdpp.comfyui, kdpp.hosts, kdpp.flow, kdpp.comfyui.__main__\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_extras', 'nodes', 'execution', 'folder_paths'))\n"
             "assert not bad, bad\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    run = fresh_python(["-c", code])
+    assert run.returncode == 0, run.stderr
 
 
-def install_command(path, *options):
-    return subprocess.run([sys.executable, "-m", "kdpp.comfyui", "install", str(path), *options], cwd=ROOT,
-                          capture_output=True, text=True)
-
-
-def test_install_command_writes_the_custom_nodes_shim(tmp_path):
+def test_install_command_writes_the_custom_nodes_shim(tmp_path, fresh_python):
     custom_nodes = tmp_path / "custom_nodes"
     custom_nodes.mkdir()
-    run = install_command(custom_nodes)
+    run = fresh_python(["-m", "kdpp.comfyui", "install", str(custom_nodes)])
     assert run.returncode == 0, run.stderr
     shim = custom_nodes / "kdpp_nodes" / "__init__.py"
     assert str(shim) in run.stdout
@@ -42,15 +32,14 @@ def test_install_command_refuses_what_is_not_a_custom_nodes_folder(tmp_path, cap
     from kdpp.comfyui.__main__ import main
 
     (tmp_path / "custom_nodes").mkdir()
-    root = install_command(tmp_path)  # one real process: exit status 2, the message, no traceback
-    assert root.returncode == 2 and "Traceback" not in root.stderr
-    assert f"install into {str(tmp_path / 'custom_nodes')!r}" in root.stderr
     other = tmp_path / "nodes"
     other.mkdir()
-    for path, message in [(tmp_path / "missing", "is not a directory"), (other, "is not a ComfyUI custom_nodes folder")]:
+    for path, message in [(tmp_path, f"install into {str(tmp_path / 'custom_nodes')!r}"),
+                          (tmp_path / "missing", "is not a directory"), (other, "is not a ComfyUI custom_nodes folder")]:
         with pytest.raises(SystemExit) as exit:
             main(["install", str(path)])
-        assert exit.value.code == 2 and message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and message in err and err.count("\n") == 1  # one line, exit status 2
     assert not (other / "kdpp_nodes").exists() and not (tmp_path / "kdpp_nodes").exists()
     main(["install", str(other), "--force"])
     assert (other / "kdpp_nodes" / "__init__.py").is_file()

@@ -1,18 +1,13 @@
 """The newcomer's main job: python -m kdpp.demo (the learned digits by default, the analytic toy with --toy)."""
 import json
-import os
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from kdpp import demo
 from kdpp.toy import Estimate
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 #: the toy demo with few bootstrap resamples: the intervals get coarser, nothing else changes
@@ -38,11 +33,17 @@ def test_toy_demo_options(solver, tmp_path):
                       "truncated", "--k", "2", "--lam", "0.5", "--renoise", "deterministic", "--seed", "3"]) == 0
 
 
-def test_demo_module_entry_point(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "kdpp.demo", "--help"], capture_output=True, text=True, check=True,
-                         env=env)
-    assert "--toy" in out.stdout and "--students" in out.stdout and "--solver" not in out.stdout
+def test_demo_module_entry_point(monkeypatch, capsys):
+    """`python -m kdpp.demo --help`, run as `-m` runs it (runpy, a fresh copy of the module as __main__)."""
+    import runpy
+
+    monkeypatch.delitem(sys.modules, "kdpp.demo")
+    monkeypatch.setattr(sys, "argv", ["kdpp.demo", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("kdpp.demo", run_name="__main__", alter_sys=True)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--toy" in out and "--students" in out and "--solver" not in out
 
 
 def test_toy_help_lists_the_toy_options(capsys):
@@ -80,12 +81,10 @@ BLOCK_MATPLOTLIB = textwrap.dedent("""
 """)
 
 
-def test_demo_without_matplotlib_says_so_up_front_and_still_reports(tmp_path):
+def test_demo_without_matplotlib_says_so_up_front_and_still_reports(tmp_path, fresh_python):
     """Without matplotlib the demo notes it before computing, skips the figures, still writes results.json and
     exits 0 (no traceback after the sampling)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, *TOY, "--n", "100", "--student", "truncated",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = fresh_python(["-c", BLOCK_MATPLOTLIB, *TOY, "--n", "100", "--student", "truncated", "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "pip install 'kdpp[demo]'" in lines[0]  # before the run starts
@@ -260,10 +259,8 @@ def test_digits_demo_with_two_seeds_claims_no_significance(tmp_path, capsys):
 BLOCK_SKLEARN = BLOCK_MATPLOTLIB.replace('"matplotlib"', '"sklearn"')
 
 
-def test_digits_demo_without_scikit_learn_says_how_to_get_it(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", BLOCK_SKLEARN, "--out", str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=300)
+def test_digits_demo_without_scikit_learn_says_how_to_get_it(tmp_path, fresh_python):
+    proc = fresh_python(["-c", BLOCK_SKLEARN, "--out", str(tmp_path)])
     assert proc.returncode == 1
     assert "the digits demo needs scikit-learn: pip install 'kdpp[demo]'" in proc.stderr
     assert "python -m kdpp.demo --toy" in proc.stderr and "Traceback" not in proc.stderr

@@ -237,7 +237,7 @@ def test_sdxl_conditioning_takes_encode_prompt_return_order():
                    dtype=torch.float32, disable=True)
     assert lat.shape == (2, 4, 8, 8) and torch.isfinite(lat).all()
     with pytest.raises(ValueError, match=r"SDXLConditioning.negative_prompt_embeds must be \[batch, tokens, dim\].*encode_prompt's order"):
-        SDXLConditioning(out[0], out[2], out[1], out[3])  # the pre-fix field order
+        SDXLConditioning(out[0], out[2], out[1], out[3])  # pooled and negative swapped
     with pytest.raises(ValueError, match="negative_pooled_prompt_embeds has shape"):
         SDXLConditioning(out[0], out[1], out[2], out[3][:, :16])
     with pytest.raises(TypeError, match="pooled_prompt_embeds must be a tensor"):

@@ -44,7 +44,7 @@ def _setup_cfg_extra(name: str) -> list[str]:
 
 
 def test_readme_lists_what_the_test_extra_installs():
-    """Issue 10 item 15 (README half): the README's list of what `kdpp[test]` adds names every package of that extra."""
+    """The README's list of what `kdpp[test]` adds names every package of that extra."""
     installing = (ROOT / "README.md").read_text().split("## Installing", 1)[1].split("\n## ", 1)[0]
     sentence = " ".join(installing.split("`kdpp[test]` adds", 1)[1].split(";", 1)[0].split())
     for package in _setup_cfg_extra("test"):
@@ -56,10 +56,9 @@ REMOTE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?//", re.I)
 
 @pytest.mark.slow
 def test_built_site_serves_its_math_renderer(tmp_path):
-    """Issue 10 item 16: the built site loads no script or stylesheet from another host and ships MathJax.
+    """The built site loads no script or stylesheet from another host and ships MathJax, so formulas render offline.
 
-    Builds the site as CI does (`mkdocs build --strict`). Before: MathJax came from a CDN, so offline
-    every formula showed as raw TeX.
+    Builds the site as CI does (`mkdocs build --strict`).
     """
     for module in ("mkdocs", "material", "mkdocstrings", "mathjax"):
         if importlib.util.find_spec(module) is None:
@@ -97,7 +96,7 @@ def test_built_site_serves_its_math_renderer(tmp_path):
 
 
 def test_docs_hook_names_the_fix_when_mathjax_is_missing(monkeypatch):
-    """Issue 10 item 16: without the docs extra the build stops with the install command, not a bare ImportError."""
+    """Without the docs extra the build stops with the install command, not a bare ImportError."""
     pytest.importorskip("mkdocs")
     spec = importlib.util.spec_from_file_location("offline_math", ROOT / "docs" / "_hooks" / "offline_math.py")
     hook = importlib.util.module_from_spec(spec)

@@ -7,8 +7,6 @@ configurations of diffusers' own model tests (FLUX with 16 packed channels, i.e.
 """
 import copy
 import dataclasses
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -452,11 +450,12 @@ def test_guidance_embedding_mismatches_and_batches_are_refused():
         sd3.generate(LARGE_TURBO, LARGE, no_negative, seeds=SEEDS, height=64, width=64)
 
 
-def test_importing_the_flow_modules_does_not_import_diffusers():
+def test_importing_the_flow_modules_does_not_import_diffusers(fresh_python):
     code = ("import sys, kdpp.diffusers.sd3, kdpp.diffusers.flux, kdpp.diffusers.flow_presets; "
             "print('diffusers' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    run = fresh_python(["-c", code])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
 
 
 def test_presets():
@@ -547,7 +546,7 @@ def test_flow_conditioning_takes_the_pipelines_encode_prompt_returns():
                            disable=True)
     assert latents.shape == (2, 4, 4, 4) and torch.isfinite(latents).all()
     with pytest.raises(ValueError, match=r"FlowConditioning.negative_prompt_embeds must be \[batch, tokens, dim\], got shape \(2, 64\)"):
-        FlowConditioning(out[0], out[2], out[1], out[3])  # the pre-fix field order
+        FlowConditioning(out[0], out[2], out[1], out[3])  # pooled and negative swapped
 
     with torch.no_grad():
         flux_out = tiny_flux_text_pipeline(SCHNELL).encode_prompt(["a fox", "a cat"], None, max_sequence_length=12)

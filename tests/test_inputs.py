@@ -221,10 +221,8 @@ def test_cfg_pp_needs_a_guided_student():
         kdpp.sample_euler_cfg_pp_distpp(nonlinear_denoiser, None, torch.randn(2, 3), SIGMAS, 0.0, disable=True)
 
 
-def test_import_kdpp_does_not_import_heavy_stacks():
-    import subprocess
-    import sys
-
+def test_import_kdpp_does_not_import_heavy_stacks(fresh_python):
     code = "import sys, kdpp, kdpp.toy; print(sorted(m for m in ('k_diffusion', 'torchvision', 'diffusers', 'wandb', 'clip', 'matplotlib') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    run = fresh_python(["-c", code])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

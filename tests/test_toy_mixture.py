@@ -88,6 +88,7 @@ def test_flow_map_is_fourth_order_and_invertible():
     torch.testing.assert_close(back, x, rtol=0, atol=1e-7)
 
 
+@pytest.mark.slow  # 1500 points through the ODE; quick: the flow map against closed forms and its order
 def test_flow_map_pushes_the_noised_marginal_onto_the_data():
     from kdpp.toy import mmd_rbf
 

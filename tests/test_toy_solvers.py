@@ -50,6 +50,7 @@ def test_ancestral_samplers_reach_the_target_with_many_steps(sampler):
     assert ok, est
 
 
+@pytest.mark.slow  # 1500 points through the exact flow map; quick: lcm pulled to the truth by the exact teacher
 def test_consistency_sampling_with_the_exact_flow_map_reaches_the_target_in_four_steps():
     x = torch.randn(1500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 40
     out = kdpp.sample_lcm_distpp(FlowMapStudent(MIX), None, x, [40.0, 4.0, 1.6, 0.7, 0.0], 0.0,
