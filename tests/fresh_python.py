@@ -4,7 +4,8 @@ A test that needs a fresh interpreter (what ``import kdpp`` imports, a command's
 blocked before anything imports it) would start one with ``subprocess.run([sys.executable, ...])``; about a second
 of that is ``import torch``. Here one server process imports torch once and forks a child per run: the child is a
 fresh interpreter with torch (and what torch imports) already loaded, nothing of kdpp, of the test session or of the
-packages the tests look for. Without ``os.fork`` (Windows) every run is a plain subprocess.
+packages the tests look for. Off Linux (no ``os.fork`` on Windows; forking a process that imported torch is unsafe
+on macOS) every run is a plain subprocess.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class FreshPython:
     def run(self, args: list[str], cwd: Path | str = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
         if args[0] not in ("-c", "-m") or len(args) < 2:
             raise ValueError(f"args must start with '-c', CODE or '-m', MODULE; got {args!r}")
-        if not hasattr(os, "fork"):
+        if sys.platform != "linux":
             return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True,
                                   timeout=timeout)
         if self.server is None:
