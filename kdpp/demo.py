@@ -1,4 +1,4 @@
-"""``python -m kdpp.demo``: Distillation++ in pictures, in about a minute on a CPU.
+"""``python -m kdpp.demo``: Distillation++ in pictures, in seconds on a CPU.
 
 By default, the learned digits (:mod:`kdpp.learned.demo`; needs scikit-learn and matplotlib:
 ``pip install 'kdpp[demo]'``): trained and distilled nets, the class as the prompt, every student plain,
