@@ -43,6 +43,11 @@ from ..sampling import Family, calls_teacher
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
+#: why a pipeline refuses ``sigmas``/``mu`` and the IP-Adapter arguments (the messages name the argument)
+WHY_SCHEDULE = ("the schedule is the student preset's (num_inference_steps sets its step count; pass a preset to "
+                "from_pipe(student=...) for another)")
+WHY_IP = "IP-Adapter image embeddings are not passed to the student and teacher"
+
 
 def generator_state_seed(generator: torch.Generator) -> int:
     """A seed derived from (without advancing) ``generator``'s state: the same state gives the same seed."""

@@ -11,17 +11,13 @@ from .. import sampling
 from ..flow_models import FlowConditioning
 from ..flow_presets import STUDENTS, FlowStudentPreset
 from ..flux import FluxFamily, pack_latents, unpack_latents
-from .base import DistPPPipelineMixin, FlowLatentsMixin, flow_scheduler_config, flow_teacher
+from .base import WHY_IP, WHY_SCHEDULE, DistPPPipelineMixin, FlowLatentsMixin, flow_scheduler_config, flow_teacher
 
 try:
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 except ImportError as error:  # pragma: no cover - the diffusers extra is missing
     raise ImportError("kdpp.diffusers.pipelines needs the diffusers extra: pip install 'kdpp[diffusers]'") from error
-
-_WHY_SCHEDULE = ("the schedule is the student preset's (num_inference_steps sets its step count; pass a preset to "
-                 "from_pipe(student=...) for another)")
-_WHY_IP = "IP-Adapter image embeddings are not passed to the student and teacher"
 
 
 class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
@@ -84,10 +80,10 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
         ``teacher_joint_attention_kwargs``.
         """
         name = type(self).__name__
-        self._refuse(name, sigmas=(sigmas, None, _WHY_SCHEDULE), ip_adapter_image=(ip_adapter_image, None, _WHY_IP),
-                     ip_adapter_image_embeds=(ip_adapter_image_embeds, None, _WHY_IP),
-                     negative_ip_adapter_image=(negative_ip_adapter_image, None, _WHY_IP),
-                     negative_ip_adapter_image_embeds=(negative_ip_adapter_image_embeds, None, _WHY_IP))
+        self._refuse(name, sigmas=(sigmas, None, WHY_SCHEDULE), ip_adapter_image=(ip_adapter_image, None, WHY_IP),
+                     ip_adapter_image_embeds=(ip_adapter_image_embeds, None, WHY_IP),
+                     negative_ip_adapter_image=(negative_ip_adapter_image, None, WHY_IP),
+                     negative_ip_adapter_image_embeds=(negative_ip_adapter_image_embeds, None, WHY_IP))
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)
         height = height or self.default_sample_size * self.vae_scale_factor

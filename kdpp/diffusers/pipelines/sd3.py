@@ -11,7 +11,7 @@ from .. import sampling
 from ..flow_models import FlowConditioning
 from ..flow_presets import STUDENTS, FlowStudentPreset
 from ..sd3 import SD3Family
-from .base import DistPPPipelineMixin, FlowLatentsMixin, flow_scheduler_config, flow_teacher
+from .base import WHY_IP, WHY_SCHEDULE, DistPPPipelineMixin, FlowLatentsMixin, flow_scheduler_config, flow_teacher
 
 try:
     from diffusers import StableDiffusion3Pipeline
@@ -19,9 +19,6 @@ try:
 except ImportError as error:  # pragma: no cover - the diffusers extra is missing
     raise ImportError("kdpp.diffusers.pipelines needs the diffusers extra: pip install 'kdpp[diffusers]'") from error
 
-_WHY_SCHEDULE = ("the schedule is the student preset's (num_inference_steps sets its step count; pass a preset to "
-                 "from_pipe(student=...) for another)")
-_WHY_IP = "IP-Adapter image embeddings are not passed to the student and teacher"
 _WHY_SLG = ("skip-layer guidance is not built by kdpp's SD3 family (the student's CFG and the teacher's CFG are "
             "plain true CFG); leave skip_guidance_layers out")
 
@@ -84,9 +81,9 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
         ``teacher_joint_attention_kwargs``.
         """
         name = type(self).__name__
-        self._refuse(name, sigmas=(sigmas, None, _WHY_SCHEDULE), mu=(mu, None, _WHY_SCHEDULE),
-                     ip_adapter_image=(ip_adapter_image, None, _WHY_IP),
-                     ip_adapter_image_embeds=(ip_adapter_image_embeds, None, _WHY_IP),
+        self._refuse(name, sigmas=(sigmas, None, WHY_SCHEDULE), mu=(mu, None, WHY_SCHEDULE),
+                     ip_adapter_image=(ip_adapter_image, None, WHY_IP),
+                     ip_adapter_image_embeds=(ip_adapter_image_embeds, None, WHY_IP),
                      skip_guidance_layers=(skip_guidance_layers, None, _WHY_SLG))
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)

@@ -11,17 +11,13 @@ from torch import Tensor
 from .. import sampling
 from ..presets import STUDENTS, StudentPreset, sdxl_teacher
 from ..sdxl import SDXLConditioning, SDXLFamily
-from .base import DistPPPipelineMixin
+from .base import WHY_IP, WHY_SCHEDULE, DistPPPipelineMixin
 
 try:
     from diffusers import StableDiffusionXLPipeline
     from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 except ImportError as error:  # pragma: no cover - the diffusers extra is missing
     raise ImportError("kdpp.diffusers.pipelines needs the diffusers extra: pip install 'kdpp[diffusers]'") from error
-
-_WHY_SCHEDULE = ("the schedule is the student preset's (num_inference_steps sets its step count; pass a preset to "
-                 "from_pipe(student=...) for another)")
-_WHY_IP = "IP-Adapter image embeddings are not passed to the student and teacher"
 
 
 class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipeline):
@@ -107,11 +103,11 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
         self._check_steps(num_inference_steps)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        self._refuse(name, timesteps=(timesteps, None, _WHY_SCHEDULE), sigmas=(sigmas, None, _WHY_SCHEDULE),
-                     denoising_end=(denoising_end, None, _WHY_SCHEDULE),
+        self._refuse(name, timesteps=(timesteps, None, WHY_SCHEDULE), sigmas=(sigmas, None, WHY_SCHEDULE),
+                     denoising_end=(denoising_end, None, WHY_SCHEDULE),
                      eta=(eta, 0.0, "the preset's sampler has no eta (the DDIM scheduler's)"),
-                     ip_adapter_image=(ip_adapter_image, None, _WHY_IP),
-                     ip_adapter_image_embeds=(ip_adapter_image_embeds, None, _WHY_IP),
+                     ip_adapter_image=(ip_adapter_image, None, WHY_IP),
+                     ip_adapter_image_embeds=(ip_adapter_image_embeds, None, WHY_IP),
                      guidance_rescale=(guidance_rescale, 0.0, "it rescales the student's CFG, which distilled students "
                                        "sample without"))
         if self.vae_scale_factor != 8:
