@@ -207,6 +207,7 @@ def bind(sampler: Callable, teacher, lam, k: int | None = None, *, guided_steps:
     may be ``None`` and given at call time. ``lam = 0`` gives a function equal to the plain
     sampler. ``sampler`` must be a kdpp sampler (a value of :data:`kdpp.SAMPLERS`).
     """
+    _check_sampler(sampler, "bind")
     hosted = host_sampler(sampler)
     signature = hosted.__signature__
     bound = {"teacher": teacher, "lam": lam, "k": k, "guided_steps": guided_steps, **options}
