@@ -33,7 +33,16 @@ def check_sigmas(sigmas: Tensor | Sequence[float], name: str = "sigmas") -> list
     (the run stops at that noise level, as k-diffusion allows: hosts split one schedule into
     stages that way). Errors name the argument ``name``.
     """
-    s = sigmas.detach() if isinstance(sigmas, Tensor) else torch.as_tensor(sigmas, dtype=torch.float64)
+    if isinstance(sigmas, Tensor):
+        s = sigmas.detach()
+    else:
+        try:
+            if isinstance(sigmas, (str, bytes)) or sigmas is None:
+                raise TypeError
+            s = torch.as_tensor(sigmas, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a 1-D tensor or a sequence of numbers (a noise schedule, e.g. "
+                            f"kdpp.schedules.karras_sigmas(...)), got {sigmas!r}") from None
     if s.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(s.shape)}")
     if s.numel() < 2:
@@ -159,9 +168,9 @@ def check_denoiser_call(fn: Callable, who: str, kwargs: Mapping[str, Any], kwarg
     try:
         params.bind(None, None, **kwargs)
     except TypeError as e:
-        keys = ", ".join(map(repr, kwargs)) or "none"
-        raise TypeError(f"the {who} cannot be called as {who}(x, sigma, **{kwargs_name}) with {kwargs_name} keys "
-                        f"{keys}: {e} ({getattr(fn, '__name__', type(fn).__name__)}{params}){fix}") from None
+        given = f"with {kwargs_name} keys {', '.join(map(repr, kwargs))}" if kwargs else "with no keyword arguments"
+        raise TypeError(f"the {who} cannot be called as {who}(x, sigma, **{kwargs_name}) {given}: {e} "
+                        f"({getattr(fn, '__name__', type(fn).__name__)}{params}){fix}") from None
 
 
 #: the interval of ``lam`` without a warning: 0 is the student, 1 the teacher's own estimate

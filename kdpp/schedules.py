@@ -6,9 +6,18 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ._checks import _index
+
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """Karras et al. (2022): ``n`` sigmas evenly spaced in ``sigma^(1/rho)``, then 0 (float64)."""
+    if _index(n) is None or n < 1:
+        raise ValueError(f"n (the number of steps) must be an int >= 1, got {n!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"karras_sigmas needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min!r}, "
+                         f"sigma_max={sigma_max!r} (k-diffusion's get_sigmas_karras takes them in this order too)")
+    if not rho > 0:
+        raise ValueError(f"rho must be positive, got {rho!r}")
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])
@@ -34,7 +43,11 @@ def trailing_timesteps(n: int, num_train_timesteps: int = 1000) -> list[int]:
 def timestep_sigmas(timesteps: list[int], alphas_cumprod: Tensor | None = None) -> Tensor:
     """The sigmas of the given VP timesteps, then 0 (default: the SD / SDXL schedule)."""
     sigmas = vp_sigmas(scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod)
-    return torch.cat([sigmas[list(timesteps)], torch.zeros(1, dtype=torch.float64)])
+    steps = [_index(t) for t in timesteps]
+    if any(t is None or not 0 <= t < len(sigmas) for t in steps):
+        raise ValueError(f"timesteps must be ints in 0 .. {len(sigmas) - 1} (the schedule's training timesteps), "
+                         f"got {list(timesteps)}")
+    return torch.cat([sigmas[steps], torch.zeros(1, dtype=torch.float64)])
 
 
 def match_tolerance(dtype: torch.dtype | None) -> float:
@@ -89,3 +102,4 @@ def stage_offset(sigmas: Sequence[float], full_sigmas: Sequence[float], toleranc
 def _short(values: Sequence[float]) -> str:
     shown = ", ".join(f"{v:.4g}" for v in values[:8])
     return f"[{shown}{', ...' if len(values) > 8 else ''}] ({len(values)} entries)"
+

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_callable, check_sigmas
+from ._checks import check_callable, check_denoiser_call, check_sigmas
 from ._shape import sigma_batch
 from .noise import NoiseSampler
 from .refine import Denoiser, Lam, RenoiseSigma, TeacherRefinement
@@ -78,9 +78,11 @@ class DistillationDenoiser:
         """Start a new sampling run at the next call (fresh renoise streams and output checks)."""
         self._restart = True
 
-    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor | float, **extra) -> Tensor:
+        sigma = torch.as_tensor(sigma)
         i, s = step_index(float(sigma.reshape(-1)[0]), self.sigmas, match_tolerance(sigma.dtype))
         if self._restart or self._shape != x.shape or s >= self.sigmas[0] > self._last_level:  # a new run
+            check_denoiser_call(self.student, "student", extra, "extra_args")
             self.refinement.start(x)
             self._shape, self._restart = x.shape, False
         self._last_level = s

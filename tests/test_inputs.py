@@ -8,6 +8,7 @@ import torch
 
 import kdpp
 from conftest import nonlinear_denoiser, other_denoiser
+from kdpp.wrappers import DistillationDenoiser
 
 SIGMAS = torch.tensor([8.0, 3.0, 1.0, 0.3, 0.0])
 ALL = [kdpp.sample_euler_distpp, kdpp.sample_euler_ancestral_distpp, kdpp.sample_dpmpp_2s_ancestral_distpp,
@@ -226,3 +227,41 @@ def test_import_kdpp_does_not_import_heavy_stacks(fresh_python):
     run = fresh_python(["-c", code])
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+NOT_NUMBERS = ["karras", ["14.6", "0"], {"a": 1}]
+
+
+@pytest.mark.parametrize("name, sigmas", [("sigmas", v) for v in [*NOT_NUMBERS, None]]
+                         + [("full_sigmas", v) for v in NOT_NUMBERS])  # full_sigmas=None: the default, sigmas
+def test_a_schedule_that_is_not_numbers_is_refused_by_name(name, sigmas):
+    args = {"sigmas": sigmas} if name == "sigmas" else {"sigmas": SIGMAS, "full_sigmas": sigmas}
+    with pytest.raises(TypeError, match=rf"^{name} must be a 1-D tensor or a sequence of numbers"):
+        kdpp.sample_euler_distpp(nonlinear_denoiser, other_denoiser, torch.randn(2, 3), lam=0.5, k=1, disable=True,
+                                 **args)
+    with pytest.raises(TypeError, match=r"^sigmas must be a 1-D tensor or a sequence of numbers"):
+        DistillationDenoiser(nonlinear_denoiser, other_denoiser, sigmas, 0.5, 1)
+
+
+def test_schedule_builders_refuse_what_gives_no_schedule():
+    from kdpp.schedules import karras_sigmas, timestep_sigmas
+
+    with pytest.raises(ValueError, match=r"0 < sigma_min < sigma_max, got sigma_min=14.6, sigma_max=0.03"):
+        karras_sigmas(4, 14.6, 0.03)  # swapped: would give a schedule that is not decreasing
+    with pytest.raises(ValueError, match=r"^n \(the number of steps\) must be an int >= 1, got 0"):
+        karras_sigmas(0, 0.03, 14.6)
+    with pytest.raises(ValueError, match=r"^timesteps must be ints in 0 \.\. 999"):
+        timestep_sigmas([1000, 500])
+    assert torch.equal(timestep_sigmas(torch.tensor([999, 499])), timestep_sigmas([999, 499]))
+
+
+def test_the_wrapper_names_a_student_it_cannot_call_and_takes_a_float_sigma():
+    sigmas = torch.tensor([8.0, 3.0, 0.0])
+    wrapped = DistillationDenoiser(lambda x: x, other_denoiser, sigmas, 0.5, 1)
+    with pytest.raises(TypeError, match=r"^the student cannot be called as student\(x, sigma, \*\*extra_args\) "
+                                        r"with no keyword arguments"):
+        wrapped(torch.randn(2, 3), sigmas[0])
+    x = torch.randn(2, 3)
+    runs = [DistillationDenoiser(nonlinear_denoiser, other_denoiser, sigmas, 0.5, 1, seed=3)(x, sigma)
+            for sigma in (8.0, sigmas[0])]
+    assert torch.equal(*runs)
