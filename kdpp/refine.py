@@ -94,7 +94,8 @@ class TeacherRefinement:
             the plain solver steps to) or ``"guidance"`` (paper eq. 10:
             deterministic noise at the current level, so the teacher sees the
             student's own input ``x_in`` and ``R = D + lam * (T(x_in) - S(x_in))``).
-        renoise_sigma: the renoising level ``tau_i``: ``"auto"`` (default: the noise
+        renoise_sigma: the renoising level ``tau_i``; ``None`` (the default) is ``"auto"``, or
+            ``"current"`` with ``renoise="guidance"``. ``"auto"``: the noise
             level of the state the step produces, ``sigma_{i+1}``, except on a step to
             ``sigma = 0``, where it is the current level ``sigma_i``), ``"next"``
             (``sigma_{i+1}`` always: a guided step to 0 then calls no teacher),

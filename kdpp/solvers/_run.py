@@ -58,8 +58,8 @@ COMMON_ARGS = """
         disable: disable the tqdm progress bar.
         renoise: renoising noise ``xi``: ``"random"``, ``"deterministic"`` or
             ``"guidance"`` (paper eq. 10); see :class:`kdpp.TeacherRefinement`.
-        renoise_sigma: renoising level ``tau``: ``"auto"`` (default: ``sigma_{i+1}``, or
-            ``sigma_i`` on a step to 0), ``"next"``, ``"current"``, ``"random"``, a float or
+        renoise_sigma: renoising level ``tau``; ``None`` (the default) is ``"auto"``
+            (``sigma_{i+1}``, or ``sigma_i`` on a step to 0; ``"current"`` with ``renoise="guidance"``), ``"next"``, ``"current"``, ``"random"``, a float or
             ``f(i, sigma_in, sigma_out)``; see :class:`kdpp.TeacherRefinement`.
         seed: the run's seed, an int or one int per batch item: solver noise of absolute
             step ``j`` (unless ``noise_sampler`` is given), renoise noise and random levels
