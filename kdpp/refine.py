@@ -97,7 +97,7 @@ class TeacherRefinement:
         renoise_sigma: the renoising level ``tau_i``; ``None`` (the default) is ``"auto"``, or
             ``"current"`` with ``renoise="guidance"``. ``"auto"``: the noise
             level of the state the step produces, ``sigma_{i+1}``, except on a step to
-            ``sigma = 0``, where it is the current level ``sigma_i``), ``"next"``
+            ``sigma = 0``, where it is the current level ``sigma_i``; ``"next"``
             (``sigma_{i+1}`` always: a guided step to 0 then calls no teacher),
             ``"current"`` (the student's input level), ``"random"`` (log-uniform over
             the full schedule's positive range, one level per step and per seed), a
