@@ -245,8 +245,9 @@ class OutputChecker:
         self.count = 0
         self.where: list[str] = []
 
-    def __call__(self, out, who: str, i: int, sigma: float | str) -> Tensor:
-        return self.output(out, f"{who} at step {i} (sigma={sigma if isinstance(sigma, str) else format(sigma, '.6g')})")
+    def __call__(self, out, who: str, i: int, sigma: float | str, level: str = "sigma") -> Tensor:
+        """Check the output ``out`` of ``who`` called at step ``i`` at the noise level ``sigma`` (named ``level``)."""
+        return self.output(out, f"{who} at step {i} ({level}={sigma if isinstance(sigma, str) else format(sigma, '.6g')})")
 
     def checked_sampler(self, sampler: Callable[[float, float], Tensor], name: str) -> Callable[[float, float], Tensor]:
         """``sampler`` (a noise sampler the user passed as option ``name``) with each draw checked like a model output.

@@ -286,7 +286,7 @@ class TeacherRefinement:
             if lam == 0:
                 continue
             who = f"teacher[{j}]" if len(self.teachers) > 1 else "teacher"
-            t = self.check(teacher(point, teacher_sigma, **targs), who, i, label)
+            t = self.check(teacher(point, teacher_sigma, **targs), who, i, label, level="renoise level tau")
             outputs.append(t)
             refined = refined + lam * (t - denoised)
         return Refined(refined, outputs, reported)

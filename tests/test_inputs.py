@@ -151,10 +151,10 @@ def test_every_option_is_validated_by_name(name, overrides, error, match):
 @pytest.mark.parametrize("who, bad, error, match", [
     ("student", lambda x, s: x[:, :2], ValueError, r"student at step 0 \(sigma=8\) returned shape \(2, 2\), expected \(2, 3\)"),
     ("teacher", lambda x, s: x.half(), TypeError,
-     r"teacher at step 0 \(sigma=3\) returned dtype torch.float16, expected torch.float32 \(the dtype of x\) or a wider"),
+     r"teacher at step 0 \(renoise level tau=3\) returned dtype torch.float16, expected torch.float32 \(the dtype of x\) or a wider"),
     ("student", lambda x, s: x.long(), TypeError, r"student at step 0 \(sigma=8\) returned dtype torch.int64"),
-    ("teacher", lambda x, s: x.to(torch.complex64), TypeError, r"teacher at step 0 \(sigma=3\) returned dtype torch.complex64"),
-    ("teacher", lambda x, s: x.numpy(), TypeError, r"teacher at step 0 \(sigma=3\) returned ndarray"),
+    ("teacher", lambda x, s: x.to(torch.complex64), TypeError, r"teacher at step 0 \(renoise level tau=3\) returned dtype torch.complex64"),
+    ("teacher", lambda x, s: x.numpy(), TypeError, r"teacher at step 0 \(renoise level tau=3\) returned ndarray"),
 ])
 def test_bad_model_output_is_named(who, bad, error, match):
     with pytest.raises(error, match=match):
@@ -172,7 +172,8 @@ def test_non_finite_model_output_names_model_and_step(sampler, who):
     models[who] = nan_at_step_1
     # with eta = 1 the 2S midpoint of step 0 is sqrt(s_0 * s_down) = s_1: that call fails first
     step = 0 if sampler is kdpp.sample_dpmpp_2s_ancestral_distpp else 1
-    with pytest.raises(FloatingPointError, match=rf"{who} at step {step} \(sigma=3\) returned NaN or inf"):
+    level = "sigma" if who == "student" else "renoise level tau"
+    with pytest.raises(FloatingPointError, match=rf"{who} at step {step} \({level}=3\) returned NaN or inf"):
         sampler(models["student"], models["teacher"], torch.randn(2, 3) * 8, SIGMAS, 0.5, 4,
                 renoise_sigma="current", disable=True)
 
