@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def warnings_to_log(source: str) -> Iterator[None]:
-    """Send kdpp's warnings raised inside to ComfyUI's console log as ``"<source>: <message>"``, every time.
+    """Send kdpp's warnings raised inside to ComfyUI's console log as ``"<source>: <message>"``, every time,
+    naming ``renoise_sigma`` by the nodes' input name ``renoise_level``.
 
     ComfyUI shows :mod:`logging` records (its handler prints the message alone) in its console and
     log view; a Python warning would name the ComfyUI frame that called kdpp and show once per
@@ -61,8 +62,8 @@ def warnings_to_log(source: str) -> Iterator[None]:
         show = warnings.showwarning
 
         def route(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, KdppWarning):
-                logger.warning("%s: %s", source, message)
+            if issubclass(category, KdppWarning):  # in the nodes' words: their input is renoise_level
+                logger.warning("%s: %s", source, str(message).replace("renoise_sigma", "renoise_level"))
             else:
                 show(message, category, filename, lineno, file, line)
 
