@@ -644,6 +644,39 @@ def test_from_pipe_shares_components_and_checks_the_teacher():
         FluxDistPPPipeline.from_pipe(FLUX_PIPE, student=flow_presets.flux_schnell(2))(**FLUX_ARGS, num_inference_steps=3)
 
 
+PIPES = {FluxDistPPPipeline: (FLUX_PIPE, "FluxTransformer2DModel"),
+         StableDiffusion3DistPPPipeline: (SD3_PIPE, "SD3Transformer2DModel"),
+         StableDiffusionXLDistPPPipeline: (SDXL_PIPE, "UNet2DConditionModel"),
+         WanDistPPPipeline: (WAN_PIPE, "WanTransformer3DModel")}
+
+
+@pytest.mark.parametrize("cls", sorted(PIPES, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_from_pipe_refuses_a_pipeline_or_teacher_of_another_family_naming_both(cls):
+    """A pipeline of another family (as pipeline, or as teacher, or its denoiser as teacher) is refused at from_pipe,
+    naming the argument, the user's classes and the class this pipeline needs, before any model call."""
+    own, needs = PIPES[cls]
+    for other, _ in PIPES.values():
+        if other is own:
+            continue
+        got = f"{type(other).__name__} with {type(other.components.get('transformer') or other.unet).__name__}"
+        with pytest.raises(ValueError, match=rf"{cls.__name__}.from_pipe needs an? \w+ pipeline \(a {needs} "
+                                             rf"\w+\) as pipeline; got {got}"):
+            cls.from_pipe(other)
+        with pytest.raises(ValueError, match=rf"teacher must be an? \w+ pipeline \(a {needs} \w+\).*; got {got}"):
+            cls.from_pipe(own, teacher=other)
+        denoiser = other.components.get("transformer") or other.unet
+        with pytest.raises(ValueError, match=rf"teacher must be a {needs},.*; got {type(denoiser).__name__}$"):
+            cls.from_pipe(own, teacher=denoiser)
+    sd15 = diffusers.UNet2DConditionModel(**{**dict(SDXL_BASE.config), "addition_embed_type": None})
+    if cls is StableDiffusionXLDistPPPipeline:  # a UNet, but not SDXL's (no pooled-text and size conditioning)
+        with pytest.raises(ValueError, match="teacher must be a UNet2DConditionModel, an SDXL pipeline"):
+            cls.from_pipe(own, teacher=sd15)
+    stranger = SD3_TURBO if cls is WanDistPPPipeline else WAN_LORA
+    denoiser = "unet" if cls is StableDiffusionXLDistPPPipeline else "transformer"
+    with pytest.raises(ValueError, match=rf"{denoiser} must be a {needs} .*got {type(stranger).__name__}$"):
+        cls.from_pipe(own, **{denoiser: stranger})
+
+
 def test_step_counts_the_preset_cannot_take_are_refused_naming_num_inference_steps():
     with pytest.raises(ValueError, match=r"num_inference_steps=8: FLUX.1-schnell is meant for 1 to 4 steps"):
         flux_kd()(**FLUX_ARGS, num_inference_steps=8)

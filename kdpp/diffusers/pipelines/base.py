@@ -162,6 +162,30 @@ class DistPPPipelineMixin:
     _default_student: str | None = None
     _preset_type: type = object
     _generator_in_step = False  #: whether the diffusers pipeline passes ``generator`` to ``scheduler.step``
+    _model_class = ""  #: the diffusers class of the family's student and teacher (``FluxTransformer2DModel``, ...)
+    _family_label = ""  #: the family's name with its article, for errors (``"a FLUX"``, ``"an SD3"``, ...)
+
+    # ------------------------------------------------------------------ the family's models
+
+    @classmethod
+    def _of_family(cls, model: Any) -> bool:
+        """Whether ``model`` (unwrapped from ``torch.compile``) is an instance of the family's diffusers class."""
+        import diffusers
+
+        return isinstance(getattr(model, "_orig_mod", model), getattr(diffusers, cls._model_class))
+
+    @staticmethod
+    def _describe(pipeline: Any) -> str:
+        """``"FluxPipeline with FluxTransformer2DModel"``: a pipeline's class and its denoiser's (for errors)."""
+        for name in ("transformer", "unet"):
+            model = getattr(pipeline, name, None)
+            if model is not None:
+                return f"{type(pipeline).__name__} with {type(getattr(model, '_orig_mod', model)).__name__}"
+        return f"{type(pipeline).__name__} without a transformer or unet"
+
+    @classmethod
+    def _needs(cls) -> str:
+        return f"{cls._family_label} pipeline (a {cls._model_class} {cls._denoiser})"
 
     # ------------------------------------------------------------------ construction
 
@@ -194,8 +218,11 @@ class DistPPPipelineMixin:
             raise TypeError(f"pass the teacher as teacher=..., not {cls._teacher_component}=")
         given = pipeline.components
         kwargs = {name: components.get(name, given.get(name)) for name in expected if name != cls._teacher_component}
-        if kwargs.get(cls._denoiser) is None:
-            raise ValueError(f"pipeline has no {cls._denoiser}: the student is the pipeline's {cls._denoiser}")
+        if cls._denoiser in components and not cls._of_family(components[cls._denoiser]):
+            raise ValueError(f"{cls._denoiser} must be a {cls._model_class} (the student of {cls._needs()}), got "
+                             f"{type(components[cls._denoiser]).__name__}")
+        if cls._denoiser not in components and not cls._of_family(kwargs.get(cls._denoiser)):
+            raise ValueError(f"{cls.__name__}.from_pipe needs {cls._needs()} as pipeline; got {cls._describe(pipeline)}")
         for name in optional:
             if name in pipeline.config:
                 kwargs[name] = pipeline.config[name]
@@ -227,12 +254,17 @@ class DistPPPipelineMixin:
             pair = teacher
         elif isinstance(teacher, DiffusionPipeline):
             model = getattr(teacher, self._denoiser, None)
-            if not isinstance(model, torch.nn.Module):
-                raise ValueError(f"teacher is a {type(teacher).__name__} without a {self._denoiser}")
+            if not self._of_family(model):
+                raise ValueError(f"teacher must be {self._needs()}, a {self._model_class} or a SharedLoRAModel of the "
+                                 f"pipeline's {self._denoiser}; got {self._describe(teacher)}")
         elif teacher is not None:
             if not isinstance(teacher, torch.nn.Module):
                 raise TypeError(f"teacher must be a diffusers pipeline, a {self._denoiser} model, a SharedLoRAModel or "
                                 f"None, got {type(teacher).__name__}")
+            if not self._of_family(teacher):
+                raise ValueError(f"teacher must be a {self._model_class}, {self._needs()} or a SharedLoRAModel of the "
+                                 f"pipeline's {self._denoiser}; got "
+                                 f"{type(getattr(teacher, '_orig_mod', teacher)).__name__}")
             model = teacher
         if model is not None and model is denoiser:
             raise ValueError(f"teacher is the pipeline's own {self._denoiser}, so the teacher would be the student; for a "

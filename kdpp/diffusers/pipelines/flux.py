@@ -33,6 +33,8 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
     _students = {name: make for name, make in STUDENTS.items() if make().family == "flux"}
     _default_student = "flux.1-schnell"
     _preset_type = FlowStudentPreset
+    _model_class = "FluxTransformer2DModel"
+    _family_label = "a FLUX"
     _optional_components = [*FluxPipeline._optional_components, "teacher_transformer"]
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,

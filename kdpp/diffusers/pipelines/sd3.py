@@ -35,6 +35,8 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
     _students = {name: make for name, make in STUDENTS.items() if make().family == "sd3"}
     _default_student = "sd3.5-large-turbo"
     _preset_type = FlowStudentPreset
+    _model_class = "SD3Transformer2DModel"
+    _family_label = "an SD3"
     _optional_components = [*StableDiffusion3Pipeline._optional_components, "teacher_transformer"]
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,

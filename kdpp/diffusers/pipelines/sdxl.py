@@ -37,6 +37,8 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
     _teacher_component = "teacher_unet"
     _students = STUDENTS
     _preset_type = StudentPreset
+    _model_class = "UNet2DConditionModel"  #: with addition_embed_type="text_time" (:meth:`_of_family`)
+    _family_label = "an SDXL"
     _generator_in_step = True  # StableDiffusionXLPipeline passes generator to scheduler.step (prepare_extra_step_kwargs)
     _optional_components = [*StableDiffusionXLPipeline._optional_components, "teacher_unet"]
 
@@ -49,6 +51,12 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
                          add_watermarker=add_watermarker)
         self.register_modules(teacher_unet=teacher_unet)
         self._init_distpp()
+
+    @classmethod
+    def _of_family(cls, model: Any) -> bool:
+        """A ``UNet2DConditionModel`` with SDXL's pooled-text and size conditioning (``addition_embed_type="text_time"``)."""
+        config = getattr(getattr(model, "_orig_mod", model), "config", None)
+        return super()._of_family(model) and getattr(config, "addition_embed_type", None) == "text_time"
 
     @staticmethod
     def _preset_steps(preset: StudentPreset) -> int:

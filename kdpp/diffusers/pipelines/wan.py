@@ -37,6 +37,8 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
     _students = {name: make for name, make in STUDENTS.items() if make().family == "wan"}
     _default_student = "wan2.1-lightx2v"
     _preset_type = FlowStudentPreset
+    _model_class = "WanTransformer3DModel"
+    _family_label = "a Wan"
     _optional_components = [*WanPipeline._optional_components, "teacher_transformer"]
 
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
