@@ -7,6 +7,7 @@ student's preset samples with another scheduler than the pipeline's default, the
 matching scheduler swapped in, as a diffusers user of that student does.
 """
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -619,6 +620,35 @@ def test_latents_and_prompt_embeddings_as_the_pipeline_takes_them():
         kd(**args, lam=0.5, teacher_max_sequence_length=24)
     guided = kd(**args, lam=0.5).images  # the teacher takes the student's embeddings when they are its length
     assert rel(guided, want) > 1e-3
+
+
+LATENTS = {  # family: (the layout's words in the error, the expected shape for FAMILIES' 2 prompts, wrong shapes)
+    "flux": ("packed", (2, 4, 16), [(1, 16, 4), (2, 4, 4, 4), (2, 16, 4), (2, 4, 64), (4, 4, 16)]),
+    "sd3": ("[B, C, h, w]", (2, 4, 4, 4), [(2, 16, 16), (1, 4, 4, 4), (2, 4, 8, 8)]),
+    "sdxl": ("[B, C, h, w]", (2, 4, 8, 8), [(2, 4, 4, 4), (4, 4, 8, 8), (2, 64, 4)]),
+    "wan": ("[B, C, F, h, w]", (2, 16, 2, 4, 4), [(2, 16, 4, 4), (2, 16, 1, 4, 4), (1, 16, 2, 4, 4)]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_latents_of_another_shape_are_refused_naming_both_shapes_in_the_pipelines_layout(family):
+    """latents= of a wrong shape are refused before any model call, naming latents, the shape the pipeline takes (its
+    own layout: FLUX's packed, Wan's 5-D; batch = prompts x images per prompt) and the shape the user passed."""
+    make, _, args = FAMILIES[family]
+    kd = make()
+    layout, shape, wrong = LATENTS[family]
+    with Calls(kd.components[kd._denoiser]) as calls:
+        for bad in wrong:
+            with pytest.raises(ValueError, match=rf"latents must be a tensor of shape {re.escape(str(shape))} "
+                                                 rf"\(.*{re.escape(layout)}.* for 2 .*, got {re.escape(str(bad))}$"):
+                kd(**args, latents=torch.randn(bad), lam=0)
+        one = dict(args, prompt=args["prompt"][0], lam=0, **{"num_videos_per_prompt" if family == "wan" else
+                                                             "num_images_per_prompt": 2})
+        with pytest.raises(ValueError, match=rf"for 2 (images|videos) \(prompts x num_\w+_per_prompt\)"):
+            kd(**one, latents=torch.randn(1, *shape[1:]))
+    assert calls.count == 0
+    out = kd(**dict(args, num_inference_steps=1), latents=torch.randn(shape), lam=0, output_type="latent")
+    assert tuple(getattr(out, "frames" if family == "wan" else "images").shape) == shape
 
 
 def test_from_pipe_shares_components_and_checks_the_teacher():

@@ -162,6 +162,8 @@ class DistPPPipelineMixin:
     _default_student: str | None = None
     _preset_type: type = object
     _generator_in_step = False  #: whether the diffusers pipeline passes ``generator`` to ``scheduler.step``
+    _latents_layout = "[B, C, h, w]"  #: the pipeline's latents, for errors
+    _per_prompt = "num_images_per_prompt"
     _model_class = ""  #: the diffusers class of the family's student and teacher (``FluxTransformer2DModel``, ...)
     _family_label = ""  #: the family's name with its article, for errors (``"a FLUX"``, ``"an SD3"``, ...)
 
@@ -353,6 +355,16 @@ class DistPPPipelineMixin:
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
                                                 or not isinstance(num_inference_steps, numbers.Integral)):
             raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+
+    def _check_latents(self, family: Family, latents: Any, batch: int, size: str) -> None:
+        """Refuse ``latents=`` other than the pipeline's own layout for ``batch`` items of ``size`` (errors name both shapes)."""
+        if latents is None:
+            return
+        shape = tuple(self._pack(family, torch.empty(batch, *family.shape, device="meta")).shape)
+        if not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a tensor of shape {shape} ({self._latents_layout} for {batch} "
+                             f"{self._per_prompt.split('_')[1]} (prompts x {self._per_prompt}) of {size}), got {got}")
 
     # ------------------------------------------------------------------ the run
 

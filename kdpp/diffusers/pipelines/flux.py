@@ -33,6 +33,7 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
     _students = {name: make for name, make in STUDENTS.items() if make().family == "flux"}
     _default_student = "flux.1-schnell"
     _preset_type = FlowStudentPreset
+    _latents_layout = "FluxPipeline's packed [B, (h/2)(w/2), 4C]"
     _model_class = "FluxTransformer2DModel"
     _family_label = "a FLUX"
     _optional_components = [*FluxPipeline._optional_components, "teacher_transformer"]
@@ -143,6 +144,7 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
                             device=device, attention_kwargs=joint_attention_kwargs,
                             teacher_attention_kwargs=teacher_joint_attention_kwargs)
         batch = embeds.shape[0]
+        self._check_latents(family, latents, batch, f"{height}x{width}")
         packed, _ = self.prepare_latents(batch, family.shape[0], height, width, embeds.dtype, device, generator, latents)
         x = self._sample(family, self._unpack(family, packed).float(), generator, lam=lam, k=k,
                          guided_steps=guided_steps, renoise=renoise, renoise_sigma=renoise_sigma,

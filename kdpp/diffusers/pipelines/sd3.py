@@ -126,6 +126,7 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
                            scheduler_config=flow_scheduler_config(self, preset), height=height, width=width,
                            device=device, attention_kwargs=joint_attention_kwargs,
                            teacher_attention_kwargs=teacher_joint_attention_kwargs)
+        self._check_latents(family, latents, conditioning.batch, f"{height}x{width}")
         start = self.prepare_latents(conditioning.batch, family.shape[0], height, width, conditioning.prompt_embeds.dtype,
                                      device, generator, latents)
         x = self._sample(family, start.float(), generator, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,

@@ -164,6 +164,7 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
                             student_guidance=guidance_scale if embedding else None, device=device,
                             attention_kwargs=cross_attention_kwargs,
                             teacher_attention_kwargs=teacher_cross_attention_kwargs)
+        self._check_latents(family, latents, conditioning.batch, f"{height}x{width}")
         start = self.prepare_latents(conditioning.batch, family.shape[0], height, width,
                                      conditioning.prompt_embeds.dtype, device, generator, latents)
         start = start.float() / float(self.scheduler.init_noise_sigma)  # the unit noise; the preset scales it

@@ -37,6 +37,8 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
     _students = {name: make for name, make in STUDENTS.items() if make().family == "wan"}
     _default_student = "wan2.1-lightx2v"
     _preset_type = FlowStudentPreset
+    _latents_layout = "[B, C, F, h, w]"
+    _per_prompt = "num_videos_per_prompt"
     _model_class = "WanTransformer3DModel"
     _family_label = "a Wan"
     _optional_components = [*WanPipeline._optional_components, "teacher_transformer"]
@@ -114,6 +116,7 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
                            teacher_attention_kwargs=teacher_attention_kwargs)
         if self.vae is not None:
             family.check_vae(self.vae)
+        self._check_latents(family, latents, conditioning.batch, f"{num_frames} frames of {height}x{width}")
         start = self.prepare_latents(conditioning.batch, family.shape[0], height, width, num_frames, torch.float32,
                                      device, generator, latents)
         x = self._sample(family, start.float(), generator, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
