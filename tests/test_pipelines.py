@@ -173,6 +173,34 @@ def test_wan_base_with_cfg_at_lam0_is_wan_pipeline():
         assert got.shape == want.shape and rel(got, want) < 1e-5, output_type
 
 
+def test_wan_prompt_embeds_shorter_than_the_negative_prompts_are_taken_as_wan_pipeline_takes_them():
+    """prompt_embeds of 16 tokens (encode_prompt's max_sequence_length=16) without negative_prompt_embeds: the negative
+    prompt is encoded with the call's max_sequence_length (512), as WanPipeline does, and CFG runs its two passes
+    separately: lam = 0 with the student's CFG equals WanPipeline; a guided run calls the teacher (CFG 5) twice a step."""
+    import dataclasses
+
+    base = tiny_wan(4)
+    pipe = quiet(diffusers.WanPipeline(**{**WAN_PIPE.components, "transformer": base,
+                                          "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)}))
+    preset = dataclasses.replace(flow_presets.wan21_lightx2v(3), sampler="euler", schedule="pipeline",
+                                 scheduler_config={"num_train_timesteps": 1000, "shift": 5.0})
+    embeds, _ = pipe.encode_prompt(WAN_ARGS["prompt"], do_classifier_free_guidance=False, max_sequence_length=16)
+    args = dict(WAN_ARGS, prompt=None, prompt_embeds=embeds, guidance_scale=5.0, num_inference_steps=3,
+                output_type="latent")
+    del args["max_sequence_length"]
+    want = pipe(**args, generator=gens(7, 8)).frames
+    got = WanDistPPPipeline.from_pipe(pipe, student=preset)(**args, generator=gens(7, 8), lam=0).frames
+    assert rel(got, want) < 1e-5
+    make, teacher, _ = FAMILIES["wan"]
+    guided_args = dict(args, guidance_scale=None, num_inference_steps=3)
+    torch.manual_seed(0)
+    plain = make()(**guided_args, generator=gens(1, 2), lam=0).frames
+    torch.manual_seed(0)
+    with Calls(teacher) as calls:
+        guided = make()(**guided_args, generator=gens(1, 2), k=1).frames
+    assert sum(calls.disabled) == 2 and rel(guided, plain) > 1e-3  # the teacher's cond and uncond passes
+
+
 # ------------------------------------------------------------------ callbacks and interrupt
 
 
