@@ -312,6 +312,21 @@ def test_teacher_is_called_once_per_guided_step_and_never_at_lam0(family):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_guided_steps_not_a_sequence_gets_the_cores_error_and_an_iterator_is_read_once(family):
+    make, teacher, args = FAMILIES[family]
+    kd = make()
+    with Calls(kd.components[kd._denoiser]) as calls:
+        with pytest.raises(TypeError, match=r"^guided_steps must be a sequence of step indices, got 0$"):
+            kd(**args, guided_steps=0, lam=0.5)
+        with pytest.raises(TypeError, match=r"^guided_steps\[1\] must be an int, got 'x'$"):
+            kd(**args, guided_steps=[0, "x"], lam=0.5)
+    assert calls.count == 0
+    with Calls(teacher) as calls:
+        kd(**args, guided_steps=iter([0, 1]), lam=0.5, output_type="latent")
+    assert teacher_calls(calls) == 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_output_types_and_classes_are_the_pipelines(family):
     make, _, args = FAMILIES[family]
     kd = make()

@@ -155,9 +155,14 @@ def check_attention_kwargs(value: Any, name: str) -> dict[str, Any] | None:
     return dict(value)
 
 
+def guided_step_list(guided_steps: Any) -> list[int] | None:
+    """``guided_steps`` read once as a list of ints (an iterator is read more than once after); the core's error otherwise."""
+    return None if guided_steps is None else _ints(guided_steps, "guided_steps", "a sequence of step indices")
+
+
 def calls_teacher(lam: Any, k: int | None, guided_steps: Sequence[int] | None) -> bool:
     """Whether a run may call the teacher: some step guided (``guided_steps``, else ``k``) with a ``lam`` that is not 0."""
-    guided = bool(list(guided_steps)) if guided_steps is not None else bool(k)
+    guided = bool(guided_step_list(guided_steps)) if guided_steps is not None else bool(k)
     return guided and not (isinstance(lam, numbers.Real) and lam == 0)
 
 
@@ -312,7 +317,7 @@ def sample(
     """
     check_type(family, Family, "family")
     seeds = check_seeds(seeds)
-    guided_steps = None if guided_steps is None else list(guided_steps)  # an iterator is read more than once
+    guided_steps = guided_step_list(guided_steps)
     preset = family.preset
     lam = preset.lam if lam is None else lam
     if guided_steps is None and k is None:

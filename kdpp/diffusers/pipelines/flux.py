@@ -89,6 +89,7 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
                      negative_ip_adapter_image_embeds=(negative_ip_adapter_image_embeds, None, WHY_IP))
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)
+        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if self.vae_scale_factor != 8:

@@ -109,6 +109,7 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
             raise TypeError(f"{name}.__call__() got an unexpected keyword argument {old!r}")
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)
+        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self._refuse(name, timesteps=(timesteps, None, WHY_SCHEDULE), sigmas=(sigmas, None, WHY_SCHEDULE),

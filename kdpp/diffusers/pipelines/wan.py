@@ -88,6 +88,7 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
                                        "not built by kdpp's Wan family"))
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)
+        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
         self.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
                           callback_on_step_end_tensor_inputs, guidance_scale_2)
         preset = self.student_preset(num_inference_steps)
