@@ -634,6 +634,19 @@ def test_a_guided_run_is_reproduced_by_the_same_generators_and_per_image():
     torch.testing.assert_close(alone[0], first[1], rtol=1e-5, atol=1e-5)
 
 
+def test_wan_lightx2v_videos_depend_on_their_batch_as_in_wan_pipeline():
+    """docs/pipelines.md's exception: the lightx2v step noise is one global-RNG draw for the whole batch (WanPipeline
+    passes no generator to scheduler.step), so with one generator per video a video still depends on its batch."""
+    make, _, args = FAMILIES["wan"]
+    kd = make()
+    args = dict(args, output_type="latent", lam=0.5)
+    torch.manual_seed(0)
+    both = kd(**args, generator=gens(1, 2)).frames
+    torch.manual_seed(0)
+    alone = kd(**dict(args, prompt=args["prompt"][1]), generator=gens(2)).frames
+    assert rel(alone[0], both[1]) > 1e-2
+
+
 def test_one_generator_for_several_images_per_prompt_and_the_global_rng():
     """num_images_per_prompt with one generator draws the batch as FluxPipeline does; without a generator both draw
     from torch's global RNG."""
@@ -748,6 +761,21 @@ def test_from_pipe_refuses_a_pipeline_or_teacher_of_another_family_naming_both(c
     denoiser = "unet" if cls is StableDiffusionXLDistPPPipeline else "transformer"
     with pytest.raises(ValueError, match=rf"{denoiser} must be a {needs} .*got {type(stranger).__name__}$"):
         cls.from_pipe(own, **{denoiser: stranger})
+
+
+def test_diffusers_from_pipe_of_a_kdpp_pipeline_casts_in_place_unless_given_torch_dtype():
+    """docs/pipelines.md: FluxPipeline.from_pipe(kd) casts the shared components to float32 in place (diffusers'
+    from_pipe), torch_dtype= keeps them; kdpp's from_pipe casts nothing."""
+    import copy
+
+    pipe = copy.deepcopy(FLUX_PIPE).to(torch.bfloat16)
+    kd = FluxDistPPPipeline.from_pipe(pipe, teacher=copy.deepcopy(FLUX_DEV).to(torch.bfloat16))
+    assert kd.transformer.dtype == kd.text_encoder_2.dtype == torch.bfloat16
+    back = diffusers.FluxPipeline.from_pipe(kd, torch_dtype=torch.bfloat16)
+    assert back.transformer is pipe.transformer and pipe.transformer.dtype == torch.bfloat16
+    diffusers.FluxPipeline.from_pipe(kd)
+    assert pipe.transformer.dtype == pipe.text_encoder_2.dtype == torch.float32  # the user's pipeline, in place
+    assert kd.teacher_transformer.dtype == torch.bfloat16  # not a FluxPipeline component
 
 
 def test_step_counts_the_preset_cannot_take_are_refused_naming_num_inference_steps():

@@ -97,7 +97,7 @@ class WanVelocity(FlowTransformer):
                 raise TypeError(f"{name} must be an int (pixels), got {size!r}")
             if size <= 0 or size % (SPATIAL * patch):
                 raise ValueError(f"{name} must be a positive multiple of {SPATIAL * patch} (Wan: 8x VAE, patch size "
-                                 f"{patch}; WanPipeline rounds other sizes down), got {size}")
+                                 f"{patch}; WanPipeline refuses other sizes too), got {size}")
         if _index(num_frames) is None:
             raise TypeError(f"num_frames must be an int, got {num_frames!r}")
         if num_frames < 1 or (num_frames - 1) % TEMPORAL:

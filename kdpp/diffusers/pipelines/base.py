@@ -196,11 +196,12 @@ class DistPPPipelineMixin:
         """A Distillation++ pipeline sharing ``pipeline``'s components (nothing copied or cast), plus ``teacher``.
 
         Args:
-            pipeline: the user's diffusers pipeline of this family (its ``transformer`` / ``unet`` is the student).
+            pipeline: the user's diffusers pipeline of this family (its ``transformer`` / ``unet`` is the student;
+                one of another family is refused, its classes named).
             teacher: another pipeline (its denoiser is the teacher), a denoiser model, a
                 :class:`kdpp.diffusers.lora.SharedLoRAModel` of ``pipeline``'s own denoiser (a LoRA
                 student: the teacher is the same weights with the adapters off), or ``None`` (only
-                runs that never call the teacher: ``lam=0`` or ``k=0``).
+                runs that never call the teacher: ``lam=0`` or ``k=0``); a model of another family is refused.
             student: the student's preset: a name of the family's presets, a function of the step
                 count returning a preset, or a preset; default: the family's default student.
             components: components to use instead of ``pipeline``'s (as diffusers' ``from_pipe``).

@@ -70,8 +70,10 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
         The diffusers arguments are ``WanPipeline``'s, with these defaults and limits:
         ``num_inference_steps`` defaults to the student preset's (lightx2v: 4); ``guidance_scale``
         is the student's CFG (``> 1``: CFG with ``negative_prompt``, as the pipeline does), default
-        the preset's (lightx2v: none); ``num_frames`` must be ``4 n + 1`` and ``height`` / ``width``
-        multiples of 16 (the pipeline rounds other values; kdpp refuses them); Wan 2.2's
+        the preset's (lightx2v: none); ``num_frames`` must be ``4 n + 1`` (the pipeline rounds other
+        counts; kdpp refuses them) and ``height`` / ``width`` multiples of 16 (the pipeline's own
+        ``check_inputs`` refuses other sizes); ``prompt_embeds`` may have another token count than
+        ``negative_prompt_embeds`` (CFG then runs two passes, as the pipeline does); Wan 2.2's
         ``guidance_scale_2`` (and a pipeline with ``transformer_2`` / ``boundary_ratio`` /
         ``expand_timesteps``) is refused. ``WanPipeline`` does not pass ``generator`` to its
         scheduler's step, so a stochastic step's noise comes from torch's global RNG, here as there.
