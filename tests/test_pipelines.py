@@ -753,8 +753,8 @@ def test_from_pipe_refuses_a_pipeline_or_teacher_of_another_family_naming_both(c
         denoiser = other.components.get("transformer") or other.unet
         with pytest.raises(ValueError, match=rf"teacher must be a {needs},.*; got {type(denoiser).__name__}$"):
             cls.from_pipe(own, teacher=denoiser)
-    sd15 = diffusers.UNet2DConditionModel(**{**dict(SDXL_BASE.config), "addition_embed_type": None})
     if cls is StableDiffusionXLDistPPPipeline:  # a UNet, but not SDXL's (no pooled-text and size conditioning)
+        sd15 = diffusers.UNet2DConditionModel(**{**dict(SDXL_BASE.config), "addition_embed_type": None})
         with pytest.raises(ValueError, match="teacher must be a UNet2DConditionModel, an SDXL pipeline"):
             cls.from_pipe(own, teacher=sd15)
     stranger = SD3_TURBO if cls is WanDistPPPipeline else WAN_LORA
