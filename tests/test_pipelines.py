@@ -7,6 +7,7 @@ student's preset samples with another scheduler than the pipeline's default, the
 matching scheduler swapped in, as a diffusers user of that student does.
 """
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -172,6 +173,34 @@ def test_wan_base_with_cfg_at_lam0_is_wan_pipeline():
         assert got.shape == want.shape and rel(got, want) < 1e-5, output_type
 
 
+def test_wan_prompt_embeds_shorter_than_the_negative_prompts_are_taken_as_wan_pipeline_takes_them():
+    """prompt_embeds of 16 tokens (encode_prompt's max_sequence_length=16) without negative_prompt_embeds: the negative
+    prompt is encoded with the call's max_sequence_length (512), as WanPipeline does, and CFG runs its two passes
+    separately: lam = 0 with the student's CFG equals WanPipeline; a guided run calls the teacher (CFG 5) twice a step."""
+    import dataclasses
+
+    base = tiny_wan(4)
+    pipe = quiet(diffusers.WanPipeline(**{**WAN_PIPE.components, "transformer": base,
+                                          "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)}))
+    preset = dataclasses.replace(flow_presets.wan21_lightx2v(3), sampler="euler", schedule="pipeline",
+                                 scheduler_config={"num_train_timesteps": 1000, "shift": 5.0})
+    embeds, _ = pipe.encode_prompt(WAN_ARGS["prompt"], do_classifier_free_guidance=False, max_sequence_length=16)
+    args = dict(WAN_ARGS, prompt=None, prompt_embeds=embeds, guidance_scale=5.0, num_inference_steps=3,
+                output_type="latent")
+    del args["max_sequence_length"]
+    want = pipe(**args, generator=gens(7, 8)).frames
+    got = WanDistPPPipeline.from_pipe(pipe, student=preset)(**args, generator=gens(7, 8), lam=0).frames
+    assert rel(got, want) < 1e-5
+    make, teacher, _ = FAMILIES["wan"]
+    guided_args = dict(args, guidance_scale=None, num_inference_steps=3)
+    torch.manual_seed(0)
+    plain = make()(**guided_args, generator=gens(1, 2), lam=0).frames
+    torch.manual_seed(0)
+    with Calls(teacher) as calls:
+        guided = make()(**guided_args, generator=gens(1, 2), k=1).frames
+    assert sum(calls.disabled) == 2 and rel(guided, plain) > 1e-3  # the teacher's cond and uncond passes
+
+
 # ------------------------------------------------------------------ callbacks and interrupt
 
 
@@ -280,6 +309,21 @@ def test_teacher_is_called_once_per_guided_step_and_never_at_lam0(family):
         assert teacher_calls(calls) == want, (lam, k, guided_steps)
     assert rel(outputs[0.5, 1], outputs[0.0, None]) > 1e-3
     torch.testing.assert_close(outputs[0.5, 0], outputs[0.0, None])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_guided_steps_not_a_sequence_gets_the_cores_error_and_an_iterator_is_read_once(family):
+    make, teacher, args = FAMILIES[family]
+    kd = make()
+    with Calls(kd.components[kd._denoiser]) as calls:
+        with pytest.raises(TypeError, match=r"^guided_steps must be a sequence of step indices, got 0$"):
+            kd(**args, guided_steps=0, lam=0.5)
+        with pytest.raises(TypeError, match=r"^guided_steps\[1\] must be an int, got 'x'$"):
+            kd(**args, guided_steps=[0, "x"], lam=0.5)
+    assert calls.count == 0
+    with Calls(teacher) as calls:
+        kd(**args, guided_steps=iter([0, 1]), lam=0.5, output_type="latent")
+    assert teacher_calls(calls) == 2
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -590,6 +634,19 @@ def test_a_guided_run_is_reproduced_by_the_same_generators_and_per_image():
     torch.testing.assert_close(alone[0], first[1], rtol=1e-5, atol=1e-5)
 
 
+def test_wan_lightx2v_videos_depend_on_their_batch_as_in_wan_pipeline():
+    """docs/pipelines.md's exception: the lightx2v step noise is one global-RNG draw for the whole batch (WanPipeline
+    passes no generator to scheduler.step), so with one generator per video a video still depends on its batch."""
+    make, _, args = FAMILIES["wan"]
+    kd = make()
+    args = dict(args, output_type="latent", lam=0.5)
+    torch.manual_seed(0)
+    both = kd(**args, generator=gens(1, 2)).frames
+    torch.manual_seed(0)
+    alone = kd(**dict(args, prompt=args["prompt"][1]), generator=gens(2)).frames
+    assert rel(alone[0], both[1]) > 1e-2
+
+
 def test_one_generator_for_several_images_per_prompt_and_the_global_rng():
     """num_images_per_prompt with one generator draws the batch as FluxPipeline does; without a generator both draw
     from torch's global RNG."""
@@ -621,6 +678,35 @@ def test_latents_and_prompt_embeddings_as_the_pipeline_takes_them():
     assert rel(guided, want) > 1e-3
 
 
+LATENTS = {  # family: (the layout's words in the error, the expected shape for FAMILIES' 2 prompts, wrong shapes)
+    "flux": ("packed", (2, 4, 16), [(1, 16, 4), (2, 4, 4, 4), (2, 16, 4), (2, 4, 64), (4, 4, 16)]),
+    "sd3": ("[B, C, h, w]", (2, 4, 4, 4), [(2, 16, 16), (1, 4, 4, 4), (2, 4, 8, 8)]),
+    "sdxl": ("[B, C, h, w]", (2, 4, 8, 8), [(2, 4, 4, 4), (4, 4, 8, 8), (2, 64, 4)]),
+    "wan": ("[B, C, F, h, w]", (2, 16, 2, 4, 4), [(2, 16, 4, 4), (2, 16, 1, 4, 4), (1, 16, 2, 4, 4)]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_latents_of_another_shape_are_refused_naming_both_shapes_in_the_pipelines_layout(family):
+    """latents= of a wrong shape are refused before any model call, naming latents, the shape the pipeline takes (its
+    own layout: FLUX's packed, Wan's 5-D; batch = prompts x images per prompt) and the shape the user passed."""
+    make, _, args = FAMILIES[family]
+    kd = make()
+    layout, shape, wrong = LATENTS[family]
+    with Calls(kd.components[kd._denoiser]) as calls:
+        for bad in wrong:
+            with pytest.raises(ValueError, match=rf"latents must be a tensor of shape {re.escape(str(shape))} "
+                                                 rf"\(.*{re.escape(layout)}.* for 2 .*, got {re.escape(str(bad))}$"):
+                kd(**args, latents=torch.randn(bad), lam=0)
+        one = dict(args, prompt=args["prompt"][0], lam=0, **{"num_videos_per_prompt" if family == "wan" else
+                                                             "num_images_per_prompt": 2})
+        with pytest.raises(ValueError, match=rf"for 2 (images|videos) \(prompts x num_\w+_per_prompt\)"):
+            kd(**one, latents=torch.randn(1, *shape[1:]))
+    assert calls.count == 0
+    out = kd(**dict(args, num_inference_steps=1), latents=torch.randn(shape), lam=0, output_type="latent")
+    assert tuple(getattr(out, "frames" if family == "wan" else "images").shape) == shape
+
+
 def test_from_pipe_shares_components_and_checks_the_teacher():
     kd = flux_kd()
     assert all(kd.components[name] is value for name, value in FLUX_PIPE.components.items())
@@ -642,6 +728,54 @@ def test_from_pipe_shares_components_and_checks_the_teacher():
         no_teacher(**FLUX_ARGS, num_inference_steps=2, lam=0.5)
     with pytest.raises(ValueError, match="num_inference_steps=3, but the student preset"):
         FluxDistPPPipeline.from_pipe(FLUX_PIPE, student=flow_presets.flux_schnell(2))(**FLUX_ARGS, num_inference_steps=3)
+
+
+PIPES = {FluxDistPPPipeline: (FLUX_PIPE, "FluxTransformer2DModel"),
+         StableDiffusion3DistPPPipeline: (SD3_PIPE, "SD3Transformer2DModel"),
+         StableDiffusionXLDistPPPipeline: (SDXL_PIPE, "UNet2DConditionModel"),
+         WanDistPPPipeline: (WAN_PIPE, "WanTransformer3DModel")}
+
+
+@pytest.mark.parametrize("cls", sorted(PIPES, key=lambda c: c.__name__), ids=lambda c: c.__name__)
+def test_from_pipe_refuses_a_pipeline_or_teacher_of_another_family_naming_both(cls):
+    """A pipeline of another family (as pipeline, or as teacher, or its denoiser as teacher) is refused at from_pipe,
+    naming the argument, the user's classes and the class this pipeline needs, before any model call."""
+    own, needs = PIPES[cls]
+    for other, _ in PIPES.values():
+        if other is own:
+            continue
+        got = f"{type(other).__name__} with {type(other.components.get('transformer') or other.unet).__name__}"
+        with pytest.raises(ValueError, match=rf"{cls.__name__}.from_pipe needs an? \w+ pipeline \(a {needs} "
+                                             rf"\w+\) as pipeline; got {got}"):
+            cls.from_pipe(other)
+        with pytest.raises(ValueError, match=rf"teacher must be an? \w+ pipeline \(a {needs} \w+\).*; got {got}"):
+            cls.from_pipe(own, teacher=other)
+        denoiser = other.components.get("transformer") or other.unet
+        with pytest.raises(ValueError, match=rf"teacher must be a {needs},.*; got {type(denoiser).__name__}$"):
+            cls.from_pipe(own, teacher=denoiser)
+    if cls is StableDiffusionXLDistPPPipeline:  # a UNet, but not SDXL's (no pooled-text and size conditioning)
+        sd15 = diffusers.UNet2DConditionModel(**{**dict(SDXL_BASE.config), "addition_embed_type": None})
+        with pytest.raises(ValueError, match="teacher must be a UNet2DConditionModel, an SDXL pipeline"):
+            cls.from_pipe(own, teacher=sd15)
+    stranger = SD3_TURBO if cls is WanDistPPPipeline else WAN_LORA
+    denoiser = "unet" if cls is StableDiffusionXLDistPPPipeline else "transformer"
+    with pytest.raises(ValueError, match=rf"{denoiser} must be a {needs} .*got {type(stranger).__name__}$"):
+        cls.from_pipe(own, **{denoiser: stranger})
+
+
+def test_diffusers_from_pipe_of_a_kdpp_pipeline_casts_in_place_unless_given_torch_dtype():
+    """docs/pipelines.md: FluxPipeline.from_pipe(kd) casts the shared components to float32 in place (diffusers'
+    from_pipe), torch_dtype= keeps them; kdpp's from_pipe casts nothing."""
+    import copy
+
+    pipe = copy.deepcopy(FLUX_PIPE).to(torch.bfloat16)
+    kd = FluxDistPPPipeline.from_pipe(pipe, teacher=copy.deepcopy(FLUX_DEV).to(torch.bfloat16))
+    assert kd.transformer.dtype == kd.text_encoder_2.dtype == torch.bfloat16
+    back = diffusers.FluxPipeline.from_pipe(kd, torch_dtype=torch.bfloat16)
+    assert back.transformer is pipe.transformer and pipe.transformer.dtype == torch.bfloat16
+    diffusers.FluxPipeline.from_pipe(kd)
+    assert pipe.transformer.dtype == pipe.text_encoder_2.dtype == torch.float32  # the user's pipeline, in place
+    assert kd.teacher_transformer.dtype == torch.bfloat16  # not a FluxPipeline component
 
 
 def test_step_counts_the_preset_cannot_take_are_refused_naming_num_inference_steps():

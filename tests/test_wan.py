@@ -242,8 +242,9 @@ def test_mismatches_are_refused_before_any_call():
         with pytest.raises(ValueError, match="vae has 4 latent channels"):
             vae = type("VAE", (), {"config": type("C", (), {"z_dim": 4})(), "decode": lambda self, z: z})()
             wan.generate(PAIR.student, PAIR.teacher, COND, seeds=SEEDS, vae=vae, **SIZE)
-        with pytest.raises(ValueError, match=r"WanConditioning.negative_prompt_embeds has shape \(2, 8, 32\), prompt_embeds"):
-            wan.WanConditioning(COND.prompt_embeds, COND.negative_prompt_embeds[:, :8])
+        with pytest.raises(ValueError, match=r"WanConditioning.negative_prompt_embeds has shape \(2, 8, 16\), prompt_embeds "
+                                             r"\(2, \d+, 32\); they must match but in token count"):
+            wan.WanConditioning(COND.prompt_embeds, COND.negative_prompt_embeds[:, :8, :16])
     assert not calls.kwargs
 
 

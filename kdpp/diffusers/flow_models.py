@@ -203,9 +203,20 @@ class FlowTransformer(ABC):
         return out.to(x_rf.dtype)
 
 
+class SeparateCFGDenoiser(CFGDenoiser):
+    """:class:`kdpp.CFGDenoiser` from two calls, conditional then unconditional, as ``WanPipeline`` and
+    ``FluxPipeline`` run their CFG: for conditionings that cannot be batched (token counts that differ)."""
+
+    def _both(self, x: Tensor, sigma: Tensor, cond: Any, uncond: Any, kwargs: dict) -> tuple[Tensor, Tensor]:
+        cond_out = self.model(x, sigma, **self._kwargs(cond, "cond"), **kwargs)
+        uncond_out = self.model(x, sigma, **self._kwargs(uncond, "uncond"), **kwargs)
+        return uncond_out + self.scale * (cond_out - uncond_out), uncond_out
+
+
 def flow_denoiser(adapter: FlowTransformer, conditioning: Any, cfg_scale: float, device: Any,
                   name: str = "conditioning") -> tuple[Callable, dict]:
-    """``adapter`` as a VE denoiser with its keyword arguments: plain, or true CFG in one batched call.
+    """``adapter`` as a VE denoiser with its keyword arguments: plain, or true CFG in one batched call
+    (two calls, :class:`SeparateCFGDenoiser`, where the negative embeddings' token count is not the prompt's).
 
     True CFG needs the negative embeddings; errors name the conditioning (``name``) that lacks them.
     """
@@ -218,7 +229,8 @@ def flow_denoiser(adapter: FlowTransformer, conditioning: Any, cfg_scale: float,
                          f"(cfg_scale {cfg_scale}): pass encode_prompt's negative embeddings "
                          "(do_classifier_free_guidance=True)")
     uncond = conditioning.kwargs(negative=True, device=device, dtype=adapter.dtype)
-    return CFGDenoiser(denoiser, cfg_scale), {"cond": cond, "uncond": uncond}
+    batched = all(cond[key].shape[1:] == uncond[key].shape[1:] for key in cond)
+    return (CFGDenoiser if batched else SeparateCFGDenoiser)(denoiser, cfg_scale), {"cond": cond, "uncond": uncond}
 
 
 class FlowFamily(Family):

@@ -90,11 +90,12 @@ EMBEDDINGS = (("prompt_embeds", 3, "[batch, tokens, dim]"), ("negative_prompt_em
 
 
 def check_embeddings(conditioning: Any, hint: str, fields: Sequence[tuple[str, int, str]] = EMBEDDINGS,
-                     negatives_optional: bool = False) -> None:
+                     negatives_optional: bool = False, tokens_may_differ: bool = False) -> None:
     """Shape checks of a conditioning dataclass; errors name the field and ``hint``.
 
     ``fields`` lists ``(name, ndim, shape)``; the negatives (``negative_`` + a prompt field) are
-    shaped as their prompts (all absent allowed with ``negatives_optional``); one batch size.
+    shaped as their prompts (all absent allowed with ``negatives_optional``; their token count,
+    dim 1, may differ with ``tokens_may_differ``); one batch size.
     """
     cls = type(conditioning).__name__
     names = [name for name, _, _ in fields]
@@ -113,9 +114,11 @@ def check_embeddings(conditioning: Any, hint: str, fields: Sequence[tuple[str, i
     if all(present):
         for neg in negatives:
             pos = neg[len("negative_"):]
-            if getattr(conditioning, neg).shape != getattr(conditioning, pos).shape:
+            a, b = getattr(conditioning, neg).shape, getattr(conditioning, pos).shape
+            if (a[:1] + a[2:] != b[:1] + b[2:]) if tokens_may_differ else a != b:
                 raise ValueError(f"{cls}.{neg} has shape {tuple(getattr(conditioning, neg).shape)}, "
-                                 f"{pos} {tuple(getattr(conditioning, pos).shape)}; they must match ({hint})")
+                                 f"{pos} {tuple(getattr(conditioning, pos).shape)}; they must match"
+                                 f"{' but in token count' if tokens_may_differ else ''} ({hint})")
     batch = conditioning.prompt_embeds.shape[0]
     for name in names:
         value = getattr(conditioning, name)
@@ -152,9 +155,14 @@ def check_attention_kwargs(value: Any, name: str) -> dict[str, Any] | None:
     return dict(value)
 
 
+def guided_step_list(guided_steps: Any) -> list[int] | None:
+    """``guided_steps`` read once as a list of ints (an iterator is read more than once after); the core's error otherwise."""
+    return None if guided_steps is None else _ints(guided_steps, "guided_steps", "a sequence of step indices")
+
+
 def calls_teacher(lam: Any, k: int | None, guided_steps: Sequence[int] | None) -> bool:
     """Whether a run may call the teacher: some step guided (``guided_steps``, else ``k``) with a ``lam`` that is not 0."""
-    guided = bool(list(guided_steps)) if guided_steps is not None else bool(k)
+    guided = bool(guided_step_list(guided_steps)) if guided_steps is not None else bool(k)
     return guided and not (isinstance(lam, numbers.Real) and lam == 0)
 
 
@@ -309,7 +317,7 @@ def sample(
     """
     check_type(family, Family, "family")
     seeds = check_seeds(seeds)
-    guided_steps = None if guided_steps is None else list(guided_steps)  # an iterator is read more than once
+    guided_steps = guided_step_list(guided_steps)
     preset = family.preset
     lam = preset.lam if lam is None else lam
     if guided_steps is None and k is None:

@@ -5,7 +5,8 @@ runs on the VAE latent video ``[B, 16, F, H/8, W/8]`` with ``F = (num_frames - 1
 VAE compresses 4 frames into one after the first), the transformer patchifies it itself and is
 called with ``timestep = 1000 t`` (``num_train_timesteps t``), the UMT5 ``encoder_hidden_states``
 and its ``attention_kwargs``; it predicts the flow velocity. The teacher's CFG is one batched call
-of ``[negative, positive]`` (the pipeline makes two calls; the same CFG up to rounding).
+of ``[negative, positive]`` (the pipeline makes two calls; the same CFG up to rounding), two calls
+where the negative and positive embeddings differ in token count.
 :class:`WanFamily` is the Wan side of the one generation body (:func:`kdpp.diffusers.sampling.sample`);
 its default preset is lightx2v's 4-step LoRA recipe
 (:func:`kdpp.diffusers.flow_presets.wan21_lightx2v`), whose student and teacher are one transformer:
@@ -39,7 +40,10 @@ class WanConditioning:
     ``WanConditioning(*pipe.encode_prompt(prompts, negative_prompts))`` holds ``(prompt_embeds,
     negative_prompt_embeds)`` (UMT5 embeddings ``[B, 512, 4096]``, zero-padded after each prompt's
     tokens, as the pipeline pads them). The negative embeddings are needed only where CFG is used
-    (the Wan teacher) and the teacher is called. Shapes are checked on construction.
+    (the Wan teacher) and the teacher is called. Their token count may differ from the prompt's
+    (``WanPipeline`` runs its two CFG passes separately, so it takes e.g. ``prompt_embeds`` of 32
+    tokens with a negative prompt encoded to 512): CFG is then two calls instead of one batched
+    call. Shapes are checked on construction.
     """
 
     prompt_embeds: Tensor
@@ -47,7 +51,7 @@ class WanConditioning:
 
     def __post_init__(self):
         check_embeddings(self, "in WanPipeline.encode_prompt's order: prompt_embeds, negative_prompt_embeds",
-                         _FIELDS, negatives_optional=True)
+                         _FIELDS, negatives_optional=True, tokens_may_differ=True)
 
     @property
     def batch(self) -> int:
@@ -93,7 +97,7 @@ class WanVelocity(FlowTransformer):
                 raise TypeError(f"{name} must be an int (pixels), got {size!r}")
             if size <= 0 or size % (SPATIAL * patch):
                 raise ValueError(f"{name} must be a positive multiple of {SPATIAL * patch} (Wan: 8x VAE, patch size "
-                                 f"{patch}; WanPipeline rounds other sizes down), got {size}")
+                                 f"{patch}; WanPipeline refuses other sizes too), got {size}")
         if _index(num_frames) is None:
             raise TypeError(f"num_frames must be an int, got {num_frames!r}")
         if num_frames < 1 or (num_frames - 1) % TEMPORAL:

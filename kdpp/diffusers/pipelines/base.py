@@ -162,6 +162,32 @@ class DistPPPipelineMixin:
     _default_student: str | None = None
     _preset_type: type = object
     _generator_in_step = False  #: whether the diffusers pipeline passes ``generator`` to ``scheduler.step``
+    _latents_layout = "[B, C, h, w]"  #: the pipeline's latents, for errors
+    _per_prompt = "num_images_per_prompt"
+    _model_class = ""  #: the diffusers class of the family's student and teacher (``FluxTransformer2DModel``, ...)
+    _family_label = ""  #: the family's name with its article, for errors (``"a FLUX"``, ``"an SD3"``, ...)
+
+    # ------------------------------------------------------------------ the family's models
+
+    @classmethod
+    def _of_family(cls, model: Any) -> bool:
+        """Whether ``model`` (unwrapped from ``torch.compile``) is an instance of the family's diffusers class."""
+        import diffusers
+
+        return isinstance(getattr(model, "_orig_mod", model), getattr(diffusers, cls._model_class))
+
+    @staticmethod
+    def _describe(pipeline: Any) -> str:
+        """``"FluxPipeline with FluxTransformer2DModel"``: a pipeline's class and its denoiser's (for errors)."""
+        for name in ("transformer", "unet"):
+            model = getattr(pipeline, name, None)
+            if model is not None:
+                return f"{type(pipeline).__name__} with {type(getattr(model, '_orig_mod', model)).__name__}"
+        return f"{type(pipeline).__name__} without a transformer or unet"
+
+    @classmethod
+    def _needs(cls) -> str:
+        return f"{cls._family_label} pipeline (a {cls._model_class} {cls._denoiser})"
 
     # ------------------------------------------------------------------ construction
 
@@ -170,11 +196,12 @@ class DistPPPipelineMixin:
         """A Distillation++ pipeline sharing ``pipeline``'s components (nothing copied or cast), plus ``teacher``.
 
         Args:
-            pipeline: the user's diffusers pipeline of this family (its ``transformer`` / ``unet`` is the student).
+            pipeline: the user's diffusers pipeline of this family (its ``transformer`` / ``unet`` is the student;
+                one of another family is refused, its classes named).
             teacher: another pipeline (its denoiser is the teacher), a denoiser model, a
                 :class:`kdpp.diffusers.lora.SharedLoRAModel` of ``pipeline``'s own denoiser (a LoRA
                 student: the teacher is the same weights with the adapters off), or ``None`` (only
-                runs that never call the teacher: ``lam=0`` or ``k=0``).
+                runs that never call the teacher: ``lam=0`` or ``k=0``); a model of another family is refused.
             student: the student's preset: a name of the family's presets, a function of the step
                 count returning a preset, or a preset; default: the family's default student.
             components: components to use instead of ``pipeline``'s (as diffusers' ``from_pipe``).
@@ -194,8 +221,11 @@ class DistPPPipelineMixin:
             raise TypeError(f"pass the teacher as teacher=..., not {cls._teacher_component}=")
         given = pipeline.components
         kwargs = {name: components.get(name, given.get(name)) for name in expected if name != cls._teacher_component}
-        if kwargs.get(cls._denoiser) is None:
-            raise ValueError(f"pipeline has no {cls._denoiser}: the student is the pipeline's {cls._denoiser}")
+        if cls._denoiser in components and not cls._of_family(components[cls._denoiser]):
+            raise ValueError(f"{cls._denoiser} must be a {cls._model_class} (the student of {cls._needs()}), got "
+                             f"{type(components[cls._denoiser]).__name__}")
+        if cls._denoiser not in components and not cls._of_family(kwargs.get(cls._denoiser)):
+            raise ValueError(f"{cls.__name__}.from_pipe needs {cls._needs()} as pipeline; got {cls._describe(pipeline)}")
         for name in optional:
             if name in pipeline.config:
                 kwargs[name] = pipeline.config[name]
@@ -227,12 +257,17 @@ class DistPPPipelineMixin:
             pair = teacher
         elif isinstance(teacher, DiffusionPipeline):
             model = getattr(teacher, self._denoiser, None)
-            if not isinstance(model, torch.nn.Module):
-                raise ValueError(f"teacher is a {type(teacher).__name__} without a {self._denoiser}")
+            if not self._of_family(model):
+                raise ValueError(f"teacher must be {self._needs()}, a {self._model_class} or a SharedLoRAModel of the "
+                                 f"pipeline's {self._denoiser}; got {self._describe(teacher)}")
         elif teacher is not None:
             if not isinstance(teacher, torch.nn.Module):
                 raise TypeError(f"teacher must be a diffusers pipeline, a {self._denoiser} model, a SharedLoRAModel or "
                                 f"None, got {type(teacher).__name__}")
+            if not self._of_family(teacher):
+                raise ValueError(f"teacher must be a {self._model_class}, {self._needs()} or a SharedLoRAModel of the "
+                                 f"pipeline's {self._denoiser}; got "
+                                 f"{type(getattr(teacher, '_orig_mod', teacher)).__name__}")
             model = teacher
         if model is not None and model is denoiser:
             raise ValueError(f"teacher is the pipeline's own {self._denoiser}, so the teacher would be the student; for a "
@@ -321,6 +356,16 @@ class DistPPPipelineMixin:
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
                                                 or not isinstance(num_inference_steps, numbers.Integral)):
             raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+
+    def _check_latents(self, family: Family, latents: Any, batch: int, size: str) -> None:
+        """Refuse ``latents=`` other than the pipeline's own layout for ``batch`` items of ``size`` (errors name both shapes)."""
+        if latents is None:
+            return
+        shape = tuple(self._pack(family, torch.empty(batch, *family.shape, device="meta")).shape)
+        if not isinstance(latents, Tensor) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a tensor of shape {shape} ({self._latents_layout} for {batch} "
+                             f"{self._per_prompt.split('_')[1]} (prompts x {self._per_prompt}) of {size}), got {got}")
 
     # ------------------------------------------------------------------ the run
 

@@ -33,6 +33,9 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
     _students = {name: make for name, make in STUDENTS.items() if make().family == "flux"}
     _default_student = "flux.1-schnell"
     _preset_type = FlowStudentPreset
+    _latents_layout = "FluxPipeline's packed [B, (h/2)(w/2), 4C]"
+    _model_class = "FluxTransformer2DModel"
+    _family_label = "a FLUX"
     _optional_components = [*FluxPipeline._optional_components, "teacher_transformer"]
 
     def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
@@ -86,6 +89,7 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
                      negative_ip_adapter_image_embeds=(negative_ip_adapter_image_embeds, None, WHY_IP))
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)
+        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if self.vae_scale_factor != 8:
@@ -141,6 +145,7 @@ class FluxDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, FluxPipeline):
                             device=device, attention_kwargs=joint_attention_kwargs,
                             teacher_attention_kwargs=teacher_joint_attention_kwargs)
         batch = embeds.shape[0]
+        self._check_latents(family, latents, batch, f"{height}x{width}")
         packed, _ = self.prepare_latents(batch, family.shape[0], height, width, embeds.dtype, device, generator, latents)
         x = self._sample(family, self._unpack(family, packed).float(), generator, lam=lam, k=k,
                          guided_steps=guided_steps, renoise=renoise, renoise_sigma=renoise_sigma,

@@ -35,6 +35,8 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
     _students = {name: make for name, make in STUDENTS.items() if make().family == "sd3"}
     _default_student = "sd3.5-large-turbo"
     _preset_type = FlowStudentPreset
+    _model_class = "SD3Transformer2DModel"
+    _family_label = "an SD3"
     _optional_components = [*StableDiffusion3Pipeline._optional_components, "teacher_transformer"]
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
@@ -87,6 +89,7 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
                      skip_guidance_layers=(skip_guidance_layers, None, _WHY_SLG))
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)
+        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if self.vae_scale_factor != 8:
@@ -124,6 +127,7 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
                            scheduler_config=flow_scheduler_config(self, preset), height=height, width=width,
                            device=device, attention_kwargs=joint_attention_kwargs,
                            teacher_attention_kwargs=teacher_joint_attention_kwargs)
+        self._check_latents(family, latents, conditioning.batch, f"{height}x{width}")
         start = self.prepare_latents(conditioning.batch, family.shape[0], height, width, conditioning.prompt_embeds.dtype,
                                      device, generator, latents)
         x = self._sample(family, start.float(), generator, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,

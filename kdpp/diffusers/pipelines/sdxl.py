@@ -37,6 +37,8 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
     _teacher_component = "teacher_unet"
     _students = STUDENTS
     _preset_type = StudentPreset
+    _model_class = "UNet2DConditionModel"  #: with addition_embed_type="text_time" (:meth:`_of_family`)
+    _family_label = "an SDXL"
     _generator_in_step = True  # StableDiffusionXLPipeline passes generator to scheduler.step (prepare_extra_step_kwargs)
     _optional_components = [*StableDiffusionXLPipeline._optional_components, "teacher_unet"]
 
@@ -49,6 +51,12 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
                          add_watermarker=add_watermarker)
         self.register_modules(teacher_unet=teacher_unet)
         self._init_distpp()
+
+    @classmethod
+    def _of_family(cls, model: Any) -> bool:
+        """A ``UNet2DConditionModel`` with SDXL's pooled-text and size conditioning (``addition_embed_type="text_time"``)."""
+        config = getattr(getattr(model, "_orig_mod", model), "config", None)
+        return super()._of_family(model) and getattr(config, "addition_embed_type", None) == "text_time"
 
     @staticmethod
     def _preset_steps(preset: StudentPreset) -> int:
@@ -101,6 +109,7 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
             raise TypeError(f"{name}.__call__() got an unexpected keyword argument {old!r}")
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)
+        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self._refuse(name, timesteps=(timesteps, None, WHY_SCHEDULE), sigmas=(sigmas, None, WHY_SCHEDULE),
@@ -156,6 +165,7 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
                             student_guidance=guidance_scale if embedding else None, device=device,
                             attention_kwargs=cross_attention_kwargs,
                             teacher_attention_kwargs=teacher_cross_attention_kwargs)
+        self._check_latents(family, latents, conditioning.batch, f"{height}x{width}")
         start = self.prepare_latents(conditioning.batch, family.shape[0], height, width,
                                      conditioning.prompt_embeds.dtype, device, generator, latents)
         start = start.float() / float(self.scheduler.init_noise_sigma)  # the unit noise; the preset scales it

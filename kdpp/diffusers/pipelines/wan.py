@@ -37,6 +37,10 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
     _students = {name: make for name, make in STUDENTS.items() if make().family == "wan"}
     _default_student = "wan2.1-lightx2v"
     _preset_type = FlowStudentPreset
+    _latents_layout = "[B, C, F, h, w]"
+    _per_prompt = "num_videos_per_prompt"
+    _model_class = "WanTransformer3DModel"
+    _family_label = "a Wan"
     _optional_components = [*WanPipeline._optional_components, "teacher_transformer"]
 
     def __init__(self, tokenizer, text_encoder, vae, scheduler, transformer=None, transformer_2=None,
@@ -66,8 +70,10 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
         The diffusers arguments are ``WanPipeline``'s, with these defaults and limits:
         ``num_inference_steps`` defaults to the student preset's (lightx2v: 4); ``guidance_scale``
         is the student's CFG (``> 1``: CFG with ``negative_prompt``, as the pipeline does), default
-        the preset's (lightx2v: none); ``num_frames`` must be ``4 n + 1`` and ``height`` / ``width``
-        multiples of 16 (the pipeline rounds other values; kdpp refuses them); Wan 2.2's
+        the preset's (lightx2v: none); ``num_frames`` must be ``4 n + 1`` (the pipeline rounds other
+        counts; kdpp refuses them) and ``height`` / ``width`` multiples of 16 (the pipeline's own
+        ``check_inputs`` refuses other sizes); ``prompt_embeds`` may have another token count than
+        ``negative_prompt_embeds`` (CFG then runs two passes, as the pipeline does); Wan 2.2's
         ``guidance_scale_2`` (and a pipeline with ``transformer_2`` / ``boundary_ratio`` /
         ``expand_timesteps``) is refused. ``WanPipeline`` does not pass ``generator`` to its
         scheduler's step, so a stochastic step's noise comes from torch's global RNG, here as there.
@@ -84,6 +90,7 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
                                        "not built by kdpp's Wan family"))
         self._check_output(output_type, return_dict)
         self._check_steps(num_inference_steps)
+        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
         self.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
                           callback_on_step_end_tensor_inputs, guidance_scale_2)
         preset = self.student_preset(num_inference_steps)
@@ -112,6 +119,7 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
                            teacher_attention_kwargs=teacher_attention_kwargs)
         if self.vae is not None:
             family.check_vae(self.vae)
+        self._check_latents(family, latents, conditioning.batch, f"{num_frames} frames of {height}x{width}")
         start = self.prepare_latents(conditioning.batch, family.shape[0], height, width, num_frames, torch.float32,
                                      device, generator, latents)
         x = self._sample(family, start.float(), generator, lam=lam, k=k, guided_steps=guided_steps, renoise=renoise,
