@@ -230,7 +230,8 @@ def test_digits_demo_shows_students_plain_with_the_teacher_and_the_teacher_at_eq
     names = list(rows)
     assert names[0] == "small, 3 steps" and names[3] == "weakcfg, 3 steps"
     # one student++ run per --lam: the documented default (0.1) and the paper's scale (0.5)
-    assert names[1] == "small + teacher (k=1, lam 0.1, random)" and names[2] == "small + teacher (k=1, lam 0.5, random)"
+    assert names[1] == "small + teacher (k=1, lam 0.1, renoise random)"
+    assert names[2] == "small + teacher (k=1, lam 0.5, renoise random)"
     # counted network evaluations per sample: a CFG teacher call is 2; the teacher alone gets the same budget
     assert [(r["student_evals"], r["teacher_evals"]) for r in result["rows"]] == [
         (3, 0), (3, 2), (3, 2), (3, 0), (3, 2), (3, 2), (0, 4), (0, 80)]

@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--k", type=int, default=None, help=f"guide the first k steps (default {DEFAULT_CALL['k']})")
     where.add_argument("--guided-steps", type=int, nargs="+", default=None,
                        help="guide these steps instead (negative: from the end, -1 the last)")
-    p.add_argument("--renoise", default=DEFAULT_CALL["renoise"], choices=["random", "deterministic", "guidance"])
+    p.add_argument("--renoise", default=DEFAULT_CALL["renoise"], choices=["random", "deterministic", "guidance"],
+                   help="the teacher call's renoising noise: random, deterministic (the student's own noise "
+                        f"estimate) or guidance (the paper's eq. 10) (default: {DEFAULT_CALL['renoise']})")
     p.add_argument("--n", type=int, default=1000, help=f"samples per run, at least {MIN_N} (FD)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per run (paired intervals need 3 or more)")
     p.add_argument("--out", default="kdpp-demo-out", help="folder for digits.png and results.json")
@@ -79,7 +81,7 @@ def teacher_calls(args: argparse.Namespace) -> list[dict]:
 
 def describe(call: dict) -> str:
     where = f"steps {call['guided_steps']}" if "guided_steps" in call else f"k={call['k']}"
-    return f"{where}, lam {call['lam']:g}, {call['renoise']}"
+    return f"{where}, lam {call['lam']:g}, renoise {call['renoise']}"
 
 
 def summarise(values: list[float]) -> list[float]:
@@ -191,6 +193,8 @@ def figure(result: dict, path: Path) -> Path:
             ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
             ax.set_title(f"{r['run']}\nFD {r['fd_ci'][0]:.1f}, acc {r['acc_ci'][0]:.2f}, "
                          f"NFE {r['student_evals']:.0f}+{r['teacher_evals']:.0f}", fontsize=6)
+    fig.suptitle("The class is the prompt: each panel shows the first 20 samples of seed 0, the requested "
+                 "digits 0-9 twice (two rows of 0-9)", fontsize=7)
     fig.tight_layout(pad=0.3, h_pad=0.4)
     fig.savefig(path, dpi=130)
     plt.close(fig)
