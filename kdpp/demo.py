@@ -98,7 +98,9 @@ def parse_toy_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="student steps N >= 1 (SD-style trailing timesteps)")
     p.add_argument("--lam", type=float, default=1.0, help="teacher guidance scale (finite)")
     p.add_argument("--k", type=int, default=1, help="number of teacher-guided steps, 0 to --steps")
-    p.add_argument("--renoise", default="random", choices=["random", "deterministic", "guidance"])
+    p.add_argument("--renoise", default="random", choices=["random", "deterministic", "guidance"],
+                   help="renoising of the teacher call: fresh noise, the student's own noise estimate, or the guidance form "
+                        "(default: random)")
     p.add_argument("--n", type=int, default=2000, help=f"samples per run, at least {MIN_N} (for the bootstrap "
                    "intervals and the mode-mass TV)")
     p.add_argument("--seed", type=int, default=0)

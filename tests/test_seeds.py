@@ -78,6 +78,22 @@ def test_split_schedules_equal_the_unsplit_run(name, renoise, level):
     assert teacher.calls >= 3
 
 
+@pytest.mark.parametrize("split", [1, 2, 3])  # (a split before the last step changes nothing: 2M's step to 0 is first order)
+def test_a_split_dpmpp_2m_run_is_k_diffusions_split_run(split):
+    """2M restarts its history at a stage boundary as k-diffusion's sample_dpmpp_2m does (a first-order step there):
+    at lam = 0 the two stages equal k-diffusion's two calls, and differ from the unsplit run."""
+    sigmas = torch.tensor(SIGMAS, dtype=torch.float64)
+    ours = kdpp.sample_dpmpp_2m_distpp(nonlinear_denoiser, None, x0(), sigmas[:split + 1], 0.0, 0, full_sigmas=sigmas,
+                                       disable=True)
+    ours = kdpp.sample_dpmpp_2m_distpp(nonlinear_denoiser, None, ours, sigmas[split:], 0.0, 0, full_sigmas=sigmas,
+                                       disable=True)
+    theirs = ks.sample_dpmpp_2m(nonlinear_denoiser, x0(), sigmas[:split + 1], disable=True)
+    theirs = ks.sample_dpmpp_2m(nonlinear_denoiser, theirs, sigmas[split:], disable=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    unsplit = ks.sample_dpmpp_2m(nonlinear_denoiser, x0(), sigmas, disable=True)
+    assert (ours - unsplit).abs().max() > 1e-6
+
+
 def test_a_stage_counts_k_and_guided_steps_on_the_full_schedule():
     sigmas = torch.tensor(SIGMAS, dtype=torch.float64)
     teacher = Recorder(other_denoiser)
