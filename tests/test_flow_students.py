@@ -569,7 +569,8 @@ def test_flow_conditioning_shape_errors():
     with pytest.raises(ValueError, match="needs negative_prompt_embeds and negative_pooled_prompt_embeds, or none of them"):
         FlowConditioning(e, e, p)
     with pytest.raises(ValueError, match="negative_prompt_embeds has shape"):
-        FlowConditioning(e, e[:, :3], p, p)
+        FlowConditioning(e, e[..., :16], p, p)  # another width (another token count is taken: two CFG passes)
+    assert FlowConditioning(e, e[:, :3], p, p).negative_prompt_embeds.shape[1] == 3
     with pytest.raises(ValueError, match="pooled_prompt_embeds has batch 1, prompt_embeds 2"):
         FlowConditioning(e, pooled_prompt_embeds=p[:1])
     wide = FlowConditioning(torch.randn(2, 7, 16), pooled_prompt_embeds=p)

@@ -201,6 +201,17 @@ def test_wan_prompt_embeds_shorter_than_the_negative_prompts_are_taken_as_wan_pi
     assert sum(calls.disabled) == 2 and rel(guided, plain) > 1e-3  # the teacher's cond and uncond passes
 
 
+def test_flux_true_cfg_with_a_negative_prompt_of_another_token_count_is_flux_pipelines():
+    """prompt_embeds of 16 tokens with a negative prompt encoded to the call's 32: FluxPipeline runs its true-CFG passes
+    separately, and so does kdpp (lam = 0 equals it)."""
+    embeds, pooled, _ = FLUX_PIPE.encode_prompt(FLUX_ARGS["prompt"], None, max_sequence_length=16)
+    args = dict(FLUX_ARGS, prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt=["blurry"] * 2,
+                true_cfg_scale=2.0, max_sequence_length=32, num_inference_steps=4, output_type="latent")
+    want = FLUX_PIPE(**args, generator=gens(1, 2)).images
+    got = FluxDistPPPipeline.from_pipe(FLUX_PIPE, teacher=FLUX_DEV_PIPE)(**args, generator=gens(1, 2), lam=0).images
+    assert rel(got, want) < 1e-5
+
+
 # ------------------------------------------------------------------ callbacks and interrupt
 
 

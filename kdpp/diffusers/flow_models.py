@@ -49,7 +49,9 @@ class FlowConditioning:
     returns ``(prompt_embeds, pooled_prompt_embeds, text_ids)`` (``[B, 512, 4096]`` T5, ``[B, 768]``
     CLIP, zero text ids): build it with :meth:`from_flux` ``(*pipe.encode_prompt(...))`` or by
     keyword. The negative embeddings are needed only where true CFG is used (the SD3.5 Large
-    teacher) and the teacher is called. Shapes are checked on construction.
+    teacher) and the teacher is called; their token count may differ from the prompt's (as
+    ``FluxPipeline`` takes them: CFG is then two calls instead of one batched call). Shapes are
+    checked on construction.
     """
 
     prompt_embeds: Tensor
@@ -60,7 +62,8 @@ class FlowConditioning:
     def __post_init__(self):
         check_embeddings(self, "in StableDiffusion3Pipeline.encode_prompt's order: prompt_embeds, negative_prompt_embeds, "
                                "pooled_prompt_embeds, negative_pooled_prompt_embeds; FLUX: FlowConditioning.from_flux("
-                               "*FluxPipeline.encode_prompt(...)) or keywords", negatives_optional=True)
+                               "*FluxPipeline.encode_prompt(...)) or keywords", negatives_optional=True,
+                         tokens_may_differ=True)
 
     @property
     def batch(self) -> int:
