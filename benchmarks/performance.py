@@ -54,6 +54,9 @@ def median_iqr(values) -> tuple[float, list[float]]:
 
 
 def overhead(repeats: int, shape) -> list[dict]:
+    from _kdiffusion import expose_kdiffusion_sampling
+
+    expose_kdiffusion_sampling()  # also where k-diffusion came with --no-deps (the README's test environment)
     import k_diffusion.sampling as ks
 
     sigmas = kdpp.schedules.karras_sigmas(20, 0.03, 14.6).float()

@@ -30,6 +30,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> None:
+    from _kdiffusion import expose_kdiffusion_sampling
+
+    expose_kdiffusion_sampling()  # also where k-diffusion came with --no-deps (the README's test environment)
     import k_diffusion.sampling as ks
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
