@@ -12,7 +12,10 @@ four streams that never share a generator:
 
 ``j`` is the *absolute* step: the index in the full schedule (``full_sigmas``), so a run split
 into stages draws what the unsplit run draws. With one seed per item each item has its own
-generators, so an image does not depend on the batch it was sampled in. Because the refinement
+generators, so an image does not depend on the batch it was sampled in. The solver and renoise
+draws are made in float32 and cast to ``x``'s dtype (torch's generators draw other values in other
+dtypes), so a run in float16, bfloat16 or float64 gets the float32 run's noise up to rounding; the
+initial noise is drawn in the dtype asked for, as ComfyUI and diffusers draw it. Because the refinement
 draws only from its own streams, a run with ``lam > 0`` uses the same solver noise as the same
 run with ``lam = 0``: comparisons are paired.
 
@@ -40,7 +43,8 @@ STREAMS = {"solver": 1, "renoise": 2, "levels": 3}
 
 
 def seeded_noise_sampler(x: Tensor, seed: int | Sequence[int]) -> NoiseSampler:
-    """Gaussian noise shaped like ``x`` from a private generator on ``x.device``, one draw per call.
+    """Gaussian noise shaped like ``x`` from a private generator on ``x.device``, one draw per call
+    (drawn in float32, returned in ``x``'s dtype).
 
     ``seed`` is one int for the whole batch, or one int per batch item (each item then gets
     its own generator). Seeds lie in torch's range ``-2**63 .. 2**64 - 1``.
@@ -51,8 +55,8 @@ def seeded_noise_sampler(x: Tensor, seed: int | Sequence[int]) -> NoiseSampler:
     shape = x.shape if single else x.shape[1:]
 
     def sample(sigma: float, sigma_next: float) -> Tensor:
-        draws = [torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) for g in gens]
-        return draws[0] if single else torch.stack(draws)
+        draws = [torch.randn(shape, generator=g, device=x.device, dtype=torch.float32) for g in gens]
+        return (draws[0] if single else torch.stack(draws)).to(x.dtype)
 
     return sample
 
@@ -62,10 +66,15 @@ def initial_noise(seed: int | Sequence[int], shape: Sequence[int], dtype: torch.
 
     One int: ``torch.randn(shape, generator=torch.Generator().manual_seed(seed))`` (ComfyUI's
     ``prepare_noise``); one int per item: item ``b`` is ``randn(shape[1:])`` from its own
-    generator (diffusers with a list of CPU generators). Move it to the device afterwards, so
-    images reproduce across devices.
+    generator (diffusers with a list of CPU generators). Drawn in ``dtype``, as those hosts draw it
+    (unlike the other streams, which draw in float32). Move it to the device afterwards, so images
+    reproduce across devices.
     """
-    return seeded_noise_sampler(torch.empty(tuple(shape), dtype=dtype), seed)(0.0, 0.0)
+    seed = check_seed(seed, "seed", shape[0])
+    if isinstance(seed, int):
+        return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(s), dtype=dtype)
+                        for s in seed])
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -119,8 +128,8 @@ class StepStreams:
         """Unit Gaussian noise shaped like ``like`` (per item with per-item seeds) for absolute step ``step``."""
         gens = self._generators(step)
         shape = like.shape if self.single else like.shape[1:]
-        draws = [torch.randn(shape, generator=g, device=self.device, dtype=like.dtype) for g in gens]
-        return draws[0] if self.single else torch.stack(draws)
+        draws = [torch.randn(shape, generator=g, device=self.device, dtype=torch.float32) for g in gens]
+        return (draws[0] if self.single else torch.stack(draws)).to(like.dtype)
 
     def uniform(self, step: int) -> list[float]:
         """One uniform draw in ``[0, 1)`` per seed (float64, CPU) for absolute step ``step``."""

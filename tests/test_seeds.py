@@ -20,9 +20,9 @@ def x0(batch=8, seed=0):
 
 
 def step_noise(seed, stream, step, shape):
-    """What kdpp.noise documents for a stream's draw at an absolute step (one int seed)."""
+    """What kdpp.noise documents for a stream's draw at an absolute step (one int seed): float32, then the run's dtype."""
     g = torch.Generator().manual_seed(stream_seed(stream_seed(seed, stream), step))
-    return torch.randn(shape, generator=g, dtype=torch.float64)
+    return torch.randn(shape, generator=g, dtype=torch.float32).double()
 
 
 def test_solver_noise_is_the_documented_stream_of_each_step():
@@ -296,3 +296,22 @@ def test_a_renoise_noise_sampler_replaces_the_seeded_renoise_noise_only():
     kdpp.sample_euler_distpp(nonlinear_denoiser, again, x0(2), SIGMAS, 0.5, seed=0, renoise_sigma="random",
                              disable=True)
     assert teacher.sigmas == again.sigmas and not torch.equal(teacher.inputs[0], again.inputs[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_every_dtype_draws_the_float32_runs_noise(dtype):
+    """torch's generators draw other values in other dtypes; kdpp's streams draw in float32 and cast, so a half or
+    double run's renoise and solver noise (and so its teacher inputs) are the float32 run's up to rounding."""
+    like = torch.empty(2, 3, 7)
+    for seed in (5, [5, 6]):
+        streams = [StepStreams(seed, "renoise") for _ in range(2)]
+        assert torch.equal(streams[0].noise(3, like.to(dtype)), streams[1].noise(3, like).to(dtype))
+        samplers = [seeded_noise_sampler(like.to(dtype), seed), seeded_noise_sampler(like, seed)]
+        assert torch.equal(samplers[0](1.0, 0.5), samplers[1](1.0, 0.5).to(dtype))
+    teachers = {d: Recorder(other_denoiser) for d in (torch.float32, dtype)}
+    for d, teacher in teachers.items():
+        kdpp.sample_euler_ancestral_distpp(nonlinear_denoiser, teacher, x0(2).to(d), torch.tensor(SIGMAS), 0.5, 2,
+                                           seed=4, disable=True)
+    ours, ref = (torch.stack([x.float() for x in teachers[d].inputs]) for d in (dtype, torch.float32))
+    tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1, torch.float64: 1e-5}[dtype]
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)

@@ -63,7 +63,7 @@ def test_wrapper_pulls_a_biased_student_toward_the_truth_on_the_toy(sampler):
     mix = ring()
     student = mix.shifted(weights=torch.linspace(1.0, 4.0, mix.K)).denoiser
     sigmas = torch.tensor([14.615, 4.082, 1.613, 0.693, 0.0], dtype=torch.float64)
-    x = torch.randn(3000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * sigmas[0]
+    x = torch.randn(8000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * sigmas[0]
     torch.manual_seed(0)
     plain = sampler(student, x, sigmas, disable=True)
     torch.manual_seed(0)
