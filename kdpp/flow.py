@@ -143,8 +143,7 @@ class RFHostFrame:
 
         def fn(info: dict) -> object:
             info = dict(info)
-            sigma_hat = float(info["sigma_hat"])
-            info["x"] = self.to_rf(info["x"], sigma_hat)
+            info["x"] = self.to_rf(info["x"], info["sigma_hat"])  # a tensor: no host sync per step
             for key in ("sigma", "sigma_hat"):
                 s = torch.as_tensor(info[key], dtype=torch.float64)
                 info[key] = (s / (1 + s)).to(self.t_dtype)

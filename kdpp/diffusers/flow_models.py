@@ -10,7 +10,7 @@ resolution-dependent dynamic shift). :class:`FlowFamily` is the flow families' s
 generation body (:func:`kdpp.diffusers.sampling.sample`), which SDXL's family shares.
 
 The sampler state is kept in float32 whatever the transformers' dtype (the start at ``t = 1`` is
-``x_ve = 2^24 eps``, see :mod:`kdpp.flow`); each adapter casts its inputs to its transformer's
+``x_ve = 2^30 eps``, see :mod:`kdpp.flow`); each adapter casts its inputs to its transformer's
 dtype, so a bfloat16 run calls the models with the same timesteps as a float32 run.
 """
 from __future__ import annotations

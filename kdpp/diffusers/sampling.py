@@ -299,7 +299,8 @@ def sample(
         stop: the step to stop at (default: the last, ``len(family.sigmas) - 1``). A run sampled in
             stages (``start=0, stop=i``, then ``x=..., start=i``, ...) equals the run in one go (the
             core keys ``k``, ``guided_steps`` and every noise stream on the whole schedule), except
-            that DPM++ 2M restarts its second-order history at a stage's first step; diffusers'
+            that DPM++ 2M restarts its second-order history at a stage's first step (and Euler's
+            ``s_churn`` is spread over a stage's steps, as in k-diffusion); diffusers'
             cache hooks are reset before step 0 and after the last step only.
         lam: Distillation++ guidance scale (default: the preset's); 0 calls no teacher.
         k: guide the first ``k`` steps (default: the preset's, unless ``guided_steps`` is given).

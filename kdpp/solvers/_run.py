@@ -69,7 +69,9 @@ COMMON_ARGS = """
         renoise_noise_sampler: ``(sigma, tau) -> Tensor``, replaces the seeded renoise noise.
         full_sigmas: the whole run's schedule when this call samples a stage of it (a
             split schedule); ``k``, ``guided_steps``, random levels and the noise streams'
-            steps count on it, so the stages of a split run equal the unsplit run.
+            steps count on it, so the stages of a split run equal the unsplit run (except
+            where the solver, as in k-diffusion, uses the stage alone: DPM++ 2M's history
+            and Euler's ``s_churn`` spread over the stage's steps).
         step_offset: the index of ``sigmas[0]`` in ``full_sigmas`` (default: found there).{cfg_pp}{own}
 
     Returns:

@@ -51,8 +51,8 @@ def sample_dpmpp_2s_ancestral_distpp(
 
     The second refinement renoises to ``s_{i+1}``; when ``s_down = 0`` (the
     step to 0) the step is ``x_{i+1} = R(D1) + s_up * z``, one student call. A
-    guided step therefore costs two teacher calls (one on the step to 0 with
-    ``renoise_sigma="current"``, none with ``"next"``). CFG++: ``R(D_w)`` leads
+    guided step therefore costs two teacher calls (one on the step to 0 with the
+    default ``renoise_sigma="auto"`` or ``"current"``, none with ``"next"``). CFG++: ``R(D_w)`` leads
     and ``D_u`` of the same stage gives the direction. With ``lam = 0`` this is
     k-diffusion's ``sample_dpmpp_2s_ancestral``.
 

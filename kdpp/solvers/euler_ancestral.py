@@ -47,7 +47,8 @@ def sample_euler_ancestral_distpp(
         x_{i+1} = R(D) + s_down * (x_i - D) / s_i + s_noise * s_up * z
 
     (no noise on the step to 0). The teacher is renoised to the noise level of
-    the next state, ``s_{i+1}`` (``renoise_sigma="next"``), not to ``s_up``.
+    the next state, ``s_{i+1}``, not to ``s_up`` (on the step to 0 the default level
+    ``"auto"`` renoises at ``s_i``, where ``"next"`` would call no teacher).
     CFG++: ``R(D_w)`` leads and ``D_u`` gives the direction. With ``lam = 0``
     this is k-diffusion's ``sample_euler_ancestral``.
 
