@@ -72,7 +72,7 @@ def test_students_sample_in_every_setting(nets, name):
     labels = torch.arange(50) % 10
     sigmas = timestep_sigmas(trailing_timesteps(4))
     for lab in (None, labels):
-        sargs, targs = conditioning(lab, TEACHER_CFG)
+        sargs, targs = conditioning(lab)
         x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)) * sigmas[0].item()
         out = kdpp.sample_lcm_distpp(nets[name], guided_teacher(nets["teacher"], lab), x, sigmas, 0.5, 1,
                                      extra_args=sargs, teacher_extra_args=targs, disable=True, seed=0)
@@ -83,7 +83,7 @@ def test_null_label_is_the_unconditional_branch(nets):
     x, s = torch.randn(8, 64), torch.full((8,), 1.0)
     torch.testing.assert_close(nets["teacher"](x, s), nets["teacher"](x, s, torch.full((8,), NULL_CLASS)))
     cfg1 = guided_teacher(nets["teacher"], torch.zeros(8, dtype=torch.long), w=1.0)
-    _, targs = conditioning(torch.zeros(8, dtype=torch.long), 1.0)
+    _, targs = conditioning(torch.zeros(8, dtype=torch.long))
     torch.testing.assert_close(cfg1(x, s, **targs), nets["teacher"](x, s, torch.zeros(8, dtype=torch.long)))
 
 
@@ -146,7 +146,7 @@ def test_placement_guides_exactly_the_chosen_step(nets, where):
     the output is the plain run with ``lam * (T(x_i, s_i) - S(x_i, s_i))`` added on that step."""
     bench = load_script("learned")
     labels = torch.arange(40) % 10
-    sargs, targs = conditioning(labels, TEACHER_CFG)
+    sargs, targs = conditioning(labels)
     sigmas = timestep_sigmas(trailing_timesteps(5))
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0].item()
     student = copy.deepcopy(nets["small"]).double()

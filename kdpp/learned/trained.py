@@ -55,7 +55,7 @@ def provenance(path: str | Path = PROVENANCE) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def conditioning(labels: Tensor | None, w: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def conditioning(labels: Tensor | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(student extra_args, teacher extra_args)`` for requested ``labels`` (``None``: unconditional).
 
     The teacher is meant to be wrapped as ``kdpp.CFGDenoiser(teacher, w, cond_key="class_labels")``
@@ -94,7 +94,7 @@ def sample_teacher(teacher: torch.nn.Module, labels: Tensor | None, steps: int =
     sigmas = (karras_sigmas(steps, 0.002, SIGMA_MAX) if schedule == "karras"
               else timestep_sigmas(trailing_timesteps(steps)))
     x = initial_noise(seed, (n, 64)) * sigmas[0].item()
-    _, targs = conditioning(labels, w)
+    _, targs = conditioning(labels)
     return kdpp.sample_dpmpp_2m_distpp(guided_teacher(teacher, labels, w), None, x, sigmas, 0.0, 0,
                                        extra_args=targs, disable=True)
 
@@ -137,7 +137,7 @@ class TeacherODEStudent:
             rows = (s == level).nonzero().reshape(-1)
             labels = None if class_labels is None else class_labels[rows]
             model = guided_teacher(self.teacher, labels, self.w)
-            _, targs = conditioning(labels, self.w)
+            _, targs = conditioning(labels)
             if level <= self.sigma_min:
                 out[rows] = model(x[rows], torch.full((len(rows),), level, dtype=x.dtype), **targs)
                 continue
@@ -166,7 +166,7 @@ def sample_student(student, labels: Tensor | None, steps: int, seed: int = 0, n:
         n = len(labels)
     sigmas = timestep_sigmas(trailing_timesteps(steps))
     x = initial_noise(seed, (n, 64)) * sigmas[0].item()
-    sargs, targs = conditioning(labels, w)
+    sargs, targs = conditioning(labels)
     if not distpp:
         distpp = {"lam": 0.0, "k": 0}
     return kdpp.sample_lcm_distpp(student, None if teacher is None else guided_teacher(teacher, labels, w), x, sigmas,
