@@ -357,6 +357,23 @@ class DistPPPipelineMixin:
                                                 or not isinstance(num_inference_steps, numbers.Integral)):
             raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
 
+    def _begin(self, output_type: Any, return_dict: Any, num_inference_steps: Any, guided_steps: Any,
+               **refused: tuple[Any, Any, str]) -> list[int] | None:
+        """The checks every ``__call__`` starts with: the ``refused`` arguments (``name=(value, default, why)``),
+        ``output_type``, ``return_dict``, ``num_inference_steps``; returns ``guided_steps`` read once (an iterator
+        too) and checked as the core checks it."""
+        self._refuse(type(self).__name__, **refused)
+        self._check_output(output_type, return_dict)
+        self._check_steps(num_inference_steps)
+        return sampling.guided_step_list(guided_steps)
+
+    def _image_size(self, height: int | None, width: int | None, family: str) -> tuple[int, int]:
+        """``height`` and ``width`` (default: the pipeline's), refused unless the VAE downsamples 8x as ``family``'s."""
+        if self.vae_scale_factor != 8:
+            raise ValueError(f"vae downsamples {self.vae_scale_factor}x; {family}'s VAE (and kdpp's {family} family) 8x")
+        return (height or self.default_sample_size * self.vae_scale_factor,
+                width or self.default_sample_size * self.vae_scale_factor)
+
     def _check_latents(self, family: Family, latents: Any, batch: int, size: str) -> None:
         """Refuse ``latents=`` other than the pipeline's own layout for ``batch`` items of ``size`` (errors name both shapes)."""
         if latents is None:

@@ -82,18 +82,12 @@ class StableDiffusion3DistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, Stab
         default 3.5; its negative embeddings are ``negative_prompt``'s) and
         ``teacher_joint_attention_kwargs``.
         """
-        name = type(self).__name__
-        self._refuse(name, sigmas=(sigmas, None, WHY_SCHEDULE), mu=(mu, None, WHY_SCHEDULE),
-                     ip_adapter_image=(ip_adapter_image, None, WHY_IP),
-                     ip_adapter_image_embeds=(ip_adapter_image_embeds, None, WHY_IP),
-                     skip_guidance_layers=(skip_guidance_layers, None, _WHY_SLG))
-        self._check_output(output_type, return_dict)
-        self._check_steps(num_inference_steps)
-        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-        if self.vae_scale_factor != 8:
-            raise ValueError(f"vae downsamples {self.vae_scale_factor}x; SD3's VAE (and kdpp's SD3 family) 8x")
+        guided_steps = self._begin(
+            output_type, return_dict, num_inference_steps, guided_steps, sigmas=(sigmas, None, WHY_SCHEDULE),
+            mu=(mu, None, WHY_SCHEDULE), ip_adapter_image=(ip_adapter_image, None, WHY_IP),
+            ip_adapter_image_embeds=(ip_adapter_image_embeds, None, WHY_IP),
+            skip_guidance_layers=(skip_guidance_layers, None, _WHY_SLG))
+        height, width = self._image_size(height, width, "SD3")
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,

@@ -107,20 +107,13 @@ class StableDiffusionXLDistPPPipeline(DistPPPipelineMixin, StableDiffusionXLPipe
             if old in ("callback", "callback_steps"):
                 raise ValueError(f"{name} does not support {old} (deprecated in diffusers): use callback_on_step_end")
             raise TypeError(f"{name}.__call__() got an unexpected keyword argument {old!r}")
-        self._check_output(output_type, return_dict)
-        self._check_steps(num_inference_steps)
-        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
-        self._refuse(name, timesteps=(timesteps, None, WHY_SCHEDULE), sigmas=(sigmas, None, WHY_SCHEDULE),
-                     denoising_end=(denoising_end, None, WHY_SCHEDULE),
-                     eta=(eta, 0.0, "the preset's sampler has no eta (the DDIM scheduler's)"),
-                     ip_adapter_image=(ip_adapter_image, None, WHY_IP),
-                     ip_adapter_image_embeds=(ip_adapter_image_embeds, None, WHY_IP),
-                     guidance_rescale=(guidance_rescale, 0.0, "it rescales the student's CFG, which distilled students "
-                                       "sample without"))
-        if self.vae_scale_factor != 8:
-            raise ValueError(f"vae downsamples {self.vae_scale_factor}x; SDXL's VAE (and kdpp's SDXL family) 8x")
+        guided_steps = self._begin(
+            output_type, return_dict, num_inference_steps, guided_steps, timesteps=(timesteps, None, WHY_SCHEDULE),
+            sigmas=(sigmas, None, WHY_SCHEDULE), denoising_end=(denoising_end, None, WHY_SCHEDULE),
+            eta=(eta, 0.0, "the preset's sampler has no eta (the DDIM scheduler's)"),
+            ip_adapter_image=(ip_adapter_image, None, WHY_IP), ip_adapter_image_embeds=(ip_adapter_image_embeds, None, WHY_IP),
+            guidance_rescale=(guidance_rescale, 0.0, "it rescales the student's CFG, which distilled students sample without"))
+        height, width = self._image_size(height, width, "SDXL")
         self.check_inputs(prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, None, None,
                           callback_on_step_end_tensor_inputs)

@@ -82,15 +82,12 @@ class WanDistPPPipeline(FlowLatentsMixin, DistPPPipelineMixin, WanPipeline):
         :class:`kdpp.TeacherRefinement`), ``teacher_guidance_scale`` (the teacher's CFG, default 5.0,
         ``WanPipeline``'s; its negative embeddings are ``negative_prompt``'s) and ``teacher_attention_kwargs``.
         """
-        name = type(self).__name__
-        self._refuse(name, guidance_scale_2=(guidance_scale_2, None, _WHY_TWO),
-                     transformer_2=(self.transformer_2, None, _WHY_TWO),
-                     boundary_ratio=(self.config.boundary_ratio, None, _WHY_TWO),
-                     expand_timesteps=(self.config.expand_timesteps, False, "Wan 2.2 TI2V's per-token timesteps are "
-                                       "not built by kdpp's Wan family"))
-        self._check_output(output_type, return_dict)
-        self._check_steps(num_inference_steps)
-        guided_steps = sampling.guided_step_list(guided_steps)  # read once (an iterator), checked as the core checks it
+        guided_steps = self._begin(
+            output_type, return_dict, num_inference_steps, guided_steps,
+            guidance_scale_2=(guidance_scale_2, None, _WHY_TWO), transformer_2=(self.transformer_2, None, _WHY_TWO),
+            boundary_ratio=(self.config.boundary_ratio, None, _WHY_TWO),
+            expand_timesteps=(self.config.expand_timesteps, False, "Wan 2.2 TI2V's per-token timesteps are not built by "
+                              "kdpp's Wan family"))
         self.check_inputs(prompt, negative_prompt, height, width, prompt_embeds, negative_prompt_embeds,
                           callback_on_step_end_tensor_inputs, guidance_scale_2)
         preset = self.student_preset(num_inference_steps)
