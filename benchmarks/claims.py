@@ -35,6 +35,7 @@ import torch
 from scipy import stats
 
 import kdpp
+from kdpp.demo import CallCounter
 from kdpp.noise import initial_noise
 from kdpp.schedules import timestep_sigmas, trailing_timesteps
 from kdpp.toy import FlowMapStudent, grid, high_dim, mode_coverage, nll, ring, sliced_wasserstein
@@ -56,23 +57,12 @@ def students_for(truth, name):
     return out
 
 
-class CountedCalls:
-    """A denoiser that counts its (batched) calls."""
-
-    def __init__(self, denoiser):
-        self.denoiser, self.calls = denoiser, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.denoiser(*args, **kwargs)
-
-
 def sample(truth, student, teacher, solver, steps, lam, k, seed, n, **options):
     """One run; ``seed`` draws its initial, solver and renoise noise (runs of one seed are paired). Returns the
     samples, the wall time and the teacher's counted calls."""
     sigmas = timestep_sigmas(trailing_timesteps(steps))
     x = initial_noise(seed, (n, truth.d), torch.float64) * sigmas[0]
-    counted = None if teacher is None else CountedCalls(teacher)
+    counted = None if teacher is None else CallCounter(teacher)
     t0 = time.perf_counter()
     out = kdpp.SAMPLERS[solver](student, counted, x, sigmas, lam, k, seed=seed, disable=True, **options)
     return out, time.perf_counter() - t0, 0 if counted is None else counted.calls

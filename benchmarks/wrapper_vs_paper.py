@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 import kdpp
+from kdpp.demo import CallCounter
 from kdpp.schedules import timestep_sigmas, trailing_timesteps
 from kdpp.toy import mode_coverage, nll, ring
 from kdpp.wrappers import DistillationDenoiser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from claims import CountedCalls, fmt, interval  # noqa: E402
+from claims import fmt, interval  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
             for seed in range(args.seeds):
                 x = torch.randn(args.n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) * sigmas[0]
                 torch.manual_seed(seed)
-                teacher = CountedCalls(mix.denoiser)
+                teacher = CallCounter(mix.denoiser)
                 out = fn(x, teacher, k, seed + 100)
                 calls.add(teacher.calls)
                 tv.append(mode_coverage(out, mix, n_boot=0).value)
