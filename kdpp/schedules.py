@@ -102,4 +102,3 @@ def stage_offset(sigmas: Sequence[float], full_sigmas: Sequence[float], toleranc
 def _short(values: Sequence[float]) -> str:
     shown = ", ".join(f"{v:.4g}" for v in values[:8])
     return f"[{shown}{', ...' if len(values) > 8 else ''}] ({len(values)} entries)"
-
