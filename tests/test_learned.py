@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("sklearn")
 
 import kdpp  # noqa: E402
-from kdpp.learned import (NULL_CLASS, STUDENTS, TEACHER_CFG, WEIGHTS, CountedNet, DigitsMetrics,  # noqa: E402
+from kdpp.learned import (NULL_CLASS, STUDENTS, WEIGHTS, CountedNet, DigitsMetrics,  # noqa: E402
                           TeacherODEStudent, class_accuracy, conditioning, frechet_distance, guided_teacher,
                           load_digits, load_nets, provenance, sample_student, sample_teacher)
 from kdpp.schedules import timestep_sigmas, trailing_timesteps  # noqa: E402

@@ -711,7 +711,7 @@ def test_latents_of_another_shape_are_refused_naming_both_shapes_in_the_pipeline
                 kd(**args, latents=torch.randn(bad), lam=0)
         one = dict(args, prompt=args["prompt"][0], lam=0, **{"num_videos_per_prompt" if family == "wan" else
                                                              "num_images_per_prompt": 2})
-        with pytest.raises(ValueError, match=rf"for 2 (images|videos) \(prompts x num_\w+_per_prompt\)"):
+        with pytest.raises(ValueError, match=r"for 2 (images|videos) \(prompts x num_\w+_per_prompt\)"):
             kd(**one, latents=torch.randn(1, *shape[1:]))
     assert calls.count == 0
     out = kd(**dict(args, num_inference_steps=1), latents=torch.randn(shape), lam=0, output_type="latent")
