@@ -195,6 +195,9 @@ class TeacherRefinement:
         if active:
             for j, (t, a) in enumerate(zip(teachers, targs)):
                 who = f"teacher[{j}]" if several else "teacher"
+                if t is None:
+                    raise TypeError(f"{who} is None, but lam is not 0 on a guided step: pass the teacher denoiser, or "
+                                    "lam=0 (or k=0) for the plain student")
                 check_callable(t, who, optional=False)
                 fix = ("; pass the teacher's own keyword arguments as teacher_extra_args (or teacher_extra_args={})"
                        if teacher_args_source != "teacher_extra_args" else "")

@@ -84,7 +84,7 @@ def run(**overrides):
     ({"lam": [0.5, math.nan], "k": 2}, ValueError, "lam\\[1\\] must be finite"),
     ({"lam": lambda i, s: math.inf}, ValueError, "lam\\(0, 8\\) must be finite"),
     ({"teacher": [other_denoiser, other_denoiser], "lam": 0.5}, ValueError, "with 2 teachers, lam must be a list of 2"),
-    ({"teacher": None}, TypeError, "teacher must be a callable"),
+    ({"teacher": None}, TypeError, "teacher is None, but lam is not 0"),
     ({"student": None}, TypeError, "student must be a callable"),
     ({"renoise": "fresh"}, ValueError, "renoise must be one of"),
     ({"renoise_sigma": "previous"}, ValueError, "renoise_sigma must be one of"),
@@ -266,3 +266,9 @@ def test_the_wrapper_names_a_student_it_cannot_call_and_takes_a_float_sigma():
     runs = [DistillationDenoiser(nonlinear_denoiser, other_denoiser, sigmas, 0.5, 1, seed=3)(x, sigma)
             for sigma in (8.0, sigmas[0])]
     assert torch.equal(*runs)
+
+
+def test_a_missing_teacher_on_a_guided_run_names_the_fix():
+    with pytest.raises(TypeError, match=r"^teacher is None, but lam is not 0 on a guided step: .* lam=0 \(or k=0\)"):
+        kdpp.sample_euler_distpp(nonlinear_denoiser, None, torch.randn(2, 3), SIGMAS, 0.5, 1, disable=True)
+    kdpp.sample_euler_distpp(nonlinear_denoiser, None, torch.randn(2, 3), SIGMAS, 0.0, 1, disable=True)  # plain
