@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._checks import (OutputChecker, check_arity, check_callable, check_denoiser_call, check_finite_number, check_kwargs,
-                      check_seed, check_sigmas, guided_step_indices, warn_caller, warn_unusual_lam)
+from ._checks import (OutputChecker, check_arity, check_callable, check_denoiser_call, check_finite_number, check_k,
+                      check_kwargs, check_seed, check_sigmas, guided_step_indices, warn_caller, warn_unusual_lam)
 from ._shape import per_sample, sigma_batch, sigma_dtype
 from .noise import NoiseSampler, StepStreams, derived_seed
 from .schedules import stage_offset
@@ -297,6 +297,24 @@ class TeacherRefinement:
     def raise_if_nonfinite(self) -> None:
         """Raise ``FloatingPointError`` if any teacher output so far contained NaN or inf."""
         self.check.raise_if_nonfinite()
+
+
+def calls_teacher(lam: Lam | Sequence[Lam], k: int | None = None, guided_steps: Sequence[int] | None = None) -> bool:
+    """Whether a run with these options may call a teacher, by :class:`TeacherRefinement`'s rule: some step is
+    guided (the first ``k``, default 1, or the ``guided_steps``) and its ``lam`` is not 0 (a callable ``lam``, or one
+    of several teachers', may be). Hosts use it to skip loading or encoding for a teacher a run never calls."""
+    guided = (1 if check_k(k) is None else k) > 0 if guided_steps is None else len(guided_steps) > 0
+
+    def nonzero(value: Any) -> bool:
+        if callable(value):
+            return True
+        if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+            return float(value) != 0
+        if isinstance(value, numbers.Real):
+            return value != 0
+        return any(nonzero(v) for v in value)  # per step, or one entry per teacher
+
+    return guided and nonzero(lam)
 
 
 def stage_guided_steps(sigmas: Tensor | Sequence[float], k: int | None = None, guided_steps: Sequence[int] | None = None,

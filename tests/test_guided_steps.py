@@ -161,3 +161,19 @@ def test_the_warning_points_at_the_callers_line():
         kdpp.sample_lcm_distpp(nonlinear_denoiser, other_denoiser, x, torch.tensor([14.6, 0.0]), 0.5,
                                renoise_sigma="next", disable=True)
     assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize("lam, k, guided_steps", [
+    (0.5, None, None), (0.0, None, None), (0.5, 0, None), (0.5, 2, None), (0.5, None, []), (0.5, None, [-1]),
+    ([0.0, 0.0], 2, None), ([0.0, 0.3], 2, None), (lambda i, s: 0.0, 1, None), (lambda i, s: 0.4, 1, None),
+])
+def test_calls_teacher_predicts_whether_a_run_calls_the_teacher(lam, k, guided_steps):
+    """kdpp.refine.calls_teacher is the rule hosts use to skip a teacher: a run it says calls none calls none; a run it
+    says may call one does unless a callable lam is 0 there."""
+    from kdpp.refine import calls_teacher
+
+    teacher = Recorder(other_denoiser)
+    kdpp.sample_euler_distpp(nonlinear_denoiser, teacher, torch.randn(2, 3), SIGMAS, lam, k, guided_steps=guided_steps,
+                             disable=True)
+    predicted = calls_teacher(lam, k, guided_steps)
+    assert predicted == (teacher.calls > 0) or (predicted and callable(lam))

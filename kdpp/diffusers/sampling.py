@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .._checks import SEED_RANGE, _index, _ints
 from ..noise import initial_noise
-from ..refine import Denoiser, RenoiseSigma
+from ..refine import Denoiser, RenoiseSigma, calls_teacher
 from ..solvers import SAMPLERS
 
 #: the cache contexts of the two roles (diffusers' cache hooks keep one state per context name)
@@ -158,12 +158,6 @@ def check_attention_kwargs(value: Any, name: str) -> dict[str, Any] | None:
 def guided_step_list(guided_steps: Any) -> list[int] | None:
     """``guided_steps`` read once as a list of ints (an iterator is read more than once after); the core's error otherwise."""
     return None if guided_steps is None else _ints(guided_steps, "guided_steps", "a sequence of step indices")
-
-
-def calls_teacher(lam: Any, k: int | None, guided_steps: Sequence[int] | None) -> bool:
-    """Whether a run may call the teacher: some step guided (``guided_steps``, else ``k``) with a ``lam`` that is not 0."""
-    guided = bool(guided_step_list(guided_steps)) if guided_steps is not None else bool(k)
-    return guided and not (isinstance(lam, numbers.Real) and lam == 0)
 
 
 class ModelCall:

@@ -37,9 +37,10 @@ import torch
 from torch import Tensor
 
 from ...noise import derived_seed, stream_seed
+from ...refine import calls_teacher
 from .. import sampling
 from ..lora import SharedLoRAModel
-from ..sampling import Family, calls_teacher
+from ..sampling import Family
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
