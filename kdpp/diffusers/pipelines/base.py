@@ -332,10 +332,12 @@ class DistPPPipelineMixin:
 
     # ------------------------------------------------------------------ checks
 
-    @staticmethod
-    def _refuse(pipeline: str, **given: tuple[Any, Any, str]) -> None:
-        """Raise for each argument whose value is not its default: ``name=(value, default, why)``."""
-        for name, (value, default, why) in given.items():
+    def _begin(self, output_type: Any, return_dict: Any, num_inference_steps: Any, guided_steps: Any,
+               **refused: tuple[Any, Any, str]) -> list[int] | None:
+        """The checks every ``__call__`` starts with: each ``refused`` argument (``name=(value, default, why)``)
+        must have its default, then ``output_type``, ``return_dict``, ``num_inference_steps``; returns
+        ``guided_steps`` read once (an iterator too) and checked as the core checks it."""
+        for name, (value, default, why) in refused.items():
             if default is None:
                 same = value is None
             elif isinstance(default, numbers.Number):
@@ -343,29 +345,14 @@ class DistPPPipelineMixin:
             else:
                 same = value == default
             if not same:
-                raise ValueError(f"{pipeline} does not support {name}: {why}")
-
-    @staticmethod
-    def _check_output(output_type: Any, return_dict: Any) -> None:
+                raise ValueError(f"{type(self).__name__} does not support {name}: {why}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if not isinstance(return_dict, bool):
             raise TypeError(f"return_dict must be True or False, got {return_dict!r}")
-
-    @staticmethod
-    def _check_steps(num_inference_steps: Any) -> None:
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
                                                 or not isinstance(num_inference_steps, numbers.Integral)):
             raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
-
-    def _begin(self, output_type: Any, return_dict: Any, num_inference_steps: Any, guided_steps: Any,
-               **refused: tuple[Any, Any, str]) -> list[int] | None:
-        """The checks every ``__call__`` starts with: the ``refused`` arguments (``name=(value, default, why)``),
-        ``output_type``, ``return_dict``, ``num_inference_steps``; returns ``guided_steps`` read once (an iterator
-        too) and checked as the core checks it."""
-        self._refuse(type(self).__name__, **refused)
-        self._check_output(output_type, return_dict)
-        self._check_steps(num_inference_steps)
         return sampling.guided_step_list(guided_steps)
 
     def _image_size(self, height: int | None, width: int | None, family: str) -> tuple[int, int]:
