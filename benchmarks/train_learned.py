@@ -56,7 +56,6 @@ from kdpp.learned.metrics import DigitsMetrics, class_accuracy
 from kdpp.learned.nets import DigitsClassifier, EDMDenoiser
 from kdpp.learned.trained import (PROVENANCE, STUDENTS, TEACHER_CFG, WEIGHTS, load_nets, sample_student,
                                   sample_teacher)
-from kdpp.schedules import karras_sigmas
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Adam learning rate of each student before the plateau drops (a teacher-initialised net is fine-tuned)
